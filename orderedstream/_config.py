@@ -1,0 +1,143 @@
+"""Frozen, validated configuration.  Durations are in milliseconds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+from .exceptions import ConfigError
+
+OnExhausted = Literal["park", "stop", "block"]
+
+
+def default_consumer_name() -> str:
+    """``host-pid-xxxx``: unique per process, readable in XINFO and CLIENT LIST."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ConfigError(f"{attribute.name} must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How a handler that raises is retried in place (order is never skipped).
+
+    ``max_attempts=None`` retries forever.  When a bounded budget runs out:
+    ``"park"`` moves the entry to the delay set (the dead-letter path), ``"stop"`` stops the
+    coordinator and hands the lease on with the entry still pending, ``"block"`` keeps
+    retrying at the longest backoff.
+    """
+
+    max_attempts: int | None = attrs.field(default=5)
+    initial_backoff_ms: int = attrs.field(default=100, validator=_positive)
+    max_backoff_ms: int = attrs.field(default=5_000, validator=_positive)
+    multiplier: float = attrs.field(default=2.0)
+    on_exhausted: OnExhausted = attrs.field(default="park")
+    park_delay_ms: int = attrs.field(default=1_000)
+
+    @max_attempts.validator
+    def _check_attempts(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ConfigError(f"max_attempts must be >= 1 or None, got {value!r}")
+
+    @multiplier.validator
+    def _check_multiplier(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if value < 1.0:
+            raise ConfigError(f"multiplier must be >= 1.0, got {value!r}")
+
+    @on_exhausted.validator
+    def _check_exhausted(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in ("park", "stop", "block"):
+            raise ConfigError(f"on_exhausted must be 'park', 'stop' or 'block', got {value!r}")
+
+    def backoff_ms(self, attempt: int) -> int:
+        """Wait before retry number ``attempt`` (1-based: after the first failure)."""
+        delay = self.initial_backoff_ms * self.multiplier ** (attempt - 1)
+        return int(min(delay, self.max_backoff_ms))
+
+
+@attrs.frozen(kw_only=True)
+class LeaseConfig:
+    """The owner's lease.
+
+    ``ttl_ms`` bounds how long a silent (paused, partitioned) owner blocks failover.  The owner
+    renews every ``ttl_ms / 3`` and counts its lease valid only until the send time of its last
+    successful renew + ``ttl_ms`` - ``margin_ms`` on its monotonic clock.
+    """
+
+    ttl_ms: int = attrs.field(default=3_000, validator=_positive)
+    margin_ms: int | None = attrs.field(default=None)
+    watch_connection: bool = True
+    watch_interval_ms: int = attrs.field(default=25, validator=_positive)
+
+    @ttl_ms.validator
+    def _check_ttl(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < 300:
+            raise ConfigError(f"lease ttl_ms must be >= 300 (renewals need time), got {value}")
+
+    @margin_ms.validator
+    def _check_margin(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and not 0 <= value < self.ttl_ms // 2:
+            raise ConfigError(f"margin_ms must be in [0, ttl_ms/2), got {value}")
+
+    @property
+    def effective_margin_ms(self) -> int:
+        return self.margin_ms if self.margin_ms is not None else max(self.ttl_ms // 10, 20)
+
+    @property
+    def renew_interval_ms(self) -> int:
+        return max(self.ttl_ms // 3, 50)
+
+
+@attrs.frozen(kw_only=True)
+class CoordinatorConfig:
+    """Everything a :class:`~orderedstream.Coordinator` needs, validated on build."""
+
+    stream: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+    consumer: str = attrs.field(factory=default_consumer_name, validator=_non_empty)
+    batch_size: int = attrs.field(default=100, validator=_positive)
+    block_ms: int = attrs.field(default=1_000, validator=_positive)
+    socket_timeout_ms: int = attrs.field(default=5_000, validator=_positive)
+    claim_page: int = attrs.field(default=1_000, validator=_positive)
+    create_group_from: str = "0"
+    lease: LeaseConfig = attrs.field(factory=LeaseConfig)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+
+    @consumer.validator
+    def _check_consumer(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if ":" in value or any(ch.isspace() for ch in value):
+            raise ConfigError(f"consumer name may not contain ':' or spaces, got {value!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: object) -> CoordinatorConfig:
+        """Build from ``ORDEREDSTREAM_*`` variables (``STREAM``, ``GROUP``, ``CONSUMER``,
+        ``BATCH``, ``LEASE_TTL_MS``); keyword overrides win."""
+        values: dict[str, object] = {}
+        if "ORDEREDSTREAM_STREAM" in env:
+            values["stream"] = env["ORDEREDSTREAM_STREAM"]
+        if "ORDEREDSTREAM_GROUP" in env:
+            values["group"] = env["ORDEREDSTREAM_GROUP"]
+        if "ORDEREDSTREAM_CONSUMER" in env:
+            values["consumer"] = env["ORDEREDSTREAM_CONSUMER"]
+        try:
+            if "ORDEREDSTREAM_BATCH" in env:
+                values["batch_size"] = int(env["ORDEREDSTREAM_BATCH"])
+            if "ORDEREDSTREAM_LEASE_TTL_MS" in env:
+                values["lease"] = LeaseConfig(ttl_ms=int(env["ORDEREDSTREAM_LEASE_TTL_MS"]))
+        except ValueError as err:
+            raise ConfigError(f"invalid number in environment: {err}") from err
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,468 @@
+"""The embeddable owner loop: wait as a standby, take over, replay pending entries first, then
+read new ones; every read and ack fenced by the lease (DESIGN.md §4-5)."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from ._config import CoordinatorConfig
+from ._deadletter import Parker
+from ._events import (
+    BatchHandled,
+    Emitter,
+    EntriesTrimmed,
+    Event,
+    HandlerError,
+    Hook,
+    LeaseAcquired,
+    LeaseLostEvent,
+    LeaseReleased,
+    OwnerConnectionGone,
+    ReplayCompleted,
+    Standby,
+    TakeoverCompleted,
+    WatchDisabled,
+)
+from ._keys import GroupKeys
+from ._lease import CONNECTION_ERRORS, Holder, Lease, LeaseManager, Renewer
+from ._message import Message
+from ._scripts import EVENTS_MAXLEN, Scripts
+from ._server import client_from_url, clone_client, connect_check
+from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner, OrderedStreamError
+
+log = logging.getLogger("orderedstream")
+
+Handler = Callable[[Message], object]
+
+
+class Role(enum.Enum):
+    """Where a coordinator is in its life."""
+
+    STARTING = "starting"
+    STANDBY = "standby"
+    OWNER = "owner"
+    STOPPED = "stopped"
+
+
+class _Stopping(Exception):
+    """Internal: unwind the owner loop because stop() was called."""
+
+
+class _Done(Exception):
+    """Internal: the max_messages budget is spent."""
+
+
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.:{}" else "_" for ch in text)
+
+
+class Coordinator:
+    """Single active consumer for one (stream, group), with ordered failover.
+
+    >>> coordinator = Coordinator(config, handler, redis.Redis())   # doctest: +SKIP
+    >>> with coordinator:                                            # doctest: +SKIP
+    ...     ...  # start() on enter, stop() on exit
+
+    ``start()`` runs the loop in a thread and returns; ``run()`` runs it in the caller's thread;
+    ``stop(timeout)`` is idempotent, bounded, and hands the lease to a standby at once.
+    """
+
+    def __init__(self, config: CoordinatorConfig, handler: Handler, client: redis.Redis,
+                 *, hooks: Sequence[Hook] = ()) -> None:
+        self.config = config
+        self._handler = handler
+        self._keys = GroupKeys(config.stream, config.group)
+        self._emit = Emitter(hooks)
+        base = _safe_name(f"os:{config.consumer}")
+        timeout_s = config.socket_timeout_ms / 1000.0
+        self._cmd = clone_client(client, name=f"{base}:cmd", socket_timeout_s=timeout_s)
+        self._wait = clone_client(client, name=f"{base}:wait", single=True,
+                                  socket_timeout_s=timeout_s + config.block_ms / 1000.0)
+        beat_timeout = max(config.lease.renew_interval_ms / 1000.0, 0.2)
+        beat_name = f"{base}:beat"
+        beat = clone_client(client, name=beat_name, single=True, socket_timeout_s=beat_timeout)
+        self._scripts = Scripts(self._cmd)
+        self._lease_mgr = LeaseManager(self._scripts, self._keys, config.consumer, config.lease,
+                                       beat, beat_name)
+        self._parker = Parker(self._scripts, self._keys, config.group)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wait_id: int | None = None
+        self._watch = config.lease.watch_connection
+        self._role = Role.STARTING
+        self._lease: Lease | None = None
+        self._handled = 0
+        self._max_messages: int | None = None
+        self._error: BaseException | None = None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, config: CoordinatorConfig, handler: Handler,
+                 *, hooks: Sequence[Hook] = ()) -> Coordinator:
+        """Build with a client for ``url`` (redis://, rediss:// or unix://)."""
+        return cls(config, handler, client_from_url(url), hooks=hooks)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def epoch(self) -> int | None:
+        """The fencing epoch while this consumer owns the group, else None."""
+        lease = self._lease
+        return lease.epoch if lease is not None and self._role is Role.OWNER else None
+
+    @property
+    def handled(self) -> int:
+        """Entries handled (or parked) by this coordinator so far."""
+        return self._handled
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, *, max_messages: int | None = None) -> None:
+        """Run in a background thread; returns at once.  Server errors surface from ``join``."""
+        if self._thread is not None:
+            raise OrderedStreamError("coordinator already started")
+        self._max_messages = max_messages
+        self._thread = threading.Thread(target=self._thread_main, name="orderedstream",
+                                        daemon=True)
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self._main()
+        except BaseException as err:
+            self._error = err
+            log.error("coordinator stopped on error: %r", err)
+
+    def run(self, *, max_messages: int | None = None) -> None:
+        """Run in the caller's thread until ``stop()``, ``max_messages`` or a fatal error."""
+        self._max_messages = max_messages
+        self._main()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to end; re-raise the error that ended it.  True once ended."""
+        ended = self._stopped.wait(timeout)
+        if ended and self._error is not None:
+            raise self._error
+        return ended
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Ask the loop to stop, hand the lease over, and wait up to ``timeout`` seconds.
+        Idempotent; returns True once the loop has ended."""
+        self._stop.set()
+        self._unblock()
+        if self._thread is None or threading.current_thread() is self._thread:
+            return self._stopped.is_set()
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Coordinator:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _unblock(self) -> None:
+        """Wake the waiting connection (XREAD BLOCK) so stop() does not wait out block_ms."""
+        wait_id = self._wait_id
+        if wait_id is None:
+            return
+        with contextlib.suppress(redis.RedisError, OSError):
+            self._cmd.execute_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "UNBLOCK", wait_id)
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            connect_check(self._cmd)
+            self._ensure_group()
+            while not self._stop.is_set():
+                try:
+                    lease = self._wait_for_lease()
+                    if lease is None:
+                        break
+                    self._own(lease)
+                except CONNECTION_ERRORS as err:
+                    log.warning("lost the connection to the server: %r; retrying", err)
+                    self._stop.wait(0.2)
+                except _Done:
+                    break
+        finally:
+            self._role = Role.STOPPED
+            self._lease = None
+            for client in (self._cmd, self._wait):
+                client.close()
+            self._lease_mgr.close()
+            self._stopped.set()
+
+    def _ensure_group(self) -> None:
+        try:
+            self._cmd.xgroup_create(self.config.stream, self.config.group,
+                                    id=self.config.create_group_from, mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    def _event(self, cls: type[Event], **fields: Any) -> None:
+        self._emit(cls(stream=self.config.stream, group=self.config.group,
+                       consumer=self.config.consumer, **fields))
+
+    # -- standby --------------------------------------------------------------------------
+
+    def _wait_for_lease(self) -> Lease | None:
+        """Block as a standby until this consumer holds the lease (or stop)."""
+        events = self._keys.events
+        last_signal = self._tail(events)
+        announced = ""
+        interval_ms = self.config.lease.watch_interval_ms
+        while not self._stop.is_set():
+            got = self._lease_mgr.try_acquire()
+            if isinstance(got, Lease):
+                return got
+            holder = got
+            if holder.token != announced:
+                announced = holder.token
+                self._role = Role.STANDBY
+                self._event(Standby, owner=holder.consumer, epoch=holder.epoch,
+                            ttl_ms=holder.pttl_ms)
+            deadline = time.monotonic() + max(holder.pttl_ms, 1) / 1000.0
+            while not self._stop.is_set():
+                if self._watch and holder.conn_id and not self._holder_alive(holder):
+                    if self._lease_mgr.end_term(holder.token, "ended", "owner connection gone"):
+                        self._event(OwnerConnectionGone, owner=holder.consumer,
+                                    epoch=holder.epoch)
+                    break
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    break
+                block = min(left_ms, interval_ms) if self._watch and holder.conn_id else left_ms
+                signal = self._block_read(events, last_signal, block)
+                if signal is not None:
+                    last_signal = signal
+                    break
+        return None
+
+    def _holder_alive(self, holder: Holder) -> bool:
+        try:
+            return self._lease_mgr.connection_alive(self._cmd, holder)
+        except redis.ResponseError as err:  # NoPermissionError is a ResponseError
+            self._watch = False
+            self._event(WatchDisabled, reason=f"CLIENT LIST not permitted ({err}); "
+                        "failover waits for the lease TTL")
+            return True
+
+    def _tail(self, key: str) -> str:
+        last: Any = self._cmd.xrevrange(key, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    def _block_read(self, key: str, after: str, block_ms: int) -> str | None:
+        """Side-effect-free wait: XREAD BLOCK from ``after``; the newest id seen, or None."""
+        if self._stop.is_set():
+            return None
+        if self._wait_id is None:
+            self._wait_id = int(self._wait.client_id())
+        try:
+            reply: Any = self._wait.xread({key: after}, count=1, block=max(block_ms, 1))
+        except CONNECTION_ERRORS:
+            self._wait_id = None
+            raise
+        if not reply:
+            return None
+        entries = reply[0][1]
+        return str(entries[-1][0].decode()) if entries else None
+
+    # -- owner ----------------------------------------------------------------------------
+
+    def _own(self, lease: Lease) -> None:
+        self._lease = lease
+        self._role = Role.OWNER
+        self._event(LeaseAcquired, epoch=lease.epoch)
+        renewer = Renewer(self._lease_mgr, lease, self.config.lease)
+        renewer.start()
+        try:
+            self._takeover(lease)
+            self._consume(lease)
+        except (LeaseLost, NotOwner) as err:
+            lease.lose(str(err))
+            self._event(LeaseLostEvent, epoch=lease.epoch, reason=lease.lost_reason)
+        except _Stopping:
+            pass
+        except BaseException:
+            renewer.halt()
+            self._release(lease)
+            raise
+        finally:
+            renewer.halt()
+            self._lease = None
+        if lease.valid():
+            self._release(lease)
+        self._role = Role.STANDBY
+
+    def _release(self, lease: Lease) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            if lease.valid() and self._lease_mgr.end_term(lease.token, "released", "clean stop"):
+                self._event(LeaseReleased, epoch=lease.epoch)
+        lease.lose("released")
+
+    def _check(self, lease: Lease) -> None:
+        if not lease.valid():
+            raise LeaseLost(lease.lost_reason)
+
+    def _takeover(self, lease: Lease) -> None:
+        """Claim every other consumer's pending entries, deleting each once it is empty."""
+        started = time.monotonic()
+        cfg = self.config
+        claimed = 0
+        deleted: list[str] = []
+        trimmed: list[str] = []
+        for info in self._cmd.xinfo_consumers(cfg.stream, cfg.group):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name == cfg.consumer:
+                continue
+            while True:
+                self._check(lease)
+                count, gone, done = self._scripts.call(
+                    "claim", [cfg.stream, self._keys.lease],
+                    [lease.token, cfg.group, cfg.consumer, name, cfg.claim_page])
+                claimed += int(count)
+                trimmed.extend(g.decode() for g in gone)
+                if int(done):
+                    deleted.append(name)
+                    break
+        elapsed = (time.monotonic() - started) * 1000.0
+        if trimmed:
+            self._event(EntriesTrimmed, ids=tuple(trimmed))
+        self._event(TakeoverCompleted, epoch=lease.epoch, claimed=claimed,
+                    consumers_deleted=tuple(deleted), trimmed=len(trimmed), duration_ms=elapsed)
+        with contextlib.suppress(redis.RedisError):
+            self._cmd.xadd(self._keys.events, {
+                "type": "takeover", "consumer": cfg.consumer, "epoch": lease.epoch,
+                "claimed": claimed, "deleted": ",".join(deleted), "trimmed": len(trimmed),
+                "duration_ms": f"{elapsed:.1f}"}, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def _read(self, lease: Lease, start: str, acks: list[str]
+              ) -> tuple[list[Any], list[Any], list[Any], str]:
+        cfg = self.config
+        rows, counts, trimmed, tail = self._scripts.call(
+            "read", [cfg.stream, self._keys.lease],
+            [lease.token, cfg.group, cfg.consumer, cfg.batch_size, start, *acks])
+        return rows, counts, trimmed, tail.decode() if isinstance(tail, bytes) else str(tail)
+
+    def _consume(self, lease: Lease) -> None:
+        """Replay this consumer's pending entries in id order, then read new ones."""
+        cfg = self.config
+        history = True
+        cursor = "0"
+        acks: list[str] = []
+        replayed = 0
+        replay_started = time.monotonic()
+        try:
+            while True:
+                self._check(lease)
+                if self._stop.is_set():
+                    raise _Stopping
+                try:
+                    rows, counts, trimmed, tail = self._read(
+                        lease, cursor if history else ">", acks)
+                except CONNECTION_ERRORS:
+                    # A '>' read whose reply was lost still delivered its entries to us: find
+                    # them again in our own history, after the last entry we handled.
+                    history = True
+                    self._stop.wait(0.05)
+                    continue
+                acks = []
+                if trimmed:
+                    self._event(EntriesTrimmed, ids=tuple(t.decode() for t in trimmed))
+                if not rows:
+                    if history:
+                        history = False
+                        self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
+                                    duration_ms=(time.monotonic() - replay_started) * 1000.0)
+                        continue
+                    self._block_read(cfg.stream, tail, cfg.block_ms)
+                    continue
+                redelivered = 0
+                for index, row in enumerate(rows):
+                    if self._stop.is_set():
+                        raise _Stopping
+                    count = int(counts[index]) if history else 1
+                    entry_id = row[0].decode()
+                    if self._deliver(lease, entry_id, row[1], count):
+                        acks.append(entry_id)
+                    cursor = entry_id
+                    redelivered += count > 1
+                    self._handled += 1
+                    if self._max_messages is not None and self._handled >= self._max_messages:
+                        raise _Done
+                if history:
+                    replayed += len(rows)
+                self._event(BatchHandled, epoch=lease.epoch, count=len(rows),
+                            last_id=cursor, redelivered=redelivered)
+        finally:
+            if acks and lease.valid():
+                with contextlib.suppress(*CONNECTION_ERRORS, NotOwner):
+                    self._scripts.call("ack", [cfg.stream, self._keys.lease],
+                                       [lease.token, cfg.group, *acks])
+
+    def _deliver(self, lease: Lease, entry_id: str, flat: list[bytes], count: int) -> bool:
+        """Hand one entry to the handler, retrying in place.  True: ack it; False: it was parked
+        (the park script acked it)."""
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        try:
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+        except UnicodeDecodeError as err:
+            self._park(lease, entry_id, raw, f"undecodable entry: {err}", 0, 0)
+            return False
+        message = Message(id=entry_id, fields=fields, raw=raw, stream=self.config.stream,
+                          group=self.config.group, epoch=lease.epoch, delivery_count=count)
+        policy = self.config.retry
+        attempt = 1
+        while True:
+            self._check(lease)
+            try:
+                self._handler(message)
+                return True
+            except Defer as defer:
+                self._park(lease, entry_id, raw, defer.reason, defer.delay_ms, attempt)
+                return False
+            except Exception as err:
+                spent = policy.max_attempts is not None and attempt >= policy.max_attempts
+                action = policy.on_exhausted if spent else "retry"
+                backoff = policy.backoff_ms(attempt) if action in ("retry", "block") else 0
+                self._event(HandlerError, entry_id=entry_id, attempt=attempt, error=repr(err),
+                            action=action, backoff_ms=backoff)
+                if action == "park":
+                    self._park(lease, entry_id, raw,
+                               f"handler failed {attempt} times: {err!r}",
+                               policy.park_delay_ms, attempt)
+                    return False
+                if action == "stop":
+                    raise HandlerFailed(entry_id, attempt, err) from err
+                if self._stop.wait(backoff / 1000.0):
+                    raise _Stopping from None
+                attempt += 1
+                message = Message(id=entry_id, fields=fields, raw=raw,
+                                  stream=self.config.stream, group=self.config.group,
+                                  epoch=lease.epoch, delivery_count=count, attempt=attempt)
+
+    def _park(self, lease: Lease, entry_id: str, raw: dict[bytes, bytes], reason: str,
+              delay_ms: int, attempts: int) -> None:
+        self._check(lease)
+        self._emit(self._parker.park(lease.token, lease.epoch, self.config.consumer, entry_id,
+                                     raw, reason, delay_ms, attempts, self.config.stream))

@@ -1,0 +1,180 @@
+"""Frozen event records and the hook protocol.
+
+Everything the coordinator and the fixer do that an operator, a metric or the CLI may care about
+is one of these records.  Hooks receive them synchronously on the thread that produced them, so a
+hook must be quick; the stdlib logger ``orderedstream`` receives each one too, with the record's
+fields in ``extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+log = logging.getLogger("orderedstream")
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Base of every event: which stream, group and consumer it concerns."""
+
+    stream: str
+    group: str
+    consumer: str
+
+    name = "event"
+    level = logging.INFO
+
+    def describe(self) -> str:
+        fields = attrs.asdict(self)
+        for key in ("stream", "group", "consumer"):
+            fields.pop(key)
+        return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+@attrs.frozen(kw_only=True)
+class Standby(Event):
+    """This consumer waits: another one owns the group."""
+
+    owner: str
+    epoch: int
+    ttl_ms: int
+    name = "standby"
+
+
+@attrs.frozen(kw_only=True)
+class LeaseAcquired(Event):
+    """This consumer owns the group now, under a new fencing epoch."""
+
+    epoch: int
+    name = "lease_acquired"
+
+
+@attrs.frozen(kw_only=True)
+class OwnerConnectionGone(Event):
+    """A standby saw the owner's heartbeat connection vanish and ended its term at once."""
+
+    owner: str
+    epoch: int
+    name = "owner_connection_gone"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class TakeoverCompleted(Event):
+    """Dead consumers' pending entries were claimed and the dead consumers deleted."""
+
+    epoch: int
+    claimed: int
+    consumers_deleted: Sequence[str]
+    trimmed: int
+    duration_ms: float
+    name = "takeover_completed"
+
+
+@attrs.frozen(kw_only=True)
+class ReplayCompleted(Event):
+    """Every entry pending to this consumer was handed to the handler (in id order)."""
+
+    epoch: int
+    replayed: int
+    duration_ms: float
+    name = "replay_completed"
+
+
+@attrs.frozen(kw_only=True)
+class EntriesTrimmed(Event):
+    """Pending entries whose stream entry was trimmed or deleted; they were acked."""
+
+    ids: Sequence[str]
+    name = "entries_trimmed"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class BatchHandled(Event):
+    """The handler processed a batch (acked together with the next read)."""
+
+    epoch: int
+    count: int
+    last_id: str
+    redelivered: int
+    name = "batch_handled"
+    level = logging.DEBUG
+
+
+@attrs.frozen(kw_only=True)
+class HandlerError(Event):
+    """The handler raised; the entry is retried in place, parked or the coordinator stops."""
+
+    entry_id: str
+    attempt: int
+    error: str
+    action: str  # "retry" | "park" | "stop"
+    backoff_ms: int
+    name = "handler_failed"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class EntryParked(Event):
+    """An entry moved to the delay set (handler Defer, retry budget spent, or malformed)."""
+
+    entry_id: str
+    reason: str
+    due_ms: int
+    held_key: str | None = None
+    name = "entry_parked"
+
+
+@attrs.frozen(kw_only=True)
+class LeaseLostEvent(Event):
+    """This consumer stopped being the owner (expired, taken over or unrenewable)."""
+
+    epoch: int
+    reason: str
+    name = "lease_lost"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class LeaseReleased(Event):
+    """A clean stop handed the lease over (standbys were woken)."""
+
+    epoch: int
+    name = "lease_released"
+
+
+@attrs.frozen(kw_only=True)
+class WatchDisabled(Event):
+    """The connection watch is off (e.g. ACL forbids CLIENT LIST): failover waits for the TTL."""
+
+    reason: str
+    name = "watch_disabled"
+    level = logging.WARNING
+
+
+class Hook(Protocol):
+    """Anything callable with an :class:`Event`."""
+
+    def __call__(self, event: Event) -> None: ...
+
+
+class Emitter:
+    """Sends each event to the logger and every hook; a failing hook is logged, never fatal."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self._hooks = tuple(hooks)
+
+    def __call__(self, event: Event) -> None:
+        if log.isEnabledFor(event.level):
+            log.log(event.level, "%s %s", event.name, event.describe(),
+                    extra={"os_event": event.name, "os_fields": attrs.asdict(event)})
+        for hook in self._hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("hook %r failed on %s", hook, event.name)

@@ -1,0 +1,85 @@
+"""Every Redis key orderedstream uses, and nowhere else.
+
+All keys of one stream share one Redis Cluster hash slot (so every multi-key script stays
+legal on a cluster): if the stream key carries a hash tag (``{...}``) the auxiliary keys reuse
+it, otherwise the whole stream key becomes the tag, so ``orders`` and ``os:{orders}:...``
+hash alike.  ``tests/test_keys.py`` pins the names.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .exceptions import ConfigError
+
+
+def hash_tag(stream: str) -> str:
+    """The part of ``stream`` Redis Cluster hashes: its ``{tag}`` if it has one, else all of it."""
+    start = stream.find("{")
+    if start != -1:
+        end = stream.find("}", start + 1)
+        if end > start + 1:
+            return stream[start + 1 : end]
+    if "}" in stream:
+        raise ConfigError(
+            f"stream key {stream!r} contains '}}' but no hash tag; orderedstream cannot put its "
+            "keys in the same cluster slot. Rename the stream, or give it a tag like 'orders{o}'."
+        )
+    return stream
+
+
+@attrs.frozen
+class GroupKeys:
+    """Keys of one (stream, group)."""
+
+    stream: str
+    group: str
+    prefix: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"os:{{{hash_tag(self.stream)}}}:g:{self.group}:")
+
+    @property
+    def lease(self) -> str:
+        """String ``<consumer>:<epoch>`` with a PX expiry: who owns the group now."""
+        return self.prefix + "lease"
+
+    @property
+    def epoch(self) -> str:
+        """Counter, INCR'd on every acquisition: the fencing epoch."""
+        return self.prefix + "epoch"
+
+    @property
+    def owner(self) -> str:
+        """Hash describing the current term: consumer, epoch, connection id/name, host, pid."""
+        return self.prefix + "owner"
+
+    @property
+    def events(self) -> str:
+        """Capped stream: the failover timeline, and the wake-up signal standbys block on."""
+        return self.prefix + "events"
+
+    @property
+    def delay(self) -> str:
+        """Sorted set of parked entry ids, scored by due time (server clock, ms)."""
+        return self.prefix + "delay"
+
+    @property
+    def parked(self) -> str:
+        """Hash: parked entry id -> JSON payload and metadata."""
+        return self.prefix + "parked"
+
+    @property
+    def graveyard(self) -> str:
+        """Stream of entries the fixer gave up on, with their history, for a person."""
+        return self.prefix + "graveyard"
+
+    @property
+    def held(self) -> str:
+        """Hash: ordering key -> id of the parked entry holding it (hold-key mode)."""
+        return self.prefix + "held"
+
+    def all(self) -> list[str]:
+        """Every auxiliary key (not the user's stream)."""
+        return [self.lease, self.epoch, self.owner, self.events, self.delay, self.parked,
+                self.graveyard, self.held]

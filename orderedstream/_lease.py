@@ -1,0 +1,171 @@
+"""The lease: acquire under a new epoch, renew from a thread, release, and watch an owner's
+heartbeat connection (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import attrs
+import redis
+
+from ._config import LeaseConfig
+from ._keys import GroupKeys
+from ._scripts import EVENTS_MAXLEN, Scripts
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@attrs.frozen
+class Holder:
+    """Who holds the lease, as seen by a standby."""
+
+    token: str
+    pttl_ms: int
+    conn_id: str
+    conn_name: str
+
+    @property
+    def consumer(self) -> str:
+        return self.token.rpartition(":")[0]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.token.rpartition(":")[2])
+
+
+class Lease:
+    """One term of ownership.  ``valid()`` is the owner's own view, on its monotonic clock: the
+    send time of the last successful renew + ttl - margin.  Past that, it hands out nothing."""
+
+    def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float) -> None:
+        self.token = token
+        self.epoch = epoch
+        self._config = config
+        self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
+        self._valid_until = sent_at + self._span
+        self._lost_reason: str | None = None
+        self._lock = threading.Lock()
+
+    def valid(self) -> bool:
+        return self._lost_reason is None and time.monotonic() < self._valid_until
+
+    @property
+    def lost_reason(self) -> str:
+        if self._lost_reason is not None:
+            return self._lost_reason
+        return ("lease validity ran out on the owner's clock "
+                "(renewals failed or the process was paused)")
+
+    def renewed(self, sent_at: float) -> None:
+        with self._lock:
+            self._valid_until = max(self._valid_until, sent_at + self._span)
+
+    def lose(self, reason: str) -> None:
+        with self._lock:
+            if self._lost_reason is None:
+                self._lost_reason = reason
+
+    def remaining_s(self) -> float:
+        return self._valid_until - time.monotonic()
+
+
+class LeaseManager:
+    """Talks to the server about the lease for one (stream, group) and one consumer."""
+
+    def __init__(self, scripts: Scripts, keys: GroupKeys, consumer: str, config: LeaseConfig,
+                 beat: redis.Redis, beat_name: str) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self._consumer = consumer
+        self._config = config
+        self._beat = beat
+        self._beat_name = beat_name
+        self._beat_id: int | None = None
+        self._host = socket.gethostname()
+
+    def beat_id(self) -> int:
+        """The heartbeat connection's server-side id (it changes when it reconnects)."""
+        if self._beat_id is None:
+            self._beat_id = int(self._beat.client_id())
+        return self._beat_id
+
+    def try_acquire(self) -> Lease | Holder:
+        sent = time.monotonic()
+        keys = self._keys
+        reply = self._scripts.call(
+            "acquire", [keys.lease, keys.epoch, keys.owner, keys.events],
+            [self._consumer, self._config.ttl_ms, self.beat_id(), self._beat_name, self._host,
+             os.getpid(), EVENTS_MAXLEN],
+        )
+        if int(reply[0]) == 1:
+            return Lease(reply[2].decode(), int(reply[1]), self._config, sent)
+        return Holder(reply[1].decode(), int(reply[2]), reply[3].decode(), reply[4].decode())
+
+    def renew(self, lease: Lease) -> bool:
+        """One compare-and-PEXPIRE on the heartbeat connection."""
+        sent = time.monotonic()
+        try:
+            ok = self._scripts.call("renew", [self._keys.lease, self._keys.owner],
+                                    [lease.token, self._config.ttl_ms, self.beat_id()],
+                                    client=self._beat)
+        except CONNECTION_ERRORS:
+            self._beat_id = None
+            raise
+        if int(ok) == 1:
+            lease.renewed(sent)
+            return True
+        return False
+
+    def end_term(self, token: str, kind: str, reason: str) -> bool:
+        """Compare-and-delete the lease and wake standbys (``kind`` 'released' or 'ended')."""
+        ended = self._scripts.call("end_term", [self._keys.lease, self._keys.events],
+                                   [token, kind, self._consumer, reason, EVENTS_MAXLEN])
+        return int(ended) == 1
+
+    def connection_alive(self, client: redis.Redis, holder: Holder) -> bool:
+        """Is the holder's heartbeat connection still listed by the server?  The name is checked
+        too, because client ids restart from 1 after a server restart."""
+        listed: Any = client.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "LIST", "ID", holder.conn_id)
+        text = listed.decode() if isinstance(listed, bytes) else str(listed)
+        return f" name={holder.conn_name} " in f" {text.strip()} "
+
+    def close(self) -> None:
+        self._beat.close()
+
+
+class Renewer(threading.Thread):
+    """Renews the lease every ttl/3 from its own thread and connection, so a slow handler cannot
+    starve it.  Marks the lease lost when the server refuses a renewal or when the lease's
+    validity runs out before a renewal gets through."""
+
+    def __init__(self, manager: LeaseManager, lease: Lease, config: LeaseConfig) -> None:
+        super().__init__(name="orderedstream-renew", daemon=True)
+        self._manager = manager
+        self._lease = lease
+        self._interval = config.renew_interval_ms / 1000.0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        wait = self._interval
+        while not self._halt.wait(wait):
+            if not self._lease.valid():
+                self._lease.lose(self._lease.lost_reason)
+                return
+            try:
+                if not self._manager.renew(self._lease):
+                    self._lease.lose("the server refused the renewal: the lease expired or "
+                                     "another consumer took over")
+                    return
+                wait = self._interval
+            except CONNECTION_ERRORS:
+                wait = min(self._interval, 0.1)
+
+    def halt(self) -> None:
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5.0)

@@ -1,0 +1,51 @@
+"""Appending to a stream, with no automatic retry (a retried XADD can write an entry twice)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from ._server import client_from_url, clone_client
+
+FieldValue = str | bytes | int | float
+Fields = Mapping[str | bytes, FieldValue]
+
+
+def _plain(fields: Fields) -> dict[Any, Any]:
+    return dict(fields)
+
+
+class Producer:
+    """``send`` one entry or ``send_many`` in one pipelined round trip.
+
+    ``maxlen`` caps the stream (approximate trimming, the cheap kind).  A trimmed entry that was
+    still pending is reported by the coordinator as trimmed, never silently skipped.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str, *, maxlen: int | None = None,
+                 socket_timeout_s: float = 5.0) -> None:
+        self.stream = stream
+        self._maxlen = maxlen
+        self._client = clone_client(client, name="os:producer", socket_timeout_s=socket_timeout_s)
+
+    @classmethod
+    def from_url(cls, url: str, stream: str, *, maxlen: int | None = None) -> Producer:
+        return cls(client_from_url(url), stream, maxlen=maxlen)
+
+    def send(self, fields: Fields) -> str:
+        """Append one entry; returns its id."""
+        entry_id: Any = self._client.xadd(self.stream, _plain(fields), maxlen=self._maxlen,
+                                     approximate=True)
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def send_many(self, batch: Iterable[Fields]) -> list[str]:
+        """Append many entries, in order, in one pipelined round trip (no MULTI)."""
+        pipe = self._client.pipeline(transaction=False)
+        for fields in batch:
+            pipe.xadd(self.stream, _plain(fields), maxlen=self._maxlen, approximate=True)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,62 @@
+"""Loads ``lua/*.lua`` and gives each script one typed method.
+
+Keys reach the scripts only through KEYS (computed by :mod:`._keys`).  A script that answers
+``NOTOWNER`` raises :class:`~orderedstream.exceptions.NotOwner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from .exceptions import GroupMissing, NotOwner, OrderedStreamError
+
+EVENTS_MAXLEN = 1000
+
+Encodable = str | bytes | int | float
+
+
+def _load(name: str) -> str:
+    folder = resources.files("orderedstream").joinpath("lua")
+    return folder.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+def script_names() -> list[str]:
+    """Every ``lua/*.lua`` shipped in the package."""
+    folder = resources.files("orderedstream").joinpath("lua")
+    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".lua"))
+
+
+def translate(err: redis.ResponseError) -> OrderedStreamError | None:
+    """Map a script's error reply to our error tree (None: not one of ours)."""
+    text = str(err)
+    if text.startswith("NOTOWNER"):
+        return NotOwner(text)
+    if text.startswith("NOGROUP"):
+        return GroupMissing(f"{text} (was the stream or group deleted?)")
+    return None
+
+
+class Scripts:
+    """The registered scripts; every call runs on the client passed in (or the default one)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(_load(name)) for name in script_names()
+        }
+
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Encodable],
+             client: redis.Redis | None = None) -> Any:
+        try:
+            return self._scripts[name](keys=list(keys), args=list(args),
+                                       client=client or self._client)
+        except redis.ResponseError as err:
+            mapped = translate(err)
+            if mapped is not None:
+                raise mapped from err
+            raise

@@ -1,0 +1,124 @@
+"""Connecting: building clients with explicit timeouts and retries, and refusing servers that
+cannot run the protocol (Redis < 7.0; see DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .exceptions import ConnectionFailed, UnsupportedServer
+
+MIN_REDIS = (7, 0)
+EMBEDDED_HINT = "or run `orderedstream server` for an embedded Valkey"
+
+
+@attrs.frozen
+class ServerInfo:
+    """What the server says it is.  Valkey reports ``redis_version:7.2.4``; its real version is
+    ``valkey_version``."""
+
+    name: str
+    version: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {'.'.join(map(str, self.version))}"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def parse_info(info: Mapping[str, Any]) -> ServerInfo:
+    """Identify the server from ``INFO server``."""
+    name = str(info.get("server_name") or "redis").lower()
+    if "valkey_version" in info:
+        return ServerInfo("valkey", _version(str(info["valkey_version"])))
+    return ServerInfo(name, _version(str(info.get("redis_version", "0"))))
+
+
+def check_supported(server: ServerInfo) -> None:
+    """Raise :class:`UnsupportedServer` unless the server is Redis >= 7.0 or Valkey."""
+    if server.name == "valkey":
+        return
+    if server.version < MIN_REDIS:
+        raise UnsupportedServer(
+            f"{server.label} is too old for orderedstream: it needs Redis >= 7.0 or Valkey >= 7.2. "
+            "Redis 6.2 keeps claimed entries whose stream entry was deleted in the pending list "
+            "and cannot run the fenced reads this library relies on. Upgrade the server, "
+            + EMBEDDED_HINT + "."
+        )
+
+
+def describe_url(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def clone_client(client: redis.Redis, *, name: str | None = None,
+                 socket_timeout_s: float = 5.0, single: bool = False) -> redis.Redis:
+    """A client to the same server with our own settings: RESP2 bytes replies, an explicit socket
+    timeout and **no automatic retries** (redis-py's default retry re-sent an XADD during a
+    server pause and wrote it twice; a re-sent blocking read is received twice)."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name", "decode_responses",
+                "protocol", "socket_timeout", "encoding_errors", "cache", "cache_config"):
+        kwargs.pop(key, None)
+    for key in list(kwargs):  # RESP3-only features of the caller's client (we speak RESP2)
+        if key.startswith(("maint_notifications", "oss_cluster_maint")):
+            del kwargs[key]
+    new_pool = redis.ConnectionPool(
+        connection_class=pool.connection_class,
+        retry=Retry(NoBackoff(), 0),
+        client_name=name,
+        protocol=2,
+        decode_responses=False,
+        socket_timeout=socket_timeout_s,
+        **kwargs,
+    )
+    return redis.Redis(connection_pool=new_pool, single_connection_client=single)
+
+
+def client_from_url(url: str) -> redis.Redis:
+    """A client for a ``redis://``, ``rediss://`` or ``unix://`` URL; anything else is refused."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConnectionFailed(
+            f"{url!r} is not a Redis URL: use redis://host:port/db, rediss://... for TLS, or "
+            "unix:///path/to/socket"
+        )
+    try:
+        return redis.Redis.from_url(url, protocol=2, retry=Retry(NoBackoff(), 0))
+    except ValueError as err:
+        raise ConnectionFailed(f"cannot parse Redis URL {url!r}: {err}") from err
+
+
+def connect_check(client: redis.Redis) -> ServerInfo:
+    """Ping the server and check it is supported; errors say what to do."""
+    where = describe_url(client)
+    try:
+        info = client.info("server")
+    except redis.AuthenticationError as err:
+        raise ConnectionFailed(f"{where} refused the credentials: {err}. "
+                               "Put user:password in the URL.") from err
+    except redis.ConnectionError as err:
+        raise ConnectionFailed(
+            f"cannot reach a Redis server at {where}: {err}. Is it running? Check --redis-url / "
+            f"REDIS_URL, {EMBEDDED_HINT}."
+        ) from err
+    except redis.ResponseError as err:
+        raise ConnectionFailed(f"{where} answered INFO with an error: {err}") from err
+    server = parse_info(info)
+    check_supported(server)
+    return server

