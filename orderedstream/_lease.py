@@ -87,18 +87,28 @@ class LeaseManager:
         self._beat_id: int | None = None
         self._host = socket.gethostname()
 
-    def beat_id(self) -> int:
-        """The heartbeat connection's server-side id (it changes when it reconnects)."""
-        if self._beat_id is None:
-            self._beat_id = int(self._beat.client_id())
+    def beat_id(self, *, fresh: bool = False) -> int:
+        """The heartbeat connection's server-side id (it changes when it reconnects).
+
+        ``fresh`` asks the server instead of trusting the cached id: a connection that silently
+        went stale (server restart) would otherwise publish a dead id, and standbys would end
+        the term at once - and the two would take the lease from each other in a loop.
+        """
+        if self._beat_id is None or fresh:
+            try:
+                self._beat_id = int(self._beat.client_id())
+            except CONNECTION_ERRORS:
+                self._beat.close()  # drop the stale socket; the retry opens a new one
+                self._beat_id = int(self._beat.client_id())
         return self._beat_id
 
     def try_acquire(self) -> Lease | Holder:
+        beat_id = self.beat_id(fresh=True)
         sent = time.monotonic()
         keys = self._keys
         reply = self._scripts.call(
             "acquire", [keys.lease, keys.epoch, keys.owner, keys.events],
-            [self._consumer, self._config.ttl_ms, self.beat_id(), self._beat_name, self._host,
+            [self._consumer, self._config.ttl_ms, beat_id, self._beat_name, self._host,
              os.getpid(), EVENTS_MAXLEN],
         )
         if int(reply[0]) == 1:

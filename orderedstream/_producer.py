@@ -10,7 +10,7 @@ import redis
 from ._server import client_from_url, clone_client
 
 FieldValue = str | bytes | int | float
-Fields = Mapping[str | bytes, FieldValue]
+Fields = Mapping[Any, FieldValue]  # str or bytes keys
 
 
 def _plain(fields: Fields) -> dict[Any, Any]:

@@ -203,3 +203,40 @@ def verdict(records: Iterable[tuple[int, bool]], produced: int) -> Verdict:
         seen.add(seq)
     lost = tuple(s for s in range(1, produced + 1) if s not in seen)
     return Verdict(produced, handled, lost, tuple(out_of_order), duplicates, unflagged)
+
+
+def record_handler(message: Any) -> None:
+    """A handler for process-level tests and benchmarks: appends one JSON line per entry to
+    ``$ORDEREDSTREAM_RECORD`` with one unbuffered ``write`` (it survives SIGKILL, and lines from
+    several processes never interleave), after ``$ORDEREDSTREAM_WORK_MS`` of simulated work."""
+    import json
+
+    work_ms = float(os.environ.get("ORDEREDSTREAM_WORK_MS", "0"))
+    if work_ms:
+        time.sleep(work_ms / 1000.0)
+    line = json.dumps({
+        "seq": int(message.fields.get("seq", 0)), "id": message.id,
+        "red": message.redelivered, "dc": message.delivery_count, "epoch": message.epoch,
+        "pid": os.getpid(), "t": time.time(),
+    }) + "\n"
+    fd = _record_fd()
+    os.write(fd, line.encode())
+
+
+_RECORD_FD: list[int] = []
+
+
+def _record_fd() -> int:
+    if not _RECORD_FD:
+        path = os.environ["ORDEREDSTREAM_RECORD"]
+        _RECORD_FD.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    return _RECORD_FD[0]
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    import json
+
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -1,0 +1,237 @@
+"""``orderedstream`` command line: the only code that imports rich or installs signal handlers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from .. import __version__
+from .._config import CoordinatorConfig, LeaseConfig, RetryPolicy
+from .._coordinator import Coordinator
+from .._events import Event
+from .._message import Message
+from .._producer import Producer
+from .._server import client_from_url, connect_check
+from ..exceptions import ConfigError, Defer, OrderedStreamError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_URL),
+                        help="server URL (default: $REDIS_URL, else %(default)s)")
+    parser.add_argument("--stream", default=os.environ.get("ORDEREDSTREAM_STREAM", "orders"))
+    parser.add_argument("--group", default=os.environ.get("ORDEREDSTREAM_GROUP", "workers"))
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """``package.module:function`` -> the function, with an error that says what was wrong."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"expected module:function, got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"cannot import {module_name!r} for {spec!r}: {err}") from err
+    try:
+        func = getattr(module, attr)
+    except AttributeError as err:
+        raise ConfigError(f"{module_name!r} has no {attr!r}") from err
+    if not callable(func):
+        raise ConfigError(f"{spec!r} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+# -- demo payloads ------------------------------------------------------------------------
+
+CORRUPT_PREFIX = "CORRUPT:"
+
+
+def demo_payload(seq: int, corrupt: bool) -> dict[str, str]:
+    body = f"order-{seq}"
+    return {"seq": str(seq), "payload": CORRUPT_PREFIX + body[::-1] if corrupt else body}
+
+
+def demo_handler(message: Message) -> None:
+    """Prints each entry; refuses (parks) corrupted demo payloads."""
+    payload = message.fields.get("payload", "")
+    if payload.startswith(CORRUPT_PREFIX):
+        raise Defer("corrupted payload", delay_ms=1000)
+    flags = []
+    if message.redelivered:
+        flags.append(f"[yellow]redelivered x{message.delivery_count}[/]")
+    if message.repaired:
+        flags.append(f"[cyan]repaired from {message.fields['os-origin-id']}[/]")
+    console.print(f"seq={message.fields.get('seq', '?'):>6} id={message.id} "
+                  f"epoch={message.epoch} {payload} {' '.join(flags)}")
+
+
+# -- event rendering ------------------------------------------------------------------------
+
+def print_event(event: Event) -> None:
+    name = event.name
+    if name == "batch_handled":
+        return
+    style = {"lease_acquired": "bold green", "lease_lost": "bold red", "standby": "yellow",
+             "owner_connection_gone": "bold magenta", "takeover_completed": "green",
+             "handler_failed": "red", "entry_parked": "cyan"}.get(name, "dim")
+    err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {event.consumer} {name}[/] "
+                      f"{event.describe()}")
+
+
+# -- commands -------------------------------------------------------------------------------
+
+class _Signals:
+    """First SIGINT/SIGTERM: graceful stop.  Second: exit at once."""
+
+    def __init__(self, on_first: Callable[[], object]) -> None:
+        self.count = 0
+        self._on_first = on_first
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count > 1:
+            err_console.print("[red]second signal: exiting now[/]")
+            os._exit(130)
+        err_console.print("[yellow]stopping (handing the lease over)... again to force[/]")
+        threading.Thread(target=self._on_first, daemon=True).start()
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from ..testing import ServerProcess
+
+    server = ServerProcess(port=args.port, appendonly=args.appendonly)
+    server.start()
+    done = threading.Event()
+    _Signals(done.set)
+    console.print(f"[bold green]valkey-server[/] ready at [bold]{server.url}[/] "
+                  f"(data in {server.dir}); Ctrl+C stops it")
+    console.print(f"  export REDIS_URL={server.url}")
+    try:
+        while not done.wait(0.5):
+            if server.proc is None or server.proc.poll() is not None:
+                err_console.print("[red]the server exited[/]")
+                return 1
+    finally:
+        server.cleanup()
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    client = client_from_url(args.redis_url)
+    connect_check(client)
+    producer = Producer(client, args.stream, maxlen=args.maxlen)
+    stop = threading.Event()
+    _Signals(stop.set)
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    seq = args.start_seq
+    end = args.start_seq + args.count if args.count else None
+    started = time.monotonic()
+    sent = 0
+    while not stop.is_set() and (end is None or seq < end):
+        chunk = 1 if interval else min(500, (end - seq) if end is not None else 500)
+        corrupt_every = args.corrupt_every
+        batch = [demo_payload(s, bool(corrupt_every) and s % corrupt_every == 0)
+                 for s in range(seq, seq + chunk)]
+        ids = producer.send_many(batch)
+        seq += chunk
+        sent += chunk
+        if not args.quiet and interval:
+            console.print(f"sent seq={seq - 1} id={ids[-1]}")
+        if interval:
+            next_at = started + sent * interval
+            stop.wait(max(0.0, next_at - time.monotonic()))
+    console.print(f"[green]produced {sent} entries to {args.stream}[/] "
+                  f"(last seq {seq - 1}) in {time.monotonic() - started:.2f}s")
+    producer.close()
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    handler = load_callable(args.handler) if args.handler else demo_handler
+    config = CoordinatorConfig(
+        stream=args.stream, group=args.group,
+        **({"consumer": args.name} if args.name else {}),
+        batch_size=args.batch,
+        lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch),
+        retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted),
+    )
+    hooks = [] if args.quiet else [print_event]
+    coordinator = Coordinator(config, handler, client_from_url(args.redis_url), hooks=hooks)
+    _Signals(lambda: coordinator.stop(timeout=30))
+    err_console.print(f"[bold]{config.consumer}[/] consuming {args.stream}/{args.group} "
+                      f"at {args.redis_url} (lease {args.lease_ttl_ms} ms)")
+    coordinator.start(max_messages=args.max_messages)
+    while not coordinator.join(timeout=0.5):
+        pass
+    err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orderedstream",
+        description="Single active consumer, ordered failover and a dead-letter path for "
+                    "Redis Streams.")
+    parser.add_argument("--version", action="version", version=f"orderedstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="run the embedded Valkey in the foreground")
+    server.add_argument("--port", type=int, default=None, help="default: a free port")
+    server.add_argument("--appendonly", action="store_true", help="persist with AOF")
+    server.set_defaults(func=cmd_server)
+
+    produce = sub.add_parser("produce", help="append demo entries carrying sequence numbers")
+    _common(produce)
+    produce.add_argument("--count", type=int, default=0, help="entries to send (0: forever)")
+    produce.add_argument("--rate", type=float, default=10.0, help="entries/s (0: flat out)")
+    produce.add_argument("--start-seq", type=int, default=1)
+    produce.add_argument("--corrupt-every", type=int, default=0,
+                         help="make every K-th payload one the demo handler rejects")
+    produce.add_argument("--maxlen", type=int, default=None, help="cap the stream (approx.)")
+    produce.add_argument("--quiet", action="store_true")
+    produce.set_defaults(func=cmd_produce)
+
+    consume = sub.add_parser("consume", help="consume as the single active consumer, or wait "
+                                             "as a standby")
+    _common(consume)
+    consume.add_argument("--name", default=os.environ.get("ORDEREDSTREAM_CONSUMER"),
+                         help="consumer name (default: host-pid-random)")
+    consume.add_argument("--handler", default=None,
+                         help="module:function to import as the handler (default: print)")
+    consume.add_argument("--max-messages", type=int, default=None,
+                         help="exit (handing the lease over) after N handled")
+    consume.add_argument("--lease-ttl-ms", type=int, default=3000)
+    consume.add_argument("--batch", type=int, default=100)
+    consume.add_argument("--no-watch", action="store_true",
+                         help="do not watch the owner's connection; fail over on TTL only")
+    consume.add_argument("--max-attempts", type=int, default=5)
+    consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park")
+    consume.add_argument("--quiet", action="store_true", help="no event output")
+    consume.set_defaults(func=cmd_consume)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OrderedStreamError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
