@@ -35,7 +35,7 @@ from ._events import (
 from ._keys import GroupKeys
 from ._lease import CONNECTION_ERRORS, Holder, Lease, LeaseManager, Renewer
 from ._message import Message
-from ._scripts import EVENTS_MAXLEN, Scripts
+from ._scripts import EVENTS_MAXLEN, Scripts, translate
 from ._server import client_from_url, clone_client, connect_check
 from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner, OrderedStreamError
 
@@ -364,6 +364,12 @@ class Coordinator:
             [lease.token, cfg.group, cfg.consumer, cfg.batch_size, start, *acks])
         return rows, counts, trimmed, tail.decode() if isinstance(tail, bytes) else str(tail)
 
+    def _read_ahead(self, lease: Lease) -> _ReadAhead:
+        cfg = self.config
+        return _ReadAhead(self._cmd, self._scripts.sha("read"),
+                          [cfg.stream, self._keys.lease],
+                          [lease.token, cfg.group, cfg.consumer, cfg.batch_size, ">"])
+
     def _consume(self, lease: Lease) -> None:
         """Replay this consumer's pending entries in id order, then read new ones."""
         cfg = self.config
@@ -372,21 +378,34 @@ class Coordinator:
         acks: list[str] = []
         replayed = 0
         replay_started = time.monotonic()
+        ahead = self._read_ahead(lease)
         try:
             while True:
                 self._check(lease)
                 if self._stop.is_set():
                     raise _Stopping
                 try:
-                    rows, counts, trimmed, tail = self._read(
-                        lease, cursor if history else ">", acks)
+                    if history:
+                        rows, counts, trimmed, tail = self._read(lease, cursor, acks)
+                        acks = []
+                    else:
+                        if not ahead.in_flight:
+                            ahead.send(acks)
+                            acks = []
+                        rows, counts, trimmed, tail = ahead.receive()
+                        if rows:
+                            # ask for the next batch now, so the server prepares it while the
+                            # handler works on this one (its acks ride on the request after)
+                            ahead.send(acks)
+                            acks = []
                 except CONNECTION_ERRORS:
                     # A '>' read whose reply was lost still delivered its entries to us: find
-                    # them again in our own history, after the last entry we handled.
+                    # them again in our own history, after the last entry we handled.  Acks
+                    # whose fate is unknown are sent again (XACK is idempotent).
+                    acks = ahead.reset() + acks
                     history = True
                     self._stop.wait(0.05)
                     continue
-                acks = []
                 if trimmed:
                     self._event(EntriesTrimmed, ids=tuple(t.decode() for t in trimmed))
                 if not rows:
@@ -395,74 +414,149 @@ class Coordinator:
                         self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
                                     duration_ms=(time.monotonic() - replay_started) * 1000.0)
                         continue
-                    self._block_read(cfg.stream, tail, cfg.block_ms)
+                    if not acks:
+                        self._block_read(cfg.stream, tail, cfg.block_ms)
                     continue
                 redelivered = 0
+                handler = self._handler
+                stream, group, epoch = cfg.stream, cfg.group, lease.epoch
+                stopping = self._stop.is_set
+                valid = lease.valid
+                ack = acks.append
+                left = (self._max_messages - self._handled if self._max_messages is not None
+                        else -1)
+                count = 1
                 for index, row in enumerate(rows):
-                    if self._stop.is_set():
+                    # hot path: one lease check, one Message, one call per entry
+                    if stopping():
                         raise _Stopping
-                    count = int(counts[index]) if history else 1
-                    entry_id = row[0].decode()
-                    if self._deliver(lease, entry_id, row[1], count):
-                        acks.append(entry_id)
+                    if not valid():
+                        raise LeaseLost(lease.lost_reason)
+                    entry_id = row[0]
+                    if history:
+                        count = int(counts[index])
+                        redelivered += count > 1
+                    message = Message(entry_id, row[1], stream, group, epoch, count)
+                    try:
+                        handler(message)
+                        ack(entry_id)
+                    except Exception as err:
+                        if self._recover(lease, message, err):
+                            ack(entry_id)
                     cursor = entry_id
-                    redelivered += count > 1
                     self._handled += 1
-                    if self._max_messages is not None and self._handled >= self._max_messages:
+                    left -= 1
+                    if left == 0:
                         raise _Done
                 if history:
                     replayed += len(rows)
                 self._event(BatchHandled, epoch=lease.epoch, count=len(rows),
-                            last_id=cursor, redelivered=redelivered)
+                            last_id=message.id, redelivered=redelivered)
         finally:
+            ahead.close()
             if acks and lease.valid():
                 with contextlib.suppress(*CONNECTION_ERRORS, NotOwner):
                     self._scripts.call("ack", [cfg.stream, self._keys.lease],
                                        [lease.token, cfg.group, *acks])
 
-    def _deliver(self, lease: Lease, entry_id: str, flat: list[bytes], count: int) -> bool:
-        """Hand one entry to the handler, retrying in place.  True: ack it; False: it was parked
-        (the park script acked it)."""
-        raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        try:
-            fields = {k.decode(): v.decode() for k, v in raw.items()}
-        except UnicodeDecodeError as err:
-            self._park(lease, entry_id, raw, f"undecodable entry: {err}", 0, 0)
-            return False
-        message = Message(id=entry_id, fields=fields, raw=raw, stream=self.config.stream,
-                          group=self.config.group, epoch=lease.epoch, delivery_count=count)
+    def _recover(self, lease: Lease, message: Message, error: Exception) -> bool:
+        """The handler raised on ``message``: park it (Defer), or retry it in place per the retry
+        policy.  True: it was handled in the end, ack it; False: it was parked (and acked by the
+        park script)."""
         policy = self.config.retry
-        attempt = 1
         while True:
+            if isinstance(error, Defer):
+                self._park(lease, message, error.reason, error.delay_ms)
+                return False
+            attempt = message.attempt
+            spent = policy.max_attempts is not None and attempt >= policy.max_attempts
+            action = policy.on_exhausted if spent else "retry"
+            backoff = policy.backoff_ms(attempt) if action in ("retry", "block") else 0
+            self._event(HandlerError, entry_id=message.id, attempt=attempt, error=repr(error),
+                        action=action, backoff_ms=backoff)
+            if action == "park":
+                self._park(lease, message, f"handler failed {attempt} times: {error!r}",
+                           policy.park_delay_ms)
+                return False
+            if action == "stop":
+                raise HandlerFailed(message.id, attempt, error) from error
+            if self._stop.wait(backoff / 1000.0):
+                raise _Stopping from None
             self._check(lease)
+            message = message.retry()
             try:
                 self._handler(message)
                 return True
-            except Defer as defer:
-                self._park(lease, entry_id, raw, defer.reason, defer.delay_ms, attempt)
-                return False
             except Exception as err:
-                spent = policy.max_attempts is not None and attempt >= policy.max_attempts
-                action = policy.on_exhausted if spent else "retry"
-                backoff = policy.backoff_ms(attempt) if action in ("retry", "block") else 0
-                self._event(HandlerError, entry_id=entry_id, attempt=attempt, error=repr(err),
-                            action=action, backoff_ms=backoff)
-                if action == "park":
-                    self._park(lease, entry_id, raw,
-                               f"handler failed {attempt} times: {err!r}",
-                               policy.park_delay_ms, attempt)
-                    return False
-                if action == "stop":
-                    raise HandlerFailed(entry_id, attempt, err) from err
-                if self._stop.wait(backoff / 1000.0):
-                    raise _Stopping from None
-                attempt += 1
-                message = Message(id=entry_id, fields=fields, raw=raw,
-                                  stream=self.config.stream, group=self.config.group,
-                                  epoch=lease.epoch, delivery_count=count, attempt=attempt)
+                error = err
 
-    def _park(self, lease: Lease, entry_id: str, raw: dict[bytes, bytes], reason: str,
-              delay_ms: int, attempts: int) -> None:
+    def _park(self, lease: Lease, message: Message, reason: str, delay_ms: int) -> None:
         self._check(lease)
-        self._emit(self._parker.park(lease.token, lease.epoch, self.config.consumer, entry_id,
-                                     raw, reason, delay_ms, attempts, self.config.stream))
+        self._emit(self._parker.park(lease.token, lease.epoch, self.config.consumer, message.id,
+                                     message.raw, reason, delay_ms, message.attempt,
+                                     self.config.stream))
+
+
+class _ReadAhead:
+    """The fenced read script, sent on a connection of its own without waiting for the reply, so
+    the server reads batch N+1 while the handler works on batch N.  Same script, same fencing."""
+
+    def __init__(self, client: redis.Redis, sha: str, keys: list[str], args: list[Any]) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._head = ["EVALSHA", sha, len(keys), *keys, *args]
+        self._sent_acks: list[Any] = []
+        self.in_flight = False
+
+    def send(self, acks: list[Any]) -> None:
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        self._conn.send_command(*self._head, *acks)
+        self._sent_acks = acks
+        self.in_flight = True
+
+    def receive(self) -> tuple[list[Any], list[Any], list[Any], str]:
+        try:
+            reply = self._conn.read_response()
+        except redis.ResponseError as err:
+            self.in_flight = False
+            mapped = translate(err)
+            if mapped is not None:
+                raise mapped from err
+            raise
+        except BaseException:
+            self._drop()
+            raise
+        self.in_flight = False
+        self._sent_acks = []
+        rows, counts, trimmed, tail = reply
+        return rows, counts, trimmed, tail.decode() if isinstance(tail, bytes) else str(tail)
+
+    def reset(self) -> list[Any]:
+        """After a connection error: forget the request; return the acks it carried."""
+        acks = self._sent_acks
+        self._sent_acks = []
+        self._drop()
+        return acks
+
+    def _drop(self) -> None:
+        self.in_flight = False
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._pool.release(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        """Collect an unanswered request (its entries stay pending: the next owner, or our own
+        replay, gets them) and give the connection back."""
+        if self._conn is None:
+            return
+        if self.in_flight:
+            try:
+                self._conn.read_response()
+                self.in_flight = False
+            except (redis.RedisError, OSError):
+                self._drop()
+                return
+        self._pool.release(self._conn)
+        self._conn = None

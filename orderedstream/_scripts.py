@@ -50,6 +50,12 @@ class Scripts:
             name: client.register_script(_load(name)) for name in script_names()
         }
 
+    def sha(self, name: str) -> str:
+        """The script's SHA1, loading it into the server's cache first."""
+        script = self._scripts[name]
+        self._client.script_load(script.script)
+        return str(script.sha)
+
     def call(self, name: str, keys: Sequence[str], args: Sequence[Encodable],
              client: redis.Redis | None = None) -> Any:
         try:

@@ -1,0 +1,122 @@
+"""Consumer throughput: the Coordinator with a no-op handler against two hand-written redis-py
+loops, in the same run, on the same server and pre-filled stream.
+
+* raw batched: XREADGROUP COUNT 500, a no-op handler call per entry, one XACK per batch (the
+  fast hand-rolled loop); "raw, no handler" skips the per-entry call: a ceiling no real
+  consumer reaches, printed for reference
+* naive:       XREADGROUP COUNT 1 + XACK per entry (run on --naive-entries only: it is slow)
+* coordinator: Coordinator(batch_size=500), no-op handler; it also decodes fields to str,
+  checks its lease per entry and fences every read/ack
+
+Each contender reads the whole stream through a fresh consumer group (created at 0) and is timed
+from its first read to its last ack; the runs alternate (raw, coordinator, raw, ...) --rounds
+times and the best and median rates are printed, with the ratio coordinator/raw.
+
+    python benchmarks/throughput.py                   # embedded valkey-server, 200k entries
+    python benchmarks/throughput.py --server-bin /usr/bin/redis-server
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+
+import redis
+
+from orderedstream import Coordinator, CoordinatorConfig, GroupKeys, Message
+from orderedstream._server import clone_client
+from orderedstream.testing import ServerProcess
+
+STREAM = "bench-throughput"
+
+
+def noop_handler(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    """What every real consumer loop has: one call per entry."""
+
+
+def raw_batched(client: redis.Redis, group: str, total: int, call_handler: bool = True) -> float:
+    client.xgroup_create(STREAM, group, id="0")
+    done = 0
+    t0 = time.perf_counter()
+    while done < total:
+        reply = client.xreadgroup(group, "raw", {STREAM: ">"}, count=500)
+        entries = reply[0][1]
+        if call_handler:
+            for entry_id, fields in entries:
+                noop_handler(entry_id, fields)
+        client.xack(STREAM, group, *[e[0] for e in entries])
+        done += len(entries)
+    return total / (time.perf_counter() - t0)
+
+
+def naive(client: redis.Redis, group: str, total: int) -> float:
+    client.xgroup_create(STREAM, group, id="0")
+    t0 = time.perf_counter()
+    for _ in range(total):
+        reply = client.xreadgroup(group, "naive", {STREAM: ">"}, count=1)
+        client.xack(STREAM, group, reply[0][1][0][0])
+    return total / (time.perf_counter() - t0)
+
+
+def coordinator(client: redis.Redis, group: str, total: int) -> float:
+    seen = [0]
+    first = [0.0]
+    finished = threading.Event()
+
+    def noop(message: Message) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += 1
+
+    config = CoordinatorConfig(stream=STREAM, group=group, consumer="coord", batch_size=500)
+    c = Coordinator(config, noop, client)
+    c.run(max_messages=total)  # returns after the last ack (acks are flushed on exit)
+    finished.set()
+    elapsed = time.perf_counter() - first[0]
+    client.delete(*GroupKeys(STREAM, group).all())
+    return total / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server-bin", default=None)
+    parser.add_argument("--entries", type=int, default=200_000)
+    parser.add_argument("--naive-entries", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with ServerProcess(args.server_bin) as server:
+        client = clone_client(server.client(), socket_timeout_s=30)
+        info = client.info("server")
+        label = (f"{info.get('server_name') or 'redis'} "
+                 f"{info.get('valkey_version') or info['redis_version']}")
+        pipe = client.pipeline(transaction=False)
+        for i in range(args.entries):
+            pipe.xadd(STREAM, {"seq": i, "payload": f"order-{i}"})
+            if i % 1000 == 999:
+                pipe.execute()
+        pipe.execute()
+        rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": []}
+        for r in range(args.rounds):
+            rates["raw"].append(raw_batched(client, f"raw{r}", args.entries))
+            rates["coordinator"].append(coordinator(client, f"coord{r}", args.entries))
+            rates["raw, no handler"].append(
+                raw_batched(client, f"bare{r}", args.entries, call_handler=False))
+        naive_rate = naive(client, "naive", args.naive_entries)
+    print(f"throughput on {label}, redis-py {redis.__version__}, one Python process, "
+          f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
+    for name, values in rates.items():
+        print(f"  {name:<16} best {max(values):>9,.0f}/s  median {statistics.median(values):>9,.0f}/s"
+              f"  runs {', '.join(f'{v:,.0f}' for v in values)}")
+    print(f"  {'naive':<16} {naive_rate:>14,.0f}/s  (COUNT 1 + XACK each, {args.naive_entries} "
+          "entries)")
+    ratio = statistics.median(rates["coordinator"]) / statistics.median(rates["raw"])
+    print(f"  coordinator / raw batched (medians): {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
