@@ -27,15 +27,13 @@ import threading
 import time
 from pathlib import Path
 
-import redis
-
 from orderedstream import GroupKeys, Producer
 from orderedstream.testing import ServerProcess, read_records, verdict, wait_until
 
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_mode(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
@@ -143,7 +141,8 @@ def main() -> int:
     results = []
     with ServerProcess(args.server_bin) as server:
         info = server.client().info("server")
-        label = f"{info.get('server_name') or 'redis'} {info.get('valkey_version') or info['redis_version']}"
+        version = info.get("valkey_version") or info["redis_version"]
+        label = f"{info.get('server_name') or 'redis'} {version}"
         for mode in args.modes.split(","):
             results.append(run_mode(server, mode, args.kills, args.rate, args.ttl_ms,
                                     args.consumers))

@@ -109,7 +109,8 @@ def main() -> int:
     print(f"throughput on {label}, redis-py {redis.__version__}, one Python process, "
           f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
     for name, values in rates.items():
-        print(f"  {name:<16} best {max(values):>9,.0f}/s  median {statistics.median(values):>9,.0f}/s"
+        median = statistics.median(values)
+        print(f"  {name:<16} best {max(values):>9,.0f}/s  median {median:>9,.0f}/s"
               f"  runs {', '.join(f'{v:,.0f}' for v in values)}")
     print(f"  {'naive':<16} {naive_rate:>14,.0f}/s  (COUNT 1 + XACK each, {args.naive_entries} "
           "entries)")

@@ -239,4 +239,15 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    # only complete lines: a reader can see a writer's line half-written at the end of the file
+    complete = p.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
+
+
+def process_stopped(pid: int) -> bool:
+    """True once ``pid`` is really stopped (state T), not merely sent SIGSTOP (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")

@@ -1,0 +1,6 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY orderedstream ./orderedstream
+RUN pip install --no-cache-dir ".[hiredis]"
+ENTRYPOINT ["orderedstream"]
