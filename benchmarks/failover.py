@@ -5,7 +5,9 @@ For each mode it starts a producer thread (steady --rate entries/s), --consumers
 processes with the recording handler, and then --kills times: finds the owner (from the group's
 owner hash), kills it (SIGKILL; SIGTERM for 'graceful'), starts a replacement standby, and
 measures kill -> first entry handled by another process (from the handlers' own record file,
-wall clock on this machine).  At the end it stops the producer, waits for everything to be
+wall clock on this machine).  Each kill waits until the replacement standby is connected, so it
+measures failover from a steady state rather than against a Python process still starting.
+At the end it stops the producer, waits for everything to be
 handled, and judges the whole record: lost, out of order, duplicates (and whether all were
 flagged redeliveries).
 
@@ -79,6 +81,9 @@ def run_mode(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: 
     for i in range(consumers):
         p = spawn(i)
         by_pid[p.pid] = p
+    for i in range(consumers):
+        wait_until(lambda i=i: any(c.get("name") == f"os:c{i}:beat"
+                                   for c in client.client_list()), 30, message="consumers up")
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     times: list[float] = []
@@ -104,8 +109,13 @@ def run_mode(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: 
             times.append((t_first - t_kill) * 1000.0)
             victim.wait(30)
             p = spawn(next_name)
-            next_name += 1
             by_pid[p.pid] = p
+            # measure each kill from a steady state: the replacement is up and waiting as a
+            # standby (its heartbeat connection is listed), not still importing Python
+            beat = f"os:c{next_name}:beat"
+            wait_until(lambda beat=beat: any(c.get("name") == beat for c in client.client_list()),
+                       30, message=f"{beat} connected")
+            next_name += 1
     finally:
         stop.set()
         producer.join()
