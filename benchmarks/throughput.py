@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 
 import redis
@@ -64,7 +63,6 @@ def naive(client: redis.Redis, group: str, total: int) -> float:
 def coordinator(client: redis.Redis, group: str, total: int) -> float:
     seen = [0]
     first = [0.0]
-    finished = threading.Event()
 
     def noop(message: Message) -> None:
         if seen[0] == 0:
@@ -74,7 +72,6 @@ def coordinator(client: redis.Redis, group: str, total: int) -> float:
     config = CoordinatorConfig(stream=STREAM, group=group, consumer="coord", batch_size=500)
     c = Coordinator(config, noop, client)
     c.run(max_messages=total)  # returns after the last ack (acks are flushed on exit)
-    finished.set()
     elapsed = time.perf_counter() - first[0]
     client.delete(*GroupKeys(STREAM, group).all())
     return total / elapsed

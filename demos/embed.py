@@ -11,6 +11,7 @@ import sqlite3
 import threading
 
 from orderedstream import Coordinator, CoordinatorConfig, Message, Producer
+from orderedstream.testing import wait_until
 
 db = sqlite3.connect(":memory:", check_same_thread=False)
 db.execute("CREATE TABLE orders (seq INTEGER PRIMARY KEY, payload TEXT, epoch INTEGER)")
@@ -37,10 +38,9 @@ def main() -> None:
         {"seq": i, "payload": f"order-{i}"} for i in range(1, 101))
     config = CoordinatorConfig(stream=stream, group="billing", consumer="billing-1")
     with Coordinator.from_url(url, config, handle) as coordinator:
-        done = threading.Event()
-        while not done.wait(0.05):
-            (rows,) = db.execute("SELECT COUNT(*) FROM orders").fetchone()
-            done.set() if rows >= 100 else None
+        wait_until(lambda: db.execute("SELECT COUNT(*) FROM orders").fetchone()[0] >= 100, 30,
+                   message="100 orders stored")
+        (rows,) = db.execute("SELECT COUNT(*) FROM orders").fetchone()
         print(f"stored {rows} orders in order under epoch {coordinator.epoch}")
 
 
