@@ -10,7 +10,9 @@ loops, in the same run, on the same server and pre-filled stream.
 
 Each contender reads the whole stream through a fresh consumer group (created at 0) and is timed
 from its first read to its last ack; the runs alternate (raw, coordinator, raw, ...) --rounds
-times and the best and median rates are printed, with the ratio coordinator/raw.
+times and the best and median rates are printed, with the ratio coordinator/raw of the medians
+and of each round (a round's two runs are back to back, so its ratio is the least noisy
+figure on a shared machine).
 
     python benchmarks/throughput.py                   # embedded valkey-server, 200k entries
     python benchmarks/throughput.py --server-bin /usr/bin/redis-server
@@ -113,6 +115,10 @@ def main() -> int:
           "entries)")
     ratio = statistics.median(rates["coordinator"]) / statistics.median(rates["raw"])
     print(f"  coordinator / raw batched (medians): {ratio:.2f}x")
+    # each round runs raw then coordinator back to back: their ratio shares the machine's mood
+    paired = [c / r for c, r in zip(rates["coordinator"], rates["raw"], strict=True)]
+    print(f"  coordinator / raw batched, per round: "
+          f"{', '.join(f'{p:.2f}' for p in paired)}  (median {statistics.median(paired):.2f}x)")
     return 0
 
 

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from time import monotonic
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +35,7 @@ from ._events import (
 )
 from ._keys import GroupKeys
 from ._lease import CONNECTION_ERRORS, Holder, Lease, LeaseManager, Renewer
-from ._message import Message
+from ._message import Message, Term
 from ._scripts import EVENTS_MAXLEN, Scripts, translate
 from ._server import client_from_url, clone_client, connect_check
 from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner, OrderedStreamError
@@ -95,6 +96,7 @@ class Coordinator:
                                        beat, beat_name)
         self._parker = Parker(self._scripts, self._keys, config.group)
         self._stop = threading.Event()
+        self._halting = False  # mirrors _stop, read without a call in the hot loop
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._wait_id: int | None = None
@@ -163,6 +165,7 @@ class Coordinator:
     def stop(self, timeout: float = 10.0) -> bool:
         """Ask the loop to stop, hand the lease over, and wait up to ``timeout`` seconds.
         Idempotent; returns True once the loop has ended."""
+        self._halting = True
         self._stop.set()
         self._unblock()
         if self._thread is None or threading.current_thread() is self._thread:
@@ -366,9 +369,9 @@ class Coordinator:
 
     def _read_ahead(self, lease: Lease) -> _ReadAhead:
         cfg = self.config
-        return _ReadAhead(self._cmd, self._scripts.sha("read"),
-                          [cfg.stream, self._keys.lease],
-                          [lease.token, cfg.group, cfg.consumer, cfg.batch_size, ">"])
+        return _ReadAhead(self._scripts, self._cmd, [cfg.stream, self._keys.lease],
+                          [lease.token, cfg.group, cfg.consumer, cfg.batch_size],
+                          cfg.batch_size)
 
     def _consume(self, lease: Lease) -> None:
         """Replay this consumer's pending entries in id order, then read new ones."""
@@ -377,7 +380,7 @@ class Coordinator:
         cursor = "0"
         acks: list[str] = []
         replayed = 0
-        replay_started = time.monotonic()
+        replay_started: float | None = time.monotonic()
         ahead = self._read_ahead(lease)
         try:
             while True:
@@ -390,14 +393,19 @@ class Coordinator:
                         acks = []
                     else:
                         if not ahead.in_flight:
-                            ahead.send(acks)
+                            ahead.send(acks, cursor)
                             acks = []
-                        rows, counts, trimmed, tail = ahead.receive()
+                        rows, tail = ahead.receive()
                         if rows:
                             # ask for the next batch now, so the server prepares it while the
                             # handler works on this one (its acks ride on the request after)
-                            ahead.send(acks)
+                            ahead.send(acks, rows[-1][0])
                             acks = []
+                except _Resync:
+                    # read what was delivered to us back from our own pending list
+                    acks = ahead.reset() + acks
+                    history = True
+                    continue
                 except CONNECTION_ERRORS:
                     # A '>' read whose reply was lost still delivered its entries to us: find
                     # them again in our own history, after the last entry we handled.  Acks
@@ -408,35 +416,40 @@ class Coordinator:
                     continue
                 if trimmed:
                     self._event(EntriesTrimmed, ids=tuple(t.decode() for t in trimmed))
+                # after the replay, a history read only re-reads entries our own '>' reads
+                # delivered and we never handed out: it bumped their count, we take it back
+                rereading = 1 if replay_started is None else 0
                 if not rows:
                     if history:
                         history = False
+                        if replay_started is None:
+                            continue  # a resync, not the replay after takeover
                         self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
                                     duration_ms=(time.monotonic() - replay_started) * 1000.0)
+                        replay_started = None
                         continue
                     if not acks:
                         self._block_read(cfg.stream, tail, cfg.block_ms)
                     continue
                 redelivered = 0
                 handler = self._handler
-                stream, group, epoch = cfg.stream, cfg.group, lease.epoch
-                stopping = self._stop.is_set
-                valid = lease.valid
+                term = Term(cfg.stream, cfg.group, lease.epoch)
                 ack = acks.append
                 left = (self._max_messages - self._handled if self._max_messages is not None
                         else -1)
                 count = 1
                 for index, row in enumerate(rows):
-                    # hot path: one lease check, one Message, one call per entry
-                    if stopping():
-                        raise _Stopping
-                    if not valid():
+                    # hot path: one check (stop asked, or lease past its deadline / lost), one
+                    # Message, one handler call per entry
+                    if self._halting or monotonic() >= lease.valid_until:
+                        if self._halting:
+                            raise _Stopping
                         raise LeaseLost(lease.lost_reason)
                     entry_id = row[0]
                     if history:
-                        count = int(counts[index])
+                        count = int(counts[index]) - rereading
                         redelivered += count > 1
-                    message = Message(entry_id, row[1], stream, group, epoch, count)
+                    message = Message(entry_id, row[1], term, count)
                     try:
                         handler(message)
                         ack(entry_id)
@@ -497,40 +510,84 @@ class Coordinator:
                                      self.config.stream))
 
 
-class _ReadAhead:
-    """The fenced read script, sent on a connection of its own without waiting for the reply, so
-    the server reads batch N+1 while the handler works on batch N.  Same script, same fencing."""
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+    _pack_command = _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    _pack_command = None
 
-    def __init__(self, client: redis.Redis, sha: str, keys: list[str], args: list[Any]) -> None:
+
+class _Resync(Exception):
+    """Internal: a read-ahead's bodies do not match what the fenced script delivered (an entry
+    was deleted in between, or the group's last-delivered id was not where we thought); read the
+    delivered entries back from our own pending list instead."""
+
+
+class _ReadAhead:
+    """New entries, read ahead: the fenced ``deliver`` script (ack the previous batch, deliver the
+    next one to us, reply with ids only) and a plain ``XRANGE`` for the bodies, pipelined on a
+    connection of its own and sent without waiting, so the server works on batch N+1 while the
+    handler works on batch N.  XRANGE changes nothing; the fence is the script's."""
+
+    def __init__(self, scripts: Scripts, client: redis.Redis, keys: list[str], args: list[Any],
+                 batch: int) -> None:
+        self._scripts = scripts
         self._pool = client.connection_pool
         self._conn: Any = None
-        self._head = ["EVALSHA", sha, len(keys), *keys, *args]
+        self._head = ["EVALSHA", scripts.sha("deliver"), len(keys), *keys, *args]
+        self._stream = keys[0]
+        self._batch = batch
         self._sent_acks: list[Any] = []
         self.in_flight = False
 
-    def send(self, acks: list[Any]) -> None:
+    def send(self, acks: list[Any], after: bytes | str) -> None:
+        """Ask for the entries after ``after`` (the last new entry delivered to us)."""
         if self._conn is None:
             self._conn = self._pool.get_connection()
-        self._conn.send_command(*self._head, *acks)
+        start = after.decode() if isinstance(after, bytes) else after
+        commands = [(*self._head, *acks),
+                    ("XRANGE", self._stream, f"({start}", "+", "COUNT", self._batch)]
+        if _pack_command is not None:  # hiredis, without redis-py's per-argument checks
+            self._conn.send_packed_command([_pack_command(c) for c in commands])
+        else:
+            self._conn.send_packed_command(self._conn.pack_commands(commands))
         self._sent_acks = acks
         self.in_flight = True
 
-    def receive(self) -> tuple[list[Any], list[Any], list[Any], str]:
+    def receive(self) -> tuple[list[Any], str]:
+        """(rows, tail): the delivered entries in id order; ``tail`` when there were none.
+        Raises :class:`_Resync` when the bodies cannot be matched to what was delivered."""
+        head: Any
         try:
-            reply = self._conn.read_response()
-        except redis.ResponseError as err:
-            self.in_flight = False
-            mapped = translate(err)
-            if mapped is not None:
-                raise mapped from err
-            raise
+            try:
+                head = self._conn.read_response()
+            except redis.ResponseError as err:
+                head = err
+            rows = self._conn.read_response()
         except BaseException:
             self._drop()
             raise
         self.in_flight = False
         self._sent_acks = []
-        rows, counts, trimmed, tail = reply
-        return rows, counts, trimmed, tail.decode() if isinstance(tail, bytes) else str(tail)
+        if isinstance(head, redis.ResponseError):
+            mapped = translate(head)
+            if mapped is not None:
+                raise mapped
+            if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
+                self._head[1] = self._scripts.sha("deliver")
+                raise _Resync
+            raise head
+        count, first, last, tail = head
+        if not count:
+            return [], tail.decode()
+        start = 0
+        while start < len(rows) and rows[start][0] != first:
+            start += 1
+        rows = rows[start:start + count]
+        if len(rows) != count or rows[-1][0] != last:
+            raise _Resync
+        return rows, ""
 
     def reset(self) -> list[Any]:
         """After a connection error: forget the request; return the acks it carried."""
@@ -553,6 +610,7 @@ class _ReadAhead:
             return
         if self.in_flight:
             try:
+                self._conn.read_response()
                 self._conn.read_response()
                 self.in_flight = False
             except (redis.RedisError, OSError):

@@ -39,19 +39,23 @@ class Holder:
 
 class Lease:
     """One term of ownership.  ``valid()`` is the owner's own view, on its monotonic clock: the
-    send time of the last successful renew + ttl - margin.  Past that, it hands out nothing."""
+    send time of the last successful renew + ttl - margin.  Past that, it hands out nothing.
+
+    ``valid_until`` is that deadline (``time.monotonic()`` seconds; minus infinity once the
+    lease is lost), for hot loops: ``time.monotonic() < lease.valid_until`` is ``valid()``.
+    """
 
     def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float) -> None:
         self.token = token
         self.epoch = epoch
         self._config = config
         self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
-        self._valid_until = sent_at + self._span
+        self.valid_until = sent_at + self._span
         self._lost_reason: str | None = None
         self._lock = threading.Lock()
 
     def valid(self) -> bool:
-        return self._lost_reason is None and time.monotonic() < self._valid_until
+        return time.monotonic() < self.valid_until
 
     @property
     def lost_reason(self) -> str:
@@ -62,15 +66,17 @@ class Lease:
 
     def renewed(self, sent_at: float) -> None:
         with self._lock:
-            self._valid_until = max(self._valid_until, sent_at + self._span)
+            if self._lost_reason is None:
+                self.valid_until = max(self.valid_until, sent_at + self._span)
 
     def lose(self, reason: str) -> None:
         with self._lock:
             if self._lost_reason is None:
                 self._lost_reason = reason
+            self.valid_until = float("-inf")
 
     def remaining_s(self) -> float:
-        return self._valid_until - time.monotonic()
+        return max(self.valid_until - time.monotonic(), 0.0)
 
 
 class LeaseManager:

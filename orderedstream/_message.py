@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+
+import attrs
 
 from .exceptions import Defer
+
+
+@attrs.frozen
+class Term:
+    """What every message of one batch shares: where it came from and the owner's epoch."""
+
+    stream: str
+    group: str
+    epoch: int
 
 
 class Undecodable(Defer):
@@ -23,28 +33,47 @@ class Message:
     decoded as UTF-8 on first access; ``raw`` has the bytes.
     """
 
-    __slots__ = ("_fields", "_flat", "_id", "_raw", "attempt", "delivery_count", "epoch",
-                 "group", "stream")
+    __slots__ = ("_attempt", "_fields", "_flat", "_id", "_raw", "_term", "delivery_count")
+    _attempt: int
+    _fields: dict[str, str]
+    _raw: dict[bytes, bytes]
 
-    def __init__(self, entry_id: bytes | str, flat: list[bytes], stream: str, group: str,
-                 epoch: int, delivery_count: int = 1, attempt: int = 1) -> None:
+    def __init__(self, entry_id: bytes | str, flat: list[bytes], term: Term,
+                 delivery_count: int = 1) -> None:
+        # the hot path: four stores; the rest is derived on first access
         self._id = entry_id
         self._flat = flat
-        self._fields: dict[str, str] | None = None
-        self._raw: dict[bytes, bytes] | None = None
-        self.stream = stream
-        self.group = group
-        self.epoch = epoch
+        self._term = term
         self.delivery_count = delivery_count
-        self.attempt = attempt
+
+    @property
+    def stream(self) -> str:
+        return self._term.stream
+
+    @property
+    def group(self) -> str:
+        return self._term.group
+
+    @property
+    def epoch(self) -> int:
+        return self._term.epoch
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first call of the handler for this entry, 2 on its first retry, ..."""
+        try:
+            return self._attempt
+        except AttributeError:
+            return 1
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[str, str], **kwargs: Any) -> Message:
+    def from_fields(cls, entry_id: str, fields: Mapping[str, str], *, stream: str = "stream",
+                    group: str = "group", epoch: int = 1, delivery_count: int = 1) -> Message:
         """Build one by hand (for tests of your handler)."""
         flat: list[bytes] = []
         for key, value in fields.items():
             flat += [key.encode(), value.encode()]
-        return cls(entry_id, flat, **kwargs)
+        return cls(entry_id, flat, Term(stream, group, epoch), delivery_count)
 
     @property
     def id(self) -> str:
@@ -53,18 +82,23 @@ class Message:
 
     @property
     def raw(self) -> Mapping[bytes, bytes]:
-        if self._raw is None:
+        try:
+            return self._raw
+        except AttributeError:
             flat = self._flat
             self._raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        return self._raw
+            return self._raw
 
     @property
     def fields(self) -> Mapping[str, str]:
-        if self._fields is None:
-            try:
-                self._fields = {k.decode(): v.decode() for k, v in self.raw.items()}
-            except UnicodeDecodeError as err:
-                raise Undecodable(f"undecodable entry (not UTF-8): {err}", delay_ms=0) from err
+        try:
+            return self._fields
+        except AttributeError:
+            pass
+        try:
+            self._fields = {k.decode(): v.decode() for k, v in self.raw.items()}
+        except UnicodeDecodeError as err:
+            raise Undecodable(f"undecodable entry (not UTF-8): {err}", delay_ms=0) from err
         return self._fields
 
     @property
@@ -78,8 +112,9 @@ class Message:
 
     def retry(self) -> Message:
         """The same entry for the next attempt."""
-        return Message(self._id, self._flat, self.stream, self.group, self.epoch,
-                       self.delivery_count, self.attempt + 1)
+        again = Message(self._id, self._flat, self._term, self.delivery_count)
+        again._attempt = self.attempt + 1
+        return again
 
     def __repr__(self) -> str:
         return (f"Message(id={self.id!r}, epoch={self.epoch}, "

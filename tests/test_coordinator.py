@@ -28,6 +28,7 @@ from orderedstream import (
     RetryPolicy,
     Role,
     TakeoverCompleted,
+    WatchDisabled,
 )
 from orderedstream.testing import ServerProcess, verdict, wait_until
 
@@ -307,6 +308,74 @@ def test_connection_watch_ends_a_dead_term_before_the_ttl(server: ServerProcess,
     a.stop(5)
     b.stop(5)
     assert any(isinstance(e, OwnerConnectionGone) and e.owner == "a" for e in events)
+
+
+def test_new_entries_after_an_acked_gap_longer_than_a_batch(client: redis.Redis,
+                                                            stream: str) -> None:
+    """The group's last-delivered id lies 150 acked entries past anything this consumer saw:
+    its first read-ahead cannot match the delivered ids to the bodies it fetched, so it reads
+    them back from its pending list.  Each remaining entry is handled once, in order."""
+    fill(client, stream, 300)
+    client.xgroup_create(stream, "g", id="0")
+    got = client.xreadgroup("g", "earlier", {stream: ">"}, count=150)
+    client.xack(stream, "g", *[entry_id for entry_id, _ in got[0][1]])
+    rec = Recorder()
+    with make(client, stream, "a", rec, batch_size=100):
+        wait_until(lambda: len(rec.records) >= 150, 10, message="150 handled")
+        wait_until(lambda: client.xpending(stream, "g")["pending"] == 0, 5, message="acked")
+    assert rec.seqs() == list(range(151, 301))
+    assert not any(r[1] for r in rec.records)
+
+
+def test_script_cache_flush_mid_stream_loses_nothing(client: redis.Redis, stream: str) -> None:
+    """SCRIPT FLUSH (or a restarted server) while entries flow: the read-ahead finds its script
+    gone, reloads it, and reads back what was delivered; nothing is lost, doubled or reordered."""
+    fill(client, stream, 500)
+    flushed = threading.Event()
+
+    def flush_once(message: Message) -> None:
+        if message.fields["seq"] == "120" and not flushed.is_set():
+            client.script_flush()
+            flushed.set()
+
+    rec = Recorder(flush_once)
+    with make(client, stream, "a", rec, batch_size=50):
+        wait_until(lambda: len(rec.records) >= 500, 10, message="500 handled")
+    assert flushed.is_set()
+    assert rec.seqs() == list(range(1, 501))
+
+
+def test_watch_falls_back_to_the_ttl_when_client_list_is_denied(server: ServerProcess,
+                                                               client: redis.Redis,
+                                                               stream: str) -> None:
+    """A standby whose ACL denies CLIENT LIST says so once (WatchDisabled) and keeps waiting on
+    the lease; a handover still reaches it."""
+    user = f"nolist-{stream}"
+    client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                       commands=["+@all", "-client|list"])
+    limited = server.client(username=user, password="pw")
+    try:
+        fill(client, stream, 3)
+        rec = Recorder()
+        events: list[Event] = []
+        a = make(client, stream, "a", rec)
+        b = make(limited, stream, "b", rec, events)
+        a.start()
+        wait_until(lambda: len(rec.records) >= 3, 5, message="a handled")
+        b.start()
+        wait_until(lambda: any(isinstance(e, WatchDisabled) for e in events), 5,
+                   message="b reports the watch disabled")
+        assert b.role is Role.STANDBY
+        a.stop(5)
+        wait_until(lambda: b.role is Role.OWNER, 5, message="b owns after the handover")
+        fill(client, stream, 2, start=4)
+        wait_until(lambda: len(rec.records) >= 5, 5, message="b handled")
+        b.stop(5)
+        assert sum(isinstance(e, WatchDisabled) for e in events) == 1
+        assert rec.seqs() == [1, 2, 3, 4, 5]
+    finally:
+        limited.close()
+        client.acl_deluser(user)
 
 
 def _kill_named(client: redis.Redis, name: str) -> int:
