@@ -5,24 +5,30 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._config import CoordinatorConfig, LeaseConfig, RetryPolicy
+from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from ._coordinator import Coordinator, Handler, Role
+from ._deadletter import MalformedRecord, ParkedEntry
+from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
 from ._events import (
     BatchHandled,
     EntriesTrimmed,
+    EntryHeld,
     EntryParked,
     Event,
+    FixerPass,
     HandlerError,
     Hook,
     LeaseAcquired,
     LeaseLostEvent,
     LeaseReleased,
     OwnerConnectionGone,
+    RepairFailed,
     ReplayCompleted,
     Standby,
     TakeoverCompleted,
     WatchDisabled,
 )
+from ._fixer import Fixer, Repair, Unrepairable, identity_repair
 from ._keys import GroupKeys, hash_tag
 from ._message import Message
 from ._producer import Producer
@@ -49,10 +55,16 @@ __all__ = [
     "ConnectionFailed",
     "Coordinator",
     "CoordinatorConfig",
+    "DeadLetterCounts",
+    "DeadLetters",
     "Defer",
     "EntriesTrimmed",
+    "EntryHeld",
     "EntryParked",
     "Event",
+    "Fixer",
+    "FixerConfig",
+    "FixerPass",
     "GroupKeys",
     "GroupMissing",
     "Handler",
@@ -64,18 +76,25 @@ __all__ = [
     "LeaseLost",
     "LeaseLostEvent",
     "LeaseReleased",
+    "ListedEntry",
+    "MalformedRecord",
     "Message",
     "NotOwner",
     "OrderedStreamError",
     "OwnerConnectionGone",
+    "ParkedEntry",
     "Producer",
+    "Repair",
+    "RepairFailed",
     "ReplayCompleted",
     "RetryPolicy",
     "Role",
     "Standby",
     "TakeoverCompleted",
+    "Unrepairable",
     "UnsupportedServer",
     "WatchDisabled",
     "__version__",
     "hash_tag",
+    "identity_repair",
 ]

@@ -115,6 +115,10 @@ class CoordinatorConfig:
     create_group_from: str = "0"
     lease: LeaseConfig = attrs.field(factory=LeaseConfig)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    hold_key_field: str | None = None
+    """Hold-key mode: the field that carries each entry's ordering key.  While an entry with
+    key K is parked, later entries with key K are parked behind it, and come back after it, in
+    order, when it is repaired.  None (default): later entries flow on while one is parked."""
 
     @consumer.validator
     def _check_consumer(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -141,3 +145,33 @@ class CoordinatorConfig:
             raise ConfigError(f"invalid number in environment: {err}") from err
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+@attrs.frozen(kw_only=True)
+class FixerConfig:
+    """Everything a :class:`~orderedstream.Fixer` needs, validated on build.
+
+    ``visibility_ms`` is how long a claimed entry stays invisible to other fixers: a fixer that
+    dies mid-batch has its entries offered again after it.  Set it well above the time a batch
+    of repairs takes.  A repair that raises is tried again after ``initial_backoff_ms`` *
+    ``multiplier`` ** (n - 1), up to ``max_backoff_ms``; after ``max_attempts`` failures the entry
+    goes to the graveyard.
+    """
+
+    stream: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+    name: str = attrs.field(factory=lambda: "fixer-" + default_consumer_name(),
+                            validator=_non_empty)
+    batch_size: int = attrs.field(default=500, validator=_positive)
+    visibility_ms: int = attrs.field(default=30_000, validator=_positive)
+    max_attempts: int = attrs.field(default=5, validator=_positive)
+    initial_backoff_ms: int = attrs.field(default=1_000, validator=_positive)
+    max_backoff_ms: int = attrs.field(default=300_000, validator=_positive)
+    multiplier: float = 2.0
+    max_wait_ms: int = attrs.field(default=1_000, validator=_positive)
+    """Longest sleep between passes when nothing is due (new parks wake it earlier)."""
+    socket_timeout_ms: int = attrs.field(default=5_000, validator=_positive)
+
+    def backoff_ms(self, failures: int) -> int:
+        delay = self.initial_backoff_ms * self.multiplier ** max(failures - 1, 0)
+        return int(min(delay, self.max_backoff_ms))

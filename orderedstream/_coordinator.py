@@ -21,6 +21,7 @@ from ._events import (
     BatchHandled,
     Emitter,
     EntriesTrimmed,
+    EntryHeld,
     Event,
     HandlerError,
     Hook,
@@ -95,6 +96,10 @@ class Coordinator:
         self._lease_mgr = LeaseManager(self._scripts, self._keys, config.consumer, config.lease,
                                        beat, beat_name)
         self._parker = Parker(self._scripts, self._keys, config.group)
+        self._group_bytes = config.group.encode()
+        self._hold_field = (config.hold_key_field.encode()
+                            if config.hold_key_field is not None else None)
+        self._held: set[str] = set()  # hold-key mode: keys that may be held (a superset)
         self._stop = threading.Event()
         self._halting = False  # mirrors _stop, read without a call in the hot loop
         self._stopped = threading.Event()
@@ -331,6 +336,9 @@ class Coordinator:
         """Claim every other consumer's pending entries, deleting each once it is empty."""
         started = time.monotonic()
         cfg = self.config
+        if self._hold_field is not None:
+            held: list[Any] = self._cmd.hkeys(self._keys.held)
+            self._held = {k.decode("utf-8", "replace") for k in held}
         claimed = 0
         deleted: list[str] = []
         trimmed: list[str] = []
@@ -438,6 +446,8 @@ class Coordinator:
                 left = (self._max_messages - self._handled if self._max_messages is not None
                         else -1)
                 count = 1
+                own_group = self._group_bytes
+                hold = self._hold_field
                 for index, row in enumerate(rows):
                     # hot path: one check (stop asked, or lease past its deadline / lost), one
                     # Message, one handler call per entry
@@ -445,26 +455,33 @@ class Coordinator:
                         if self._halting:
                             raise _Stopping
                         raise LeaseLost(lease.lost_reason)
-                    entry_id = row[0]
+                    entry_id, flat = row
+                    cursor = entry_id
+                    if flat[0] == b"os-for" and flat[1] != own_group:
+                        ack(entry_id)  # re-streamed for another group: ours handled the original
+                        continue
+                    if hold is not None and not self._hold_check(lease, entry_id, flat):
+                        continue  # parked behind its key's holder, or moved behind it (acked)
                     if history:
                         count = int(counts[index]) - rereading
                         redelivered += count > 1
-                    message = Message(entry_id, row[1], term, count)
+                    message = Message(entry_id, flat, term, count)
                     try:
                         handler(message)
                         ack(entry_id)
                     except Exception as err:
                         if self._recover(lease, message, err):
                             ack(entry_id)
-                    cursor = entry_id
                     self._handled += 1
                     left -= 1
                     if left == 0:
                         raise _Done
                 if history:
                     replayed += len(rows)
+                last_id = rows[-1][0]
                 self._event(BatchHandled, epoch=lease.epoch, count=len(rows),
-                            last_id=message.id, redelivered=redelivered)
+                            last_id=last_id.decode() if isinstance(last_id, bytes) else last_id,
+                            redelivered=redelivered)
         finally:
             ahead.close()
             if acks and lease.valid():
@@ -505,9 +522,54 @@ class Coordinator:
 
     def _park(self, lease: Lease, message: Message, reason: str, delay_ms: int) -> None:
         self._check(lease)
-        self._emit(self._parker.park(lease.token, lease.epoch, self.config.consumer, message.id,
-                                     message.raw, reason, delay_ms, message.attempt,
-                                     self.config.stream))
+        hold_key = None
+        if self._hold_field is not None:
+            value = message.raw.get(self._hold_field)
+            if value is not None:
+                hold_key = value.decode("utf-8", "replace")
+        event = self._parker.park(lease.token, lease.epoch, self.config.consumer, message.id,
+                                  message.raw, reason, delay_ms, message.attempt,
+                                  self.config.stream, hold_key=hold_key)
+        if hold_key is not None:
+            self._held.add(hold_key)
+        self._emit(event)
+
+    def _hold_check(self, lease: Lease, entry_id: bytes, flat: list[bytes]) -> bool:
+        """Hold-key mode: may this entry go to the handler?  Entries whose key is (or may be)
+        held are decided by the fenced ``hold`` script: parked behind the holder, moved behind
+        the holder's re-streamed copy, or let through."""
+        key_bytes = None
+        restreamed = False
+        for i in range(0, len(flat) - 1, 2):
+            name = flat[i]
+            if name == self._hold_field:
+                key_bytes = flat[i + 1]
+            elif name == b"os-origin-id":
+                restreamed = True
+        if key_bytes is None:
+            return True
+        key = key_bytes.decode("utf-8", "replace")
+        if key not in self._held:
+            return True
+        cfg = self.config
+        keys = self._keys
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        record = self._parker.record(entry_id.decode(), raw, f"held behind the parked entry "
+                                     f"of key {key!r}", 0, lease.epoch, cfg.consumer, key,
+                                     "follower")
+        self._check(lease)
+        reply = self._scripts.call(
+            "hold", [cfg.stream, keys.lease, keys.parked, keys.held, keys.followers(key)],
+            [lease.token, cfg.group, entry_id, key, "1" if restreamed else "0",
+             record.to_json(), *flat])
+        action = reply[0].decode()
+        if action == "free":
+            if int(reply[1]):
+                self._held.discard(key)
+            return True
+        self._event(EntryHeld, entry_id=entry_id.decode(), key=key, action=action,
+                    new_id=reply[1].decode() if action == "forwarded" else None)
+        return False
 
 
 _pack_command: Callable[[tuple[Any, ...]], bytes] | None

@@ -1,8 +1,10 @@
-"""The dead-letter path: parking entries in the delay set (DESIGN.md §6).
+"""The dead-letter path's records: how a parked entry is stored and read back (DESIGN.md §6).
 
-A parked entry is a member of the group's delay set (its original stream id, scored by due time
-on the server clock) plus a JSON record in the ``parked`` hash: the fields, exactly (a field that
-is not UTF-8 is kept as base64), and the metadata an operator needs.
+A parked entry is a member of the group's delay set (its stream id, scored by due time on the
+server clock) plus a JSON record in the ``parked`` hash: the entry's own fields, exactly (a value
+that is not UTF-8 is kept as ``{"b64": ...}``), without orderedstream's ``os-*`` headers, and the
+metadata an operator needs.  A record that cannot be read back is a :class:`MalformedRecord`;
+the fixer buries it (graveyard) instead of failing on it again and again.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from ._events import EntryParked
 from ._keys import GroupKeys
 from ._scripts import Scripts
+from .exceptions import OrderedStreamError
+
+HEADER_PREFIX = b"os-"
+
+
+class MalformedRecord(OrderedStreamError):
+    """A parked record that is not what orderedstream writes (hand-edited, truncated, foreign)."""
 
 
 def encode_fields(raw: Mapping[bytes, bytes]) -> list[list[Any]]:
@@ -35,10 +46,109 @@ def decode_fields(pairs: list[list[Any]]) -> dict[bytes, bytes]:
 
     def one(value: Any) -> bytes:
         if isinstance(value, dict):
-            return base64.b64decode(value["b64"])
-        return str(value).encode("utf-8")
+            return base64.b64decode(value["b64"], validate=True)
+        if not isinstance(value, str):
+            raise TypeError(f"field value {value!r} is neither a string nor {{'b64': ...}}")
+        return value.encode("utf-8")
 
     return {one(k): one(v) for k, v in pairs}
+
+
+def to_bytes(value: str | bytes | int | float) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")
+
+
+@attrs.frozen(kw_only=True)
+class ParkedEntry:
+    """A parked entry as the fixer, a repair function and an operator see it."""
+
+    id: str
+    """The stream id it had when it was parked (its member in the delay set)."""
+    origin_id: str
+    """The id of the first stream entry of this message (kept across repairs)."""
+    group: str
+    reason: str
+    raw: Mapping[bytes, bytes]
+    """The entry's fields as they were, without orderedstream's ``os-*`` headers."""
+    attempts: int = 1
+    """Handler calls before it was parked."""
+    parked: int = 1
+    """How many times this message has been parked (2 = it failed again after a repair)."""
+    fixer_attempts: int = 0
+    """Failed repairs so far."""
+    first_failure_ms: int = 0
+    last_failure_ms: int = 0
+    epoch: int = 0
+    consumer: str = ""
+    hold_key: str | None = None
+    role: str = "plain"
+    """'plain', 'holder' (of hold_key) or 'follower' (parked behind the holder of hold_key)."""
+    history: tuple[Mapping[str, Any], ...] = ()
+    """One record per failed repair: time (ms), error."""
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """Fields decoded as UTF-8 (undecodable bytes shown as U+FFFD; see ``raw``)."""
+        return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                for k, v in self.raw.items()}
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "id": self.id, "origin_id": self.origin_id, "group": self.group,
+            "reason": self.reason, "attempts": self.attempts, "parked": self.parked,
+            "fixer_attempts": self.fixer_attempts, "first_failure_ms": self.first_failure_ms,
+            "last_failure_ms": self.last_failure_ms, "epoch": self.epoch,
+            "consumer": self.consumer, "hold_key": self.hold_key, "role": self.role,
+            "history": list(self.history), "fields": encode_fields(self.raw),
+        }, separators=(",", ":"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view for operators (``dlq show --json``)."""
+        out: dict[str, Any] = json.loads(self.to_json())
+        out["fields"] = self.fields
+        return out
+
+    @classmethod
+    def from_json(cls, entry_id: str, text: bytes | str | None) -> ParkedEntry:
+        """Read a record back; :class:`MalformedRecord` says what is wrong with it."""
+        if text is None:
+            raise MalformedRecord(f"parked entry {entry_id} has no record")
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls(
+                id=entry_id, origin_id=str(data.get("origin_id") or entry_id),
+                group=str(data["group"]), reason=str(data.get("reason", "")),
+                raw=decode_fields(data["fields"]), attempts=int(data.get("attempts", 1)),
+                parked=int(data.get("parked", 1)),
+                fixer_attempts=int(data.get("fixer_attempts", 0)),
+                first_failure_ms=int(data.get("first_failure_ms", 0)),
+                last_failure_ms=int(data.get("last_failure_ms", 0)),
+                epoch=int(data.get("epoch", 0)), consumer=str(data.get("consumer", "")),
+                hold_key=data.get("hold_key"), role=str(data.get("role", "plain")),
+                history=tuple(data.get("history") or ()))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise MalformedRecord(
+                f"parked entry {entry_id} has a malformed record ({type(err).__name__}: {err})"
+            ) from err
+
+    def flat_fields(self) -> list[bytes]:
+        out: list[bytes] = []
+        for key, value in self.raw.items():
+            out += [key, value]
+        return out
+
+
+def split_headers(raw: Mapping[bytes, bytes]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """(user fields, orderedstream's os-* headers)."""
+    fields: dict[bytes, bytes] = {}
+    headers: dict[bytes, bytes] = {}
+    for key, value in raw.items():
+        (headers if key.startswith(HEADER_PREFIX) else fields)[key] = value
+    return fields, headers
 
 
 class Parker:
@@ -49,27 +159,32 @@ class Parker:
         self._keys = keys
         self._group = group
 
+    def record(self, entry_id: str, raw: Mapping[bytes, bytes], reason: str, attempts: int,
+               epoch: int, consumer: str, hold_key: str | None, role: str) -> ParkedEntry:
+        fields, headers = split_headers(raw)
+        origin = headers.get(b"os-origin-id")
+        try:
+            parked_before = int(headers.get(b"os-parked", b"0"))
+        except ValueError:
+            parked_before = 0
+        now_ms = int(time.time() * 1000)
+        return ParkedEntry(
+            id=entry_id, origin_id=origin.decode("utf-8", "replace") if origin else entry_id,
+            group=self._group, reason=reason, raw=fields, attempts=attempts,
+            parked=parked_before + 1, first_failure_ms=now_ms, last_failure_ms=now_ms,
+            epoch=epoch, consumer=consumer, hold_key=hold_key, role=role)
+
     def park(self, token: str, epoch: int, consumer: str, entry_id: str,
              raw: Mapping[bytes, bytes], reason: str, delay_ms: int, attempts: int,
-             stream: str) -> EntryParked:
-        now_ms = int(time.time() * 1000)
-        origin = raw.get(b"os-origin-id")
-        record = {
-            "id": entry_id,
-            "origin_id": origin.decode("utf-8", "replace") if origin else entry_id,
-            "group": self._group,
-            "reason": reason,
-            "attempts": attempts,
-            "first_failure_ms": now_ms,
-            "last_failure_ms": now_ms,
-            "epoch": epoch,
-            "consumer": consumer,
-            "fixer_attempts": 0,
-            "history": [],
-            "fields": encode_fields(raw),
-        }
-        due = self._scripts.call(
-            "defer", [stream, self._keys.lease, self._keys.delay, self._keys.parked],
-            [token, self._group, entry_id, json.dumps(record, separators=(",", ":")), delay_ms])
+             stream: str, hold_key: str | None = None) -> EntryParked:
+        record = self.record(entry_id, raw, reason, attempts, epoch, consumer, hold_key,
+                             "holder" if hold_key is not None else "plain")
+        keys = self._keys
+        due, role = self._scripts.call(
+            "defer", [stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
+                      keys.followers(hold_key or "")],
+            [token, self._group, entry_id, record.to_json(), delay_ms, hold_key or ""])
+        role = role.decode() if isinstance(role, bytes) else str(role)
         return EntryParked(stream=stream, group=self._group, consumer=consumer,
-                           entry_id=entry_id, reason=reason, due_ms=int(due))
+                           entry_id=entry_id, reason=reason, due_ms=int(due),
+                           held_key=hold_key, role=role)

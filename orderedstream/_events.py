@@ -126,7 +126,10 @@ class EntryParked(Event):
     entry_id: str
     reason: str
     due_ms: int
+    """When the fixer may take it (server clock, ms); 0 for a follower (hold-key mode)."""
     held_key: str | None = None
+    role: str = "plain"
+    """'plain', 'holder' of held_key, or 'follower' parked behind that key's holder."""
     name = "entry_parked"
 
 
@@ -154,6 +157,52 @@ class WatchDisabled(Event):
 
     reason: str
     name = "watch_disabled"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class EntryHeld(Event):
+    """Hold-key mode: an entry was parked behind the parked holder of its key ('follower'), or
+    appended behind the holder's re-streamed copy ('forwarded'), instead of being handled."""
+
+    entry_id: str
+    key: str
+    action: str
+    new_id: str | None = None
+    name = "entry_held"
+    level = logging.DEBUG
+
+
+@attrs.frozen(kw_only=True)
+class FixerPass(Event):
+    """One pass of a fixer (``consumer`` is the fixer's name): what it took and did, and what is
+    left in the delay set.  Emitted for every pass that took something, and on idle ones only when
+    the counts changed."""
+
+    claimed: int
+    restreamed: int
+    rescheduled: int
+    buried: int
+    lost: int
+    followers_released: int
+    parked: int
+    """Entries in the delay set after this pass (due or not)."""
+    next_due_ms: int
+    """Milliseconds until the next entry is due (-1: none parked)."""
+    name = "fixer_pass"
+    level = logging.DEBUG
+
+
+@attrs.frozen(kw_only=True)
+class RepairFailed(Event):
+    """The repair function raised on an entry: rescheduled with backoff, or buried."""
+
+    entry_id: str
+    error: str
+    fixer_attempts: int
+    action: str  # "reschedule" | "bury"
+    backoff_ms: int
+    name = "repair_failed"
     level = logging.WARNING
 
 

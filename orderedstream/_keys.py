@@ -70,16 +70,32 @@ class GroupKeys:
         return self.prefix + "parked"
 
     @property
+    def claims(self) -> str:
+        """Hash: parked entry id -> token of the fixer whose visibility lease covers it."""
+        return self.prefix + "claims"
+
+    @property
+    def signal(self) -> str:
+        """Capped stream: wakes fixers when an entry is parked or made due earlier."""
+        return self.prefix + "signal"
+
+    @property
     def graveyard(self) -> str:
         """Stream of entries the fixer gave up on, with their history, for a person."""
         return self.prefix + "graveyard"
 
     @property
     def held(self) -> str:
-        """Hash: ordering key -> id of the parked entry holding it (hold-key mode)."""
+        """Hash: ordering key -> the parked entry holding it, or ``tail:<id>`` once the fixer
+        re-streamed it up to ``<id>`` (hold-key mode)."""
         return self.prefix + "held"
+
+    def followers(self, key: str) -> str:
+        """List: ids of the entries parked behind the holder of ordering key ``key``, in order
+        (hold-key mode)."""
+        return f"{self.prefix}followers:{key}"
 
     def all(self) -> list[str]:
         """Every auxiliary key (not the user's stream)."""
         return [self.lease, self.epoch, self.owner, self.events, self.delay, self.parked,
-                self.graveyard, self.held]
+                self.claims, self.signal, self.graveyard, self.held]

@@ -107,8 +107,15 @@ class Message:
 
     @property
     def repaired(self) -> bool:
-        """True for an entry the fixer re-streamed after it was parked."""
-        return b"os-origin-id" in self.raw
+        """True for an entry the fixer repaired and re-streamed after it was parked."""
+        return b"os-repaired" in self.raw
+
+    @property
+    def origin_id(self) -> str:
+        """The stream id this message first had: its own id, unless orderedstream re-streamed
+        it (repaired, or held behind a parked entry of its ordering key)."""
+        origin = self.raw.get(b"os-origin-id")
+        return origin.decode("utf-8", "replace") if origin is not None else self.id
 
     def retry(self) -> Message:
         """The same entry for the next attempt."""

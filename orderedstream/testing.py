@@ -208,19 +208,38 @@ def verdict(records: Iterable[tuple[int, bool]], produced: int) -> Verdict:
 def record_handler(message: Any) -> None:
     """A handler for process-level tests and benchmarks: appends one JSON line per entry to
     ``$ORDEREDSTREAM_RECORD`` with one unbuffered ``write`` (it survives SIGKILL, and lines from
-    several processes never interleave), after ``$ORDEREDSTREAM_WORK_MS`` of simulated work."""
+    several processes never interleave), after ``$ORDEREDSTREAM_WORK_MS`` of simulated work.
+    Like the demo handler it parks (``Defer``) the demo's corrupted payloads."""
     import json
+
+    from ._demo import is_corrupt
+    from .exceptions import Defer
 
     work_ms = float(os.environ.get("ORDEREDSTREAM_WORK_MS", "0"))
     if work_ms:
         time.sleep(work_ms / 1000.0)
+    fields = message.fields
+    if is_corrupt(fields.get("payload", "")):
+        raise Defer("corrupted payload", delay_ms=int(os.environ.get("ORDEREDSTREAM_DEFER_MS",
+                                                                     "0")))
     line = json.dumps({
-        "seq": int(message.fields.get("seq", 0)), "id": message.id,
+        "seq": int(fields.get("seq", 0)), "id": message.id,
         "red": message.redelivered, "dc": message.delivery_count, "epoch": message.epoch,
-        "pid": os.getpid(), "t": time.time(),
+        "pid": os.getpid(), "t": time.time(), "repaired": message.repaired,
+        "origin": message.origin_id, "payload": fields.get("payload"),
     }) + "\n"
     fd = _record_fd()
     os.write(fd, line.encode())
+
+
+def slow_repair(entry: Any) -> dict[str, str]:
+    """The demo repair after ``$ORDEREDSTREAM_REPAIR_MS`` of simulated work (fixer tests)."""
+    from ._demo import demo_repair
+
+    work_ms = float(os.environ.get("ORDEREDSTREAM_REPAIR_MS", "0"))
+    if work_ms:
+        time.sleep(work_ms / 1000.0)
+    return demo_repair(entry)
 
 
 _RECORD_FD: list[int] = []

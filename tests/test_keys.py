@@ -20,7 +20,10 @@ def test_golden_names() -> None:
     assert k.delay == "os:{orders}:g:workers:delay"
     assert k.parked == "os:{orders}:g:workers:parked"
     assert k.graveyard == "os:{orders}:g:workers:graveyard"
+    assert k.claims == "os:{orders}:g:workers:claims"
+    assert k.signal == "os:{orders}:g:workers:signal"
     assert k.held == "os:{orders}:g:workers:held"
+    assert k.followers("cust-7") == "os:{orders}:g:workers:followers:cust-7"
 
 
 def test_tagged_stream_reuses_its_tag() -> None:
@@ -47,3 +50,4 @@ def test_all_keys_share_the_stream_slot(stream: str, group: str) -> None:
     keys = GroupKeys(stream, group)
     slot = key_slot(stream.encode())
     assert {key_slot(k.encode()) for k in keys.all()} == {slot}
+    assert key_slot(keys.followers(group).encode()) == slot

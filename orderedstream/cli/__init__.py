@@ -13,12 +13,16 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+import attrs
 from rich.console import Console
 
 from .. import __version__
-from .._config import CoordinatorConfig, LeaseConfig, RetryPolicy
+from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from .._coordinator import Coordinator
-from .._events import Event
+from .._demo import CORRUPT_PREFIX, demo_payload, demo_repair
+from .._dlq import DeadLetters, ListedEntry
+from .._events import Event, FixerPass
+from .._fixer import Fixer
 from .._message import Message
 from .._producer import Producer
 from .._server import client_from_url, connect_check
@@ -58,14 +62,6 @@ def load_callable(spec: str) -> Callable[..., Any]:
 
 # -- demo payloads ------------------------------------------------------------------------
 
-CORRUPT_PREFIX = "CORRUPT:"
-
-
-def demo_payload(seq: int, corrupt: bool) -> dict[str, str]:
-    body = f"order-{seq}"
-    return {"seq": str(seq), "payload": CORRUPT_PREFIX + body[::-1] if corrupt else body}
-
-
 def demo_handler(message: Message) -> None:
     """Prints each entry; refuses (parks) corrupted demo payloads."""
     payload = message.fields.get("payload", "")
@@ -75,7 +71,9 @@ def demo_handler(message: Message) -> None:
     if message.redelivered:
         flags.append(f"[yellow]redelivered x{message.delivery_count}[/]")
     if message.repaired:
-        flags.append(f"[cyan]repaired from {message.fields['os-origin-id']}[/]")
+        flags.append(f"[cyan]repaired from {message.origin_id}[/]")
+    elif message.origin_id != message.id:
+        flags.append(f"[cyan]held, first {message.origin_id}[/]")
     console.print(f"seq={message.fields.get('seq', '?'):>6} id={message.id} "
                   f"epoch={message.epoch} {payload} {' '.join(flags)}")
 
@@ -84,11 +82,12 @@ def demo_handler(message: Message) -> None:
 
 def print_event(event: Event) -> None:
     name = event.name
-    if name == "batch_handled":
+    if name == "batch_handled" or (isinstance(event, FixerPass) and not event.claimed):
         return
     style = {"lease_acquired": "bold green", "lease_lost": "bold red", "standby": "yellow",
              "owner_connection_gone": "bold magenta", "takeover_completed": "green",
-             "handler_failed": "red", "entry_parked": "cyan"}.get(name, "dim")
+             "handler_failed": "red", "entry_parked": "cyan", "fixer_pass": "cyan",
+             "repair_failed": "red", "entry_held": "cyan"}.get(name, "dim")
     err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {event.consumer} {name}[/] "
                       f"{event.describe()}")
 
@@ -171,6 +170,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch),
         retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted),
+        hold_key_field=args.hold_key_field,
     )
     hooks = [] if args.quiet else [print_event]
     coordinator = Coordinator(config, handler, client_from_url(args.redis_url), hooks=hooks)
@@ -182,6 +182,110 @@ def cmd_consume(args: argparse.Namespace) -> int:
         pass
     err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
     return 0
+
+
+def cmd_fix(args: argparse.Namespace) -> int:
+    repair = load_callable(args.repair) if args.repair else demo_repair
+    config = FixerConfig(stream=args.stream, group=args.group,
+                         **({"name": args.name} if args.name else {}),
+                         batch_size=args.batch, visibility_ms=args.visibility_ms,
+                         max_attempts=args.max_attempts)
+    hooks = [] if args.quiet else [print_event]
+    fixer = Fixer(config, repair, client_from_url(args.redis_url), hooks=hooks)
+    _Signals(lambda: fixer.stop(timeout=30))
+    err_console.print(f"[bold]{config.name}[/] fixing parked entries of "
+                      f"{args.stream}/{args.group} at {args.redis_url}")
+    fixer.start()
+    while not fixer.join(timeout=0.5):
+        pass
+    totals = fixer.totals
+    err_console.print(f"[green]{config.name} stopped: re-streamed {totals['restreamed']}, "
+                      f"rescheduled {totals['rescheduled']}, buried {totals['buried']}[/]")
+    return 0
+
+
+def _entry_row(item: ListedEntry) -> dict[str, Any]:
+    entry = item.entry
+    return {
+        "id": item.id,
+        "due_in_ms": item.due_in_ms,
+        "claimed_by": item.claimed_by,
+        "error": item.error,
+        **(entry.as_dict() if entry is not None else {}),
+    }
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    client = client_from_url(args.redis_url)
+    connect_check(client)
+    dlq = DeadLetters(client, args.stream, args.group)
+    action = args.action
+    if action == "list":
+        counts = dlq.counts()
+        if args.graveyard:
+            buried = dlq.graveyard(args.limit)
+            if args.json:
+                console.print_json(json.dumps({"graveyard": buried}))
+                return 0
+            table = Table(title=f"graveyard of {args.stream}/{args.group} "
+                                f"({counts.graveyard} entries)")
+            for col in ("graveyard id", "entry id", "reason"):
+                table.add_column(col)
+            for row in buried:
+                table.add_row(row["graveyard_id"], row.get("id", "?"), row.get("reason", ""))
+            console.print(table)
+            return 0
+        items = dlq.entries(args.limit)
+        if args.json:
+            console.print_json(json.dumps({"counts": attrs.asdict(counts),
+                                           "entries": [_entry_row(i) for i in items]}))
+            return 0
+        due = ("-" if counts.next_due_ms is None else f"{counts.next_due_ms} ms")
+        table = Table(title=f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
+                            f"{counts.followers} held behind, {counts.graveyard} in the graveyard;"
+                            f" next due in {due}")
+        for col in ("id", "origin", "due in", "role", "reason", "repairs", "fields"):
+            table.add_column(col, overflow="fold")
+        for item in items:
+            e = item.entry
+            due_in = "-" if item.due_in_ms is None else f"{item.due_in_ms} ms"
+            if item.claimed_by:
+                due_in += f" (fixer {item.claimed_by})"
+            if e is None:
+                table.add_row(item.id, "?", due_in, "?", f"[red]{item.error}[/]", "?", "?")
+                continue
+            role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
+            fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
+            table.add_row(item.id, e.origin_id, due_in, role, e.reason,
+                          str(e.fixer_attempts), fields[:80])
+        console.print(table)
+        return 0
+    if action == "show":
+        shown = dlq.show(args.id)
+        if shown is None:
+            buried = [g for g in dlq.graveyard(10_000) if g.get("id") == args.id]
+            if buried:
+                console.print_json(json.dumps({"graveyard": buried[0]}))
+                return 0
+            err_console.print(f"[red]{args.id} is not parked in {args.stream}/{args.group}[/]")
+            return 1
+        console.print_json(json.dumps(_entry_row(shown)))
+        return 0
+    if not args.all and not args.id:
+        err_console.print(f"[red]dlq {action}: give an entry ID or --all[/]")
+        return 2
+    ids = None if args.all else [args.id]
+    if action == "retry":
+        n = dlq.retry(ids)
+        console.print(f"{n} parked entr{'y' if n == 1 else 'ies'} made due now")
+    else:
+        n = dlq.purge(ids)
+        console.print(f"{n} parked entr{'y' if n == 1 else 'ies'} purged")
+    return 0 if n or args.all else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +328,40 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--max-attempts", type=int, default=5)
     consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park")
     consume.add_argument("--quiet", action="store_true", help="no event output")
+    consume.add_argument("--hold-key-field", default=None,
+                         help="hold-key mode: the field with each entry's ordering key")
     consume.set_defaults(func=cmd_consume)
+
+    fix = sub.add_parser("fix", help="repair parked entries when due and re-stream them")
+    _common(fix)
+    fix.add_argument("--name", default=None, help="fixer name (default: fixer-host-pid-random)")
+    fix.add_argument("--repair", default=None,
+                     help="module:function to import as the repair (default: the demo's)")
+    fix.add_argument("--batch", type=int, default=500)
+    fix.add_argument("--visibility-ms", type=int, default=30_000,
+                     help="a claimed entry is offered again after this if the fixer dies")
+    fix.add_argument("--max-attempts", type=int, default=5,
+                     help="failed repairs before an entry goes to the graveyard")
+    fix.add_argument("--quiet", action="store_true", help="no event output")
+    fix.set_defaults(func=cmd_fix)
+
+    dlq = sub.add_parser("dlq", help="inspect and act on parked entries")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="parked entries by due time, with counts")
+    _common(dlq_list)
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_list.add_argument("--graveyard", action="store_true", help="list the graveyard")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_show = dlq_sub.add_parser("show", help="one parked (or buried) entry, as JSON")
+    _common(dlq_show)
+    dlq_show.add_argument("id")
+    for name, text in (("retry", "make parked entries due now"),
+                       ("purge", "drop parked entries for good")):
+        one = dlq_sub.add_parser(name, help=text)
+        _common(one)
+        one.add_argument("id", nargs="?")
+        one.add_argument("--all", action="store_true")
+    dlq.set_defaults(func=cmd_dlq)
     return parser
 
 

@@ -1,18 +1,42 @@
--- defer: park a stream entry in the delay set and ack it, all or nothing (fenced).
+-- defer: park a stream entry and ack it, all or nothing (fenced).
 -- The member is the entry's own id, so two identical payloads stay two parked entries; the
--- payload lives beside it in a hash.
--- KEYS[1] stream   KEYS[2] lease   KEYS[3] delay (zset)   KEYS[4] parked (hash)
--- ARGV[1] token    ARGV[2] group   ARGV[3] entry id   ARGV[4] payload (JSON)   ARGV[5] delay_ms
--- Reply: due time in ms on the server clock.   Error: NOTOWNER
+-- record (fields + metadata, JSON) lives beside it in the parked hash.
+-- Hold-key mode (ARGV[6] ~= ''): the entry becomes the holder of its ordering key, so later
+-- entries with that key are parked behind it (hold.lua) until it is repaired and re-streamed.
+-- If another parked entry already holds the key, this one is parked behind it instead (it
+-- is then not scheduled: it returns to the stream with its holder).
+-- KEYS[1] stream  KEYS[2] lease  KEYS[3] delay (zset)  KEYS[4] parked (hash)  KEYS[5] signal
+-- KEYS[6] held (hash)  KEYS[7] followers of ARGV[6] (list)
+-- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] record (JSON)  ARGV[5] delay_ms
+-- ARGV[6] ordering key, or ''
+-- Reply: {due ms on the server clock (0 for a follower), 'plain' | 'holder' | 'follower'}
+-- Error: NOTOWNER
 local cur = redis.call('GET', KEYS[2])
 if cur ~= ARGV[1] then
   return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
 end
 local t = redis.call('TIME')
-local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[5])
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = now + tonumber(ARGV[5])
+local role = 'plain'
+if ARGV[6] ~= '' then
+  local state = redis.call('HGET', KEYS[6], ARGV[6])
+  if state and string.sub(state, 1, 5) ~= 'tail:' and state ~= ARGV[3] then
+    role = 'follower'
+  else
+    role = 'holder'
+  end
+end
 -- A retried call (reply lost) finds the entry parked already: keep the first record.
 if redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4]) == 1 then
-  redis.call('ZADD', KEYS[3], due, ARGV[3])
+  if role == 'follower' then
+    redis.call('RPUSH', KEYS[7], ARGV[3])
+    due = 0
+  else
+    if role == 'holder' then redis.call('HSET', KEYS[6], ARGV[6], ARGV[3]) end
+    redis.call('ZADD', KEYS[3], due, ARGV[3])
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'due', due)
+  end
 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
-return due
+return {due, role}

@@ -1,0 +1,175 @@
+"""Operators' view of the dead-letter path: counts, list, show, retry, purge (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import redis
+
+from ._config import FixerConfig
+from ._deadletter import MalformedRecord, ParkedEntry
+from ._fixer import Fixer
+from ._keys import GroupKeys
+
+
+@attrs.frozen(kw_only=True)
+class DeadLetterCounts:
+    parked: int
+    """Entries in the delay set (waiting for, or being worked on by, a fixer)."""
+    followers: int
+    """Hold-key mode: entries parked behind a holder (they return with it)."""
+    claimed: int
+    """Entries a fixer holds under its visibility lease right now."""
+    graveyard: int
+    """Entries the fixer gave up on."""
+    held_keys: int
+    """Hold-key mode: ordering keys held right now."""
+    next_due_ms: int | None
+    """Milliseconds until the next entry is due on the server clock (negative: overdue);
+    None when nothing is parked."""
+
+
+@attrs.frozen(kw_only=True)
+class ListedEntry:
+    entry: ParkedEntry | None
+    """None when the record is malformed (``error`` says why)."""
+    id: str
+    due_in_ms: int | None
+    """Relative to the server clock; None for a follower (not scheduled)."""
+    claimed_by: str | None
+    error: str | None = None
+
+
+class DeadLetters:
+    """The parked entries and the graveyard of one (stream, group)."""
+
+    def __init__(self, client: redis.Redis, stream: str, group: str) -> None:
+        self._client = client
+        self.stream = stream
+        self.group = group
+        self.keys = GroupKeys(stream, group)
+
+    def _now_ms(self) -> int:
+        seconds, micros = self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def counts(self) -> DeadLetterCounts:
+        keys = self.keys
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zcard(keys.delay)
+        pipe.hlen(keys.parked)
+        pipe.hlen(keys.claims)
+        pipe.xlen(keys.graveyard)
+        pipe.hlen(keys.held)
+        pipe.zrange(keys.delay, 0, 0, withscores=True)
+        pipe.time()
+        parked, records, claimed, graveyard, held, first, (sec, usec) = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        return DeadLetterCounts(parked=parked, followers=max(records - parked, 0),
+                                claimed=claimed, graveyard=graveyard, held_keys=held,
+                                next_due_ms=int(first[0][1]) - now if first else None)
+
+    def entries(self, limit: int = 50, offset: int = 0) -> list[ListedEntry]:
+        """Parked entries by due time, then followers (hold-key mode) by id."""
+        keys = self.keys
+        now = self._now_ms()
+        scored: list[Any] = self._client.zrange(keys.delay, offset, offset + limit - 1,
+                                                withscores=True)
+        due = {member.decode(): int(score) for member, score in scored}
+        ids = list(due)
+        if len(ids) < limit:
+            # followers: records without a delay-set member
+            extra: list[str] = []
+            everything: list[Any] = self._client.hkeys(keys.parked)
+            for raw_id in everything:
+                entry_id = raw_id.decode()
+                if entry_id not in due and self._client.zscore(keys.delay, entry_id) is None:
+                    extra.append(entry_id)
+            ids += sorted(extra, key=_id_key)[: limit - len(ids)]
+        return self._describe(ids, due, now)
+
+    def _describe(self, ids: list[str], due: dict[str, int], now: int) -> list[ListedEntry]:
+        if not ids:
+            return []
+        records: list[Any] = self._client.hmget(self.keys.parked, ids)
+        claims: list[Any] = self._client.hmget(self.keys.claims, ids)
+        out = []
+        for entry_id, record, claim in zip(ids, records, claims, strict=True):
+            score = due.get(entry_id)
+            claimed_by = claim.decode() if claim else None
+            try:
+                entry: ParkedEntry | None = ParkedEntry.from_json(entry_id, record)
+                error = None
+            except MalformedRecord as err:
+                entry, error = None, str(err)
+            out.append(ListedEntry(entry=entry, id=entry_id, error=error, claimed_by=claimed_by,
+                                   due_in_ms=score - now if score is not None else None))
+        return out
+
+    def show(self, entry_id: str) -> ListedEntry | None:
+        """One parked entry, or None when it is not parked."""
+        score = self._client.zscore(self.keys.delay, entry_id)
+        if score is None and not self._client.hexists(self.keys.parked, entry_id):
+            return None
+        due = {entry_id: int(score)} if score is not None else {}
+        return self._describe([entry_id], due, self._now_ms())[0]
+
+    def graveyard(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent buried entries: graveyard id, original id, reason, record."""
+        rows: Any = self._client.xrevrange(self.keys.graveyard, count=limit)
+        out = []
+        for gid, fields in rows:
+            out.append({"graveyard_id": gid.decode(),
+                        **{k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}})
+        return out
+
+    def retry(self, ids: Iterable[str] | None = None) -> int:
+        """Make parked entries due now (all of them when ``ids`` is None) and wake the fixers.
+        Followers are not scheduled on their own: retry their holder."""
+        keys = self.keys
+        chosen = list(ids) if ids is not None else [
+            m.decode() for m in self._client.zrange(keys.delay, 0, -1)]  # type: ignore[union-attr]
+        changed = 0
+        for start in range(0, len(chosen), 1000):
+            chunk = chosen[start:start + 1000]
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zadd(keys.delay, dict.fromkeys(chunk, 0), xx=True, ch=True)
+            pipe.xadd(keys.signal, {"due": 0}, maxlen=100, approximate=True)
+            changed += int(pipe.execute()[0])
+        return changed
+
+    def purge(self, ids: Iterable[str] | None = None) -> int:
+        """Drop parked entries for good (all when ``ids`` is None).  In hold-key mode, purging a
+        holder releases its followers behind it, in order."""
+        keys = self.keys
+        chosen = list(ids) if ids is not None else [
+            m.decode() for m in self._client.zrange(keys.delay, 0, -1)]  # type: ignore[union-attr]
+        fixer = Fixer(FixerConfig(stream=self.stream, group=self.group, name="dlq"),
+                      lambda e: e.raw, self._client)
+        purged = 0
+        for entry_id in chosen:
+            record = self._client.hget(keys.parked, entry_id)
+            try:
+                entry = ParkedEntry.from_json(entry_id, record)
+            except MalformedRecord:
+                entry = ParkedEntry(id=entry_id, origin_id=entry_id, group=self.group,
+                                    reason="malformed", raw={})
+            if entry.role == "follower" and entry.hold_key is not None:
+                pipe = self._client.pipeline(transaction=True)
+                pipe.lrem(keys.followers(entry.hold_key), 0, entry_id)
+                pipe.hdel(keys.parked, entry_id)
+                purged += int(pipe.execute()[1])
+            elif fixer.release(entry, [], "purge", "purged by an operator",
+                               token="") is not None:
+                purged += 1
+        return purged
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return (0, 0)

@@ -1,0 +1,318 @@
+"""The fixer: takes due parked entries under a visibility lease, repairs them and re-streams them
+atomically (DESIGN.md §6).
+
+Every state change is one script: claim (re-score to now + visibility, record the claim),
+re-stream (XADD + ZREM + HDEL, only while the claim is ours), reschedule, bury.  So a fixer that
+dies anywhere loses nothing (its entries come back after the visibility lease) and doubles
+nothing (a re-stream happens at most once per parked entry: after it, the entry is no longer
+parked, and a late fixer whose claim was taken over is refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import attrs
+import redis
+
+from ._config import FixerConfig
+from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
+from ._events import Emitter, FixerPass, Hook, RepairFailed
+from ._keys import GroupKeys
+from ._lease import CONNECTION_ERRORS
+from ._scripts import Scripts
+from ._server import client_from_url, clone_client, connect_check
+from .exceptions import OrderedStreamError
+
+log = logging.getLogger("orderedstream")
+
+FieldValue = str | bytes | int | float
+Repair = Callable[[ParkedEntry], Mapping[str, FieldValue] | Mapping[bytes, FieldValue]]
+
+
+class Unrepairable(OrderedStreamError):
+    """Raise from a repair function to send the entry to the graveyard at once (no retries)."""
+
+
+def identity_repair(entry: ParkedEntry) -> Mapping[bytes, bytes]:
+    """Re-stream the entry unchanged (for entries parked only to wait, e.g. a downstream outage)."""
+    return entry.raw
+
+
+def _flatten(fields: Mapping[Any, FieldValue]) -> list[bytes]:
+    flat: list[bytes] = []
+    for key, value in fields.items():
+        if not isinstance(key, str | bytes):
+            raise TypeError(f"field name {key!r} is not str or bytes")
+        name = to_bytes(key)
+        if name.startswith(b"os-"):
+            continue  # orderedstream's headers are set by the re-stream itself
+        flat += [name, to_bytes(value)]
+    if not flat:
+        raise ValueError("the repair returned no fields (a stream entry needs at least one)")
+    return flat
+
+
+class Fixer:
+    """Repairs and re-streams the parked entries of one (stream, group).
+
+    >>> with Fixer(FixerConfig(stream="orders", group="workers"), repair, client):  # doctest: +SKIP
+    ...     ...   # start() on enter, stop() on exit
+
+    Any number of fixers may run side by side: each entry is taken by one at a time.
+    """
+
+    def __init__(self, config: FixerConfig, repair: Repair, client: redis.Redis,
+                 *, hooks: Sequence[Hook] = ()) -> None:
+        self.config = config
+        self._repair = repair
+        self._keys = GroupKeys(config.stream, config.group)
+        self._emit = Emitter(hooks)
+        timeout_s = config.socket_timeout_ms / 1000.0
+        self._cmd = clone_client(client, name=f"os-fix:{config.name}", socket_timeout_s=timeout_s)
+        self._wait = clone_client(client, name=f"os-fix:{config.name}:wait", single=True,
+                                  socket_timeout_s=timeout_s + config.max_wait_ms / 1000.0)
+        self._scripts = Scripts(self._cmd)
+        self.token = f"{config.name}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wait_id: int | None = None
+        self._error: BaseException | None = None
+        self._last_signal = "$"
+        self._last_counts: tuple[int, int] | None = None
+        self.totals = {"restreamed": 0, "rescheduled": 0, "buried": 0, "lost": 0}
+
+    @classmethod
+    def from_url(cls, url: str, config: FixerConfig, repair: Repair,
+                 *, hooks: Sequence[Hook] = ()) -> Fixer:
+        return cls(config, repair, client_from_url(url), hooks=hooks)
+
+    # -- lifecycle (same shape as Coordinator) ------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise OrderedStreamError("fixer already started")
+        self._thread = threading.Thread(target=self._thread_main, name="orderedstream-fixer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self.run()
+        except BaseException as err:
+            self._error = err
+            log.error("fixer stopped on error: %r", err)
+
+    def run(self) -> None:
+        """Fix until ``stop()``: pass after pass, sleeping until the next entry is due."""
+        try:
+            connect_check(self._cmd)
+            while not self._stop.is_set():
+                try:
+                    done = self.fix_once()
+                except CONNECTION_ERRORS as err:
+                    log.warning("fixer lost the connection to the server: %r; retrying", err)
+                    self._stop.wait(0.2)
+                    continue
+                if done.claimed >= self.config.batch_size:
+                    continue
+                self._sleep(done.next_due_ms)
+        finally:
+            self._cmd.close()
+            self._wait.close()
+            self._stopped.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        ended = self._stopped.wait(timeout)
+        if ended and self._error is not None:
+            raise self._error
+        return ended
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        self._stop.set()
+        wait_id = self._wait_id
+        if wait_id is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._cmd.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "UNBLOCK", wait_id)
+        if self._thread is None or threading.current_thread() is self._thread:
+            return self._stopped.is_set()
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Fixer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _sleep(self, next_due_ms: int) -> None:
+        """Until the next entry is due, or a new one is parked.  A server-side XREAD BLOCK
+        times out up to ~100 ms late (the server checks timeouts on its cron), so the last
+        stretch before a due time is slept here, in steps of at most 25 ms."""
+        cap = self.config.max_wait_ms
+        wait = cap if next_due_ms < 0 else min(next_due_ms, cap)
+        if wait > 120:
+            if self._wait_id is None:
+                self._wait_id = int(self._wait.client_id())
+            try:
+                reply: Any = self._wait.xread({self._keys.signal: self._last_signal}, count=100,
+                                              block=wait - 100)
+            except CONNECTION_ERRORS:
+                self._wait_id = None
+                raise
+            if reply:
+                self._last_signal = reply[0][1][-1][0].decode()
+        elif wait > 0:
+            self._stop.wait(min(wait, 25) / 1000.0)
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    def fix_once(self) -> FixerPass:
+        """Take up to ``batch_size`` due entries, repair them, and re-stream, reschedule or bury
+        each.  Returns what it did (also emitted as an event)."""
+        cfg = self.config
+        keys = self._keys
+        if self._last_signal == "$":
+            last: Any = self._cmd.xrevrange(keys.signal, count=1)
+            self._last_signal = last[0][0].decode() if last else "0-0"
+        now, ids, records, next_due = self._scripts.call(
+            "fix_claim", [keys.delay, keys.parked, keys.claims],
+            [self.token, cfg.batch_size, cfg.visibility_ms])
+        restream: list[Any] = []
+        restream_ids: list[str] = []
+        reschedule: list[Any] = []
+        bury: list[tuple[ParkedEntry | None, str, str, str]] = []  # entry, id, record, reason
+        holders: list[tuple[ParkedEntry, list[bytes]]] = []
+        for raw_id, record in zip(ids, records, strict=True):
+            entry_id = raw_id.decode()
+            try:
+                entry = ParkedEntry.from_json(entry_id, record)
+            except MalformedRecord as err:
+                text = record.decode("utf-8", "replace") if isinstance(record, bytes) else ""
+                bury.append((None, entry_id, text, str(err)))
+                continue
+            try:
+                flat = _flatten(self._repair(entry))
+            except Unrepairable as err:
+                bury.append((entry, entry_id, entry.to_json(), f"unrepairable: {err}"))
+                continue
+            except Exception as err:
+                failures = entry.fixer_attempts + 1
+                history = (*entry.history, {"ms": int(now), "fixer": cfg.name,
+                                            "error": repr(err)})
+                updated = attrs.evolve(entry, fixer_attempts=failures, history=history)
+                if failures >= cfg.max_attempts:
+                    action, backoff = "bury", 0
+                    bury.append((updated, entry_id, updated.to_json(),
+                                 f"repair failed {failures} times: {err!r}"))
+                else:
+                    action, backoff = "reschedule", cfg.backoff_ms(failures)
+                    reschedule += [entry_id, backoff, updated.to_json()]
+                self._emit(RepairFailed(stream=cfg.stream, group=cfg.group, consumer=cfg.name,
+                                        entry_id=entry_id, error=repr(err),
+                                        fixer_attempts=failures, action=action,
+                                        backoff_ms=backoff))
+                continue
+            if entry.hold_key is not None:
+                holders.append((entry, flat))
+                continue
+            restream += [entry_id, entry.origin_id, entry.parked, len(flat), *flat]
+            restream_ids.append(entry_id)
+        restreamed = lost = rescheduled = buried = released = 0
+        if restream:
+            out = self._scripts.call("fix_restream",
+                                     [cfg.stream, keys.delay, keys.parked, keys.claims],
+                                     [self.token, cfg.group, *restream])
+            restreamed = sum(1 for new_id in out if new_id)
+            lost += len(out) - restreamed
+        if reschedule:
+            rescheduled = int(self._scripts.call(
+                "fix_reschedule", [keys.delay, keys.parked, keys.claims],
+                [self.token, *reschedule]))
+            lost += len(reschedule) // 3 - rescheduled
+        plain_bury: list[Any] = []
+        for bury_entry, entry_id, text, reason in bury:
+            if bury_entry is not None and bury_entry.hold_key is not None:
+                result = self.release(bury_entry, [], "bury", reason, token=self.token)
+                if result is None:
+                    lost += 1
+                else:
+                    buried += 1
+                    released += result
+            else:
+                plain_bury += [entry_id, text, reason]
+        if plain_bury:
+            out = self._scripts.call("fix_bury",
+                                     [keys.delay, keys.parked, keys.claims, keys.graveyard],
+                                     [self.token, *plain_bury])
+            buried += sum(1 for gid in out if gid)
+            lost += sum(1 for gid in out if not gid)
+        for entry, flat in holders:
+            result = self.release(entry, flat, "restream", "", token=self.token)
+            if result is None:
+                lost += 1
+            else:
+                restreamed += 1
+                released += result
+        parked = int(self._cmd.zcard(keys.delay))
+        totals = self.totals
+        totals["restreamed"] += restreamed
+        totals["rescheduled"] += rescheduled
+        totals["buried"] += buried
+        totals["lost"] += lost
+        event = FixerPass(stream=cfg.stream, group=cfg.group, consumer=cfg.name,
+                          claimed=len(ids), restreamed=restreamed, rescheduled=rescheduled,
+                          buried=buried, lost=lost, followers_released=released, parked=parked,
+                          next_due_ms=int(next_due))
+        counts = (parked, int(next_due) >= 0)
+        if ids or counts != self._last_counts:
+            self._emit(event)
+        self._last_counts = counts
+        return event
+
+    def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
+                *, token: str) -> int | None:
+        """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
+        append its followers behind, in one script.  The number of followers released, or None
+        when the entry is not ours (claim lost) / not parked any more."""
+        keys = self._keys
+        hold_key = entry.hold_key or ""
+        followers_key = keys.followers(hold_key) if hold_key else keys.followers("")
+        for _ in range(100):
+            follower_ids: list[Any] = self._cmd.lrange(followers_key, 0, -1) if hold_key else []
+            args: list[Any] = [token, self.config.group, hold_key, entry.id, mode,
+                               entry.origin_id, entry.parked, entry.to_json(), reason,
+                               len(flat), *flat, len(follower_ids)]
+            if follower_ids:
+                records: list[Any] = self._cmd.hmget(keys.parked, follower_ids)
+                for fid, record in zip(follower_ids, records, strict=True):
+                    follower_flat = _follower_fields(fid.decode(), record)
+                    args += [fid, len(follower_flat), *follower_flat]
+            reply = self._scripts.call(
+                "fix_release", [self.config.stream, keys.delay, keys.parked, keys.claims,
+                                keys.held, followers_key, keys.graveyard], args)
+            status = reply[0].decode()
+            if status == "ok":
+                return len(follower_ids)
+            if status == "lost":
+                return None
+            # 'stale': the owner parked another follower meanwhile; read the list again
+        raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
+
+
+def _follower_fields(entry_id: str, record: bytes | None) -> list[bytes]:
+    """A follower's fields for re-streaming; a follower whose record cannot be read goes back
+    with its raw record in one field, so nothing is silently dropped."""
+    try:
+        return ParkedEntry.from_json(entry_id, record).flat_fields()
+    except MalformedRecord:
+        return [b"os-malformed-record", record or b""]

@@ -1,0 +1,53 @@
+-- hold: decide, atomically, what happens to an entry whose ordering key may be held
+-- (hold-key mode; fenced).  Called before the handler for entries whose key the owner has
+-- seen held.
+-- KEYS[1] stream  KEYS[2] lease  KEYS[3] parked (hash)  KEYS[4] held (hash)
+-- KEYS[5] followers of ARGV[4] (list)
+-- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] ordering key
+-- ARGV[5] '1' if the entry was re-streamed by orderedstream (has os-origin-id), else '0'
+-- ARGV[6] record (JSON) to park it with   ARGV[7..] the entry's field/value pairs
+-- Reply: {'free', released}  hand it to the handler; released = 1 when the key is not held
+--                            any more (the caller may stop asking for it)
+--        {'follower'}        parked behind the holder (acked)
+--        {'forwarded', id}   the holder was re-streamed up to a later id: this older entry is
+--                            appended behind it (acked), so the key keeps its order
+-- Error: NOTOWNER
+local cur = redis.call('GET', KEYS[2])
+if cur ~= ARGV[1] then
+  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
+end
+local state = redis.call('HGET', KEYS[4], ARGV[4])
+if not state then return {'free', 1} end
+if string.sub(state, 1, 5) ~= 'tail:' then
+  if state == ARGV[3] then return {'free', 0} end
+  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[6]) == 1 then
+    redis.call('RPUSH', KEYS[5], ARGV[3])
+  end
+  redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
+  return {'follower'}
+end
+-- the holder and its followers were re-streamed, the last of them as `last`
+local last = string.sub(state, 6)
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+if ARGV[5] == '1' then
+  if ARGV[3] == last or before(last, ARGV[3]) then
+    redis.call('HDEL', KEYS[4], ARGV[4])
+    return {'free', 1}
+  end
+  return {'free', 0}
+end
+if not before(ARGV[3], last) then
+  redis.call('HDEL', KEYS[4], ARGV[4])
+  return {'free', 1}
+end
+local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', ARGV[3],
+  'os-held-behind', last, unpack(ARGV, 7))
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[4], 'tail:' .. id)
+return {'forwarded', id}
