@@ -539,13 +539,20 @@ class Coordinator:
         held are decided by the fenced ``hold`` script: parked behind the holder, moved behind
         the holder's re-streamed copy, or let through."""
         key_bytes = None
-        restreamed = False
+        generation = b""
+        origin = entry_id
+        user_fields: list[bytes] = []
         for i in range(0, len(flat) - 1, 2):
             name = flat[i]
+            if name.startswith(b"os-"):
+                if name == b"os-hold-gen":
+                    generation = flat[i + 1]
+                elif name == b"os-origin-id":
+                    origin = flat[i + 1]
+                continue
             if name == self._hold_field:
                 key_bytes = flat[i + 1]
-            elif name == b"os-origin-id":
-                restreamed = True
+            user_fields += [name, flat[i + 1]]
         if key_bytes is None:
             return True
         key = key_bytes.decode("utf-8", "replace")
@@ -560,8 +567,8 @@ class Coordinator:
         self._check(lease)
         reply = self._scripts.call(
             "hold", [cfg.stream, keys.lease, keys.parked, keys.held, keys.followers(key)],
-            [lease.token, cfg.group, entry_id, key, "1" if restreamed else "0",
-             record.to_json(), *flat])
+            [lease.token, cfg.group, entry_id, key, generation, record.to_json(), origin,
+             *user_fields])
         action = reply[0].decode()
         if action == "free":
             if int(reply[1]):

@@ -295,8 +295,8 @@ class Fixer:
             if follower_ids:
                 records: list[Any] = self._cmd.hmget(keys.parked, follower_ids)
                 for fid, record in zip(follower_ids, records, strict=True):
-                    follower_flat = _follower_fields(fid.decode(), record)
-                    args += [fid, len(follower_flat), *follower_flat]
+                    origin, follower_flat = _follower_fields(fid.decode(), record)
+                    args += [fid, origin, len(follower_flat), *follower_flat]
             reply = self._scripts.call(
                 "fix_release", [self.config.stream, keys.delay, keys.parked, keys.claims,
                                 keys.held, followers_key, keys.graveyard], args)
@@ -309,10 +309,11 @@ class Fixer:
         raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
 
 
-def _follower_fields(entry_id: str, record: bytes | None) -> list[bytes]:
-    """A follower's fields for re-streaming; a follower whose record cannot be read goes back
-    with its raw record in one field, so nothing is silently dropped."""
+def _follower_fields(entry_id: str, record: bytes | None) -> tuple[str, list[bytes]]:
+    """A follower's origin id and fields for re-streaming; a follower whose record cannot be
+    read goes back with its raw record in one field, so nothing is silently dropped."""
     try:
-        return ParkedEntry.from_json(entry_id, record).flat_fields()
+        entry = ParkedEntry.from_json(entry_id, record)
     except MalformedRecord:
-        return [b"os-malformed-record", record or b""]
+        return entry_id, [b"malformed-parked-record", record or b""]
+    return entry.origin_id, entry.flat_fields()

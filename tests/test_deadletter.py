@@ -5,6 +5,7 @@ library's own counters."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -229,7 +230,7 @@ def test_failing_repair_backs_off_then_buries(client: redis.Redis, stream: str) 
     assert "unrepairable" in buried[ids[0]]["reason"]
     history = json.loads(buried[ids[1]]["record"])["history"]
     assert [h["error"] for h in history] == ["RuntimeError('downstream is down')"] * 3
-    gaps = [b["ms"] - a["ms"] for a, b in zip(history, history[1:], strict=False)]
+    gaps = [b["ms"] - a["ms"] for a, b in itertools.pairwise(history)]
     assert gaps[0] >= 50 and gaps[1] >= 100  # backoff 50 ms, then 100 ms
     assert settled(client, stream)
 

@@ -1,15 +1,16 @@
 -- fix_release: settle the holder of an ordering key (hold-key mode) and release its followers,
 -- all or nothing: the holder is re-streamed (repaired), buried (graveyard) or purged, then every
--- follower is appended behind it in its original order, and the key stays held as
--- 'tail:<last id>' until the owner has passed that id (hold.lua), so older entries of the key
--- still ahead of the owner are kept behind it too.
+-- follower is appended behind it in its original order, each copy marked os-hold-gen = the
+-- holder's id; the key stays held as 'tail:<holder id>:<last id>' until the owner has passed
+-- that id (hold.lua), so older entries of the key still ahead of the owner go behind it too.
 -- KEYS[1] stream  KEYS[2] delay  KEYS[3] parked  KEYS[4] claims  KEYS[5] held
 -- KEYS[6] followers (list)  KEYS[7] graveyard
 -- ARGV[1] claim token, or '' (an operator's command: the entry must merely be parked)
 -- ARGV[2] group  ARGV[3] ordering key  ARGV[4] holder id
 -- ARGV[5] 'restream' | 'bury' | 'purge'   ARGV[6] origin id  ARGV[7] times parked
 -- ARGV[8] graveyard record (JSON)  ARGV[9] reason   ARGV[10] n: holder field/value count
--- ARGV[11 .. 10+n] holder fields   then f: follower count, then per follower: id, m, m values
+-- ARGV[11 .. 10+n] holder fields   then f: follower count, then per follower: id, origin id,
+-- m, m values
 -- Reply: {'ok', holder's new id or '', last id appended or ''} | {'stale'} (the follower list
 --        changed since it was read: read it again) | {'lost'} (not our claim / not parked)
 local id = ARGV[4]
@@ -26,15 +27,15 @@ if redis.call('LLEN', KEYS[6]) ~= f then return {'stale'} end
 local listed = redis.call('LRANGE', KEYS[6], 0, -1)
 local followers = {}
 for k = 1, f do
-  local fid, m = ARGV[i], tonumber(ARGV[i + 1])
+  local fid, origin, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if listed[k] ~= fid then return {'stale'} end
-  followers[k] = {fid, i + 2, i + 1 + m}
-  i = i + 2 + m
+  followers[k] = {fid, i + 3, i + 2 + m, origin}
+  i = i + 3 + m
 end
 local holder_new, last = '', ''
 if ARGV[5] == 'restream' then
   holder_new = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', ARGV[6],
-    'os-parked', ARGV[7], 'os-repaired', '1', unpack(ARGV, 11, 10 + n))
+    'os-parked', ARGV[7], 'os-repaired', '1', 'os-hold-gen', id, unpack(ARGV, 11, 10 + n))
   last = holder_new
 elseif ARGV[5] == 'bury' then
   redis.call('XADD', KEYS[7], '*', 'id', id, 'reason', ARGV[9], 'record', ARGV[8])
@@ -43,14 +44,14 @@ redis.call('ZREM', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
 redis.call('HDEL', KEYS[4], id)
 for _, fol in ipairs(followers) do
-  last = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', fol[1],
-    'os-held-behind', id, unpack(ARGV, fol[2], fol[3]))
+  last = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', fol[4],
+    'os-hold-gen', id, unpack(ARGV, fol[2], fol[3]))
   redis.call('HDEL', KEYS[3], fol[1])
 end
 redis.call('DEL', KEYS[6])
 if redis.call('HGET', KEYS[5], ARGV[3]) == id then
   if last ~= '' then
-    redis.call('HSET', KEYS[5], ARGV[3], 'tail:' .. last)
+    redis.call('HSET', KEYS[5], ARGV[3], 'tail:' .. id .. ':' .. last)
   else
     redis.call('HDEL', KEYS[5], ARGV[3])
   end

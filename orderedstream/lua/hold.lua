@@ -4,13 +4,14 @@
 -- KEYS[1] stream  KEYS[2] lease  KEYS[3] parked (hash)  KEYS[4] held (hash)
 -- KEYS[5] followers of ARGV[4] (list)
 -- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] ordering key
--- ARGV[5] '1' if the entry was re-streamed by orderedstream (has os-origin-id), else '0'
--- ARGV[6] record (JSON) to park it with   ARGV[7..] the entry's field/value pairs
+-- ARGV[5] the entry's os-hold-gen header ('' if none): which release appended it
+-- ARGV[6] record (JSON) to park it with   ARGV[7] its origin id (os-origin-id, or its own id)
+-- ARGV[8..] its field/value pairs without orderedstream's os-* headers
 -- Reply: {'free', released}  hand it to the handler; released = 1 when the key is not held
 --                            any more (the caller may stop asking for it)
 --        {'follower'}        parked behind the holder (acked)
 --        {'forwarded', id}   the holder was re-streamed up to a later id: this older entry is
---                            appended behind it (acked), so the key keeps its order
+--                            appended behind the copies (acked), so the key keeps its order
 -- Error: NOTOWNER
 local cur = redis.call('GET', KEYS[2])
 if cur ~= ARGV[1] then
@@ -26,8 +27,10 @@ if string.sub(state, 1, 5) ~= 'tail:' then
   redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
   return {'follower'}
 end
--- the holder and its followers were re-streamed, the last of them as `last`
-local last = string.sub(state, 6)
+-- the holder (generation `gen`) and its followers were re-streamed, the last of them as
+-- `last`: copies of this generation pass in order; anything else of the key still before
+-- `last` (an original, or a copy of an older generation) is moved behind `last`
+local gen, last = string.match(state, '^tail:([^:]+):(.+)$')
 local function before(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
@@ -35,7 +38,7 @@ local function before(a, b)
   if ams ~= bms then return ams < bms end
   return tonumber(aseq) < tonumber(bseq)
 end
-if ARGV[5] == '1' then
+if ARGV[5] == gen then
   if ARGV[3] == last or before(last, ARGV[3]) then
     redis.call('HDEL', KEYS[4], ARGV[4])
     return {'free', 1}
@@ -46,8 +49,8 @@ if not before(ARGV[3], last) then
   redis.call('HDEL', KEYS[4], ARGV[4])
   return {'free', 1}
 end
-local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', ARGV[3],
-  'os-held-behind', last, unpack(ARGV, 7))
+local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', ARGV[7],
+  'os-hold-gen', gen, unpack(ARGV, 8))
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[4], 'tail:' .. id)
+redis.call('HSET', KEYS[4], ARGV[4], 'tail:' .. gen .. ':' .. id)
 return {'forwarded', id}
