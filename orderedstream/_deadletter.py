@@ -51,7 +51,10 @@ def decode_fields(pairs: list[list[Any]]) -> dict[bytes, bytes]:
             raise TypeError(f"field value {value!r} is neither a string nor {{'b64': ...}}")
         return value.encode("utf-8")
 
-    return {one(k): one(v) for k, v in pairs}
+    try:  # the common case: every name and value is text
+        return {k.encode(): v.encode() for k, v in pairs}
+    except AttributeError:
+        return {one(k): one(v) for k, v in pairs}
 
 
 def to_bytes(value: str | bytes | int | float) -> bytes:

@@ -21,7 +21,7 @@ class DeadLetterCounts:
     followers: int
     """Hold-key mode: entries parked behind a holder (they return with it)."""
     claimed: int
-    """Entries a fixer holds under its visibility lease right now."""
+    """Entries fixers hold under a visibility lease right now."""
     graveyard: int
     """Entries the fixer gave up on."""
     held_keys: int
@@ -60,13 +60,18 @@ class DeadLetters:
         pipe = self._client.pipeline(transaction=False)
         pipe.zcard(keys.delay)
         pipe.hlen(keys.parked)
-        pipe.hlen(keys.claims)
+        pipe.hgetall(keys.claims)
         pipe.xlen(keys.graveyard)
         pipe.hlen(keys.held)
         pipe.zrange(keys.delay, 0, 0, withscores=True)
         pipe.time()
-        parked, records, claimed, graveyard, held, first, (sec, usec) = pipe.execute()
+        parked, records, claims, graveyard, held, first, (sec, usec) = pipe.execute()
         now = int(sec) * 1000 + int(usec) // 1000
+        claimed = 0
+        for value in claims.values():
+            until = int(value.split()[0])
+            if until > now:
+                claimed += int(self._client.zcount(keys.delay, until, until))
         return DeadLetterCounts(parked=parked, followers=max(records - parked, 0),
                                 claimed=claimed, graveyard=graveyard, held_keys=held,
                                 next_due_ms=int(first[0][1]) - now if first else None)
@@ -94,11 +99,12 @@ class DeadLetters:
         if not ids:
             return []
         records: list[Any] = self._client.hmget(self.keys.parked, ids)
-        claims: list[Any] = self._client.hmget(self.keys.claims, ids)
+        claims: dict[bytes, bytes] = self._client.hgetall(self.keys.claims)  # type: ignore[assignment]
+        holder = {int(v.split()[0]): k.decode() for k, v in claims.items()}
         out = []
-        for entry_id, record, claim in zip(ids, records, claims, strict=True):
+        for entry_id, record in zip(ids, records, strict=True):
             score = due.get(entry_id)
-            claimed_by = claim.decode() if claim else None
+            claimed_by = holder.get(score) if score is not None and score > now else None
             try:
                 entry: ParkedEntry | None = ParkedEntry.from_json(entry_id, record)
                 error = None

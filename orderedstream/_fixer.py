@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -47,6 +46,12 @@ def identity_repair(entry: ParkedEntry) -> Mapping[bytes, bytes]:
 
 def _flatten(fields: Mapping[Any, FieldValue]) -> list[bytes]:
     flat: list[bytes] = []
+    if all(type(k) is bytes and type(v) is bytes and not k.startswith(b"os-")
+           for k, v in fields.items()):
+        for key, value in fields.items():  # the common case, without per-value conversions
+            flat += (key, value)  # type: ignore[arg-type]
+        if flat:
+            return flat
     for key, value in fields.items():
         if not isinstance(key, str | bytes):
             raise TypeError(f"field name {key!r} is not str or bytes")
@@ -79,7 +84,6 @@ class Fixer:
         self._wait = clone_client(client, name=f"os-fix:{config.name}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.max_wait_ms / 1000.0)
         self._scripts = Scripts(self._cmd)
-        self.token = f"{config.name}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -184,9 +188,10 @@ class Fixer:
         if self._last_signal == "$":
             last: Any = self._cmd.xrevrange(keys.signal, count=1)
             self._last_signal = last[0][0].decode() if last else "0-0"
-        now, ids, records, next_due = self._scripts.call(
+        now, until, ids, records, next_due = self._scripts.call(
             "fix_claim", [keys.delay, keys.parked, keys.claims],
-            [self.token, cfg.batch_size, cfg.visibility_ms])
+            [cfg.name, cfg.batch_size, cfg.visibility_ms])
+        token = str(until)  # the claim's own score: proves the entries are still ours
         restream: list[Any] = []
         restream_ids: list[str] = []
         reschedule: list[Any] = []
@@ -229,20 +234,18 @@ class Fixer:
             restream_ids.append(entry_id)
         restreamed = lost = rescheduled = buried = released = 0
         if restream:
-            out = self._scripts.call("fix_restream",
-                                     [cfg.stream, keys.delay, keys.parked, keys.claims],
-                                     [self.token, cfg.group, *restream])
+            out = self._scripts.call_bulk("fix_restream", [cfg.stream, keys.delay, keys.parked],
+                                          [token, cfg.group, *restream])
             restreamed = sum(1 for new_id in out if new_id)
             lost += len(out) - restreamed
         if reschedule:
             rescheduled = int(self._scripts.call(
-                "fix_reschedule", [keys.delay, keys.parked, keys.claims],
-                [self.token, *reschedule]))
+                "fix_reschedule", [keys.delay, keys.parked], [token, *reschedule]))
             lost += len(reschedule) // 3 - rescheduled
         plain_bury: list[Any] = []
         for bury_entry, entry_id, text, reason in bury:
             if bury_entry is not None and bury_entry.hold_key is not None:
-                result = self.release(bury_entry, [], "bury", reason, token=self.token)
+                result = self.release(bury_entry, [], "bury", reason, token=token)
                 if result is None:
                     lost += 1
                 else:
@@ -251,13 +254,12 @@ class Fixer:
             else:
                 plain_bury += [entry_id, text, reason]
         if plain_bury:
-            out = self._scripts.call("fix_bury",
-                                     [keys.delay, keys.parked, keys.claims, keys.graveyard],
-                                     [self.token, *plain_bury])
+            out = self._scripts.call("fix_bury", [keys.delay, keys.parked, keys.graveyard],
+                                     [token, *plain_bury])
             buried += sum(1 for gid in out if gid)
             lost += sum(1 for gid in out if not gid)
         for entry, flat in holders:
-            result = self.release(entry, flat, "restream", "", token=self.token)
+            result = self.release(entry, flat, "restream", "", token=token)
             if result is None:
                 lost += 1
             else:
@@ -282,8 +284,9 @@ class Fixer:
     def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
                 *, token: str) -> int | None:
         """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
-        append its followers behind, in one script.  The number of followers released, or None
-        when the entry is not ours (claim lost) / not parked any more."""
+        append its followers behind, in one script.  ``token`` is the claim's until_ms, or ''
+        for an operator's command.  The number of followers released, or None when the entry
+        is not ours (claim lost) / not parked any more."""
         keys = self._keys
         hold_key = entry.hold_key or ""
         followers_key = keys.followers(hold_key) if hold_key else keys.followers("")
@@ -297,9 +300,9 @@ class Fixer:
                 for fid, record in zip(follower_ids, records, strict=True):
                     origin, follower_flat = _follower_fields(fid.decode(), record)
                     args += [fid, origin, len(follower_flat), *follower_flat]
-            reply = self._scripts.call(
-                "fix_release", [self.config.stream, keys.delay, keys.parked, keys.claims,
-                                keys.held, followers_key, keys.graveyard], args)
+            reply = self._scripts.call_bulk(
+                "fix_release", [self.config.stream, keys.delay, keys.parked, keys.held,
+                                followers_key, keys.graveyard], args)
             status = reply[0].decode()
             if status == "ok":
                 return len(follower_ids)

@@ -71,7 +71,8 @@ class GroupKeys:
 
     @property
     def claims(self) -> str:
-        """Hash: parked entry id -> token of the fixer whose visibility lease covers it."""
+        """Hash: fixer name -> '<until_ms> <count>' of its latest claim (for operators; a
+        claimed entry's own delay-set score is its visibility lease and claim token)."""
         return self.prefix + "claims"
 
     @property

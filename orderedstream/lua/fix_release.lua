@@ -3,9 +3,10 @@
 -- follower is appended behind it in its original order, each copy marked os-hold-gen = the
 -- holder's id; the key stays held as 'tail:<holder id>:<last id>' until the owner has passed
 -- that id (hold.lua), so older entries of the key still ahead of the owner go behind it too.
--- KEYS[1] stream  KEYS[2] delay  KEYS[3] parked  KEYS[4] claims  KEYS[5] held
--- KEYS[6] followers (list)  KEYS[7] graveyard
--- ARGV[1] claim token, or '' (an operator's command: the entry must merely be parked)
+-- KEYS[1] stream  KEYS[2] delay  KEYS[3] parked  KEYS[4] held
+-- KEYS[5] followers (list)  KEYS[6] graveyard
+-- ARGV[1] our claim's until_ms (see fix_restream), or '' (an operator's command: the entry
+--         must merely be parked)
 -- ARGV[2] group  ARGV[3] ordering key  ARGV[4] holder id
 -- ARGV[5] 'restream' | 'bury' | 'purge'   ARGV[6] origin id  ARGV[7] times parked
 -- ARGV[8] graveyard record (JSON)  ARGV[9] reason   ARGV[10] n: holder field/value count
@@ -16,15 +17,15 @@
 local id = ARGV[4]
 if ARGV[1] == '' then
   if redis.call('HEXISTS', KEYS[3], id) == 0 then return {'lost'} end
-elseif redis.call('HGET', KEYS[4], id) ~= ARGV[1] then
+elseif tonumber(redis.call('ZSCORE', KEYS[2], id)) ~= tonumber(ARGV[1]) then
   return {'lost'}
 end
 local n = tonumber(ARGV[10])
 local i = 11 + n
 local f = tonumber(ARGV[i])
 i = i + 1
-if redis.call('LLEN', KEYS[6]) ~= f then return {'stale'} end
-local listed = redis.call('LRANGE', KEYS[6], 0, -1)
+if redis.call('LLEN', KEYS[5]) ~= f then return {'stale'} end
+local listed = redis.call('LRANGE', KEYS[5], 0, -1)
 local followers = {}
 for k = 1, f do
   local fid, origin, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -38,22 +39,21 @@ if ARGV[5] == 'restream' then
     'os-parked', ARGV[7], 'os-repaired', '1', 'os-hold-gen', id, unpack(ARGV, 11, 10 + n))
   last = holder_new
 elseif ARGV[5] == 'bury' then
-  redis.call('XADD', KEYS[7], '*', 'id', id, 'reason', ARGV[9], 'record', ARGV[8])
+  redis.call('XADD', KEYS[6], '*', 'id', id, 'reason', ARGV[9], 'record', ARGV[8])
 end
 redis.call('ZREM', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
-redis.call('HDEL', KEYS[4], id)
 for _, fol in ipairs(followers) do
   last = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', fol[4],
     'os-hold-gen', id, unpack(ARGV, fol[2], fol[3]))
   redis.call('HDEL', KEYS[3], fol[1])
 end
-redis.call('DEL', KEYS[6])
-if redis.call('HGET', KEYS[5], ARGV[3]) == id then
+redis.call('DEL', KEYS[5])
+if redis.call('HGET', KEYS[4], ARGV[3]) == id then
   if last ~= '' then
-    redis.call('HSET', KEYS[5], ARGV[3], 'tail:' .. id .. ':' .. last)
+    redis.call('HSET', KEYS[4], ARGV[3], 'tail:' .. id .. ':' .. last)
   else
-    redis.call('HDEL', KEYS[5], ARGV[3])
+    redis.call('HDEL', KEYS[4], ARGV[3])
   end
 end
 return {'ok', holder_new, last}
