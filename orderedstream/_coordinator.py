@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +47,8 @@ from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner, OrderedStream
 log = logging.getLogger("orderedstream")
 
 Handler = Callable[[Message], object]
+
+_HOST = socket.gethostname()
 
 
 class Role(enum.Enum):
@@ -86,7 +91,8 @@ class Coordinator:
         self._emit = Emitter(hooks)
         base = _safe_name(f"os:{config.consumer}")
         timeout_s = config.socket_timeout_ms / 1000.0
-        self._cmd = clone_client(client, name=f"{base}:cmd", socket_timeout_s=timeout_s)
+        self._cmd_name = f"{base}:cmd"
+        self._cmd = clone_client(client, name=self._cmd_name, socket_timeout_s=timeout_s)
         self._wait = clone_client(client, name=f"{base}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.block_ms / 1000.0)
         beat_timeout = max(config.lease.renew_interval_ms / 1000.0, 0.2)
@@ -212,7 +218,7 @@ class Coordinator:
                 except _Done:
                     break
         finally:
-            self._role = Role.STOPPED
+            self._set_role(Role.STOPPED)
             self._lease = None
             for client in (self._cmd, self._wait):
                 client.close()
@@ -226,6 +232,18 @@ class Coordinator:
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+
+    def _set_role(self, role: Role) -> None:
+        """Record the new role, and tell operators (members hash; best effort)."""
+        self._role = role
+        if role is Role.STOPPED:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._cmd.hdel(self._keys.members, self.config.consumer)
+            return
+        record = json.dumps({"role": role.value, "pid": os.getpid(), "host": _HOST,
+                             "conn_name": self._cmd_name, "since": time.time()})
+        with contextlib.suppress(redis.RedisError, OSError):
+            self._cmd.hset(self._keys.members, self.config.consumer, record)
 
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emit(cls(stream=self.config.stream, group=self.config.group,
@@ -246,7 +264,7 @@ class Coordinator:
             holder = got
             if holder.token != announced:
                 announced = holder.token
-                self._role = Role.STANDBY
+                self._set_role(Role.STANDBY)
                 self._event(Standby, owner=holder.consumer, epoch=holder.epoch,
                             ttl_ms=holder.pttl_ms)
             deadline = time.monotonic() + max(holder.pttl_ms, 1) / 1000.0
@@ -299,7 +317,7 @@ class Coordinator:
 
     def _own(self, lease: Lease) -> None:
         self._lease = lease
-        self._role = Role.OWNER
+        self._set_role(Role.OWNER)
         self._event(LeaseAcquired, epoch=lease.epoch)
         renewer = Renewer(self._lease_mgr, lease, self.config.lease)
         renewer.start()
@@ -320,7 +338,7 @@ class Coordinator:
             self._lease = None
         if lease.valid():
             self._release(lease)
-        self._role = Role.STANDBY
+        self._set_role(Role.STANDBY)
 
     def _release(self, lease: Lease) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):

@@ -55,6 +55,12 @@ class GroupKeys:
         return self.prefix + "owner"
 
     @property
+    def members(self) -> str:
+        """Hash: consumer name -> JSON (role, pid, host, connection name, since): who is
+        there, for operators (``orderedstream status``).  Liveness is never read from it."""
+        return self.prefix + "members"
+
+    @property
     def events(self) -> str:
         """Capped stream: the failover timeline, and the wake-up signal standbys block on."""
         return self.prefix + "events"
@@ -98,5 +104,6 @@ class GroupKeys:
 
     def all(self) -> list[str]:
         """Every auxiliary key (not the user's stream)."""
-        return [self.lease, self.epoch, self.owner, self.events, self.delay, self.parked,
+        return [self.lease, self.epoch, self.owner, self.members, self.events, self.delay,
+                self.parked,
                 self.claims, self.signal, self.graveyard, self.held]

@@ -175,12 +175,16 @@ class Verdict:
         return out
 
 
-def verdict(records: Iterable[tuple[int, bool]], produced: int) -> Verdict:
+def verdict(records: Iterable[tuple[int, bool]], produced: int,
+            late: Iterable[int] = ()) -> Verdict:
     """``records``: (sequence number 1..produced, redelivered flag) in the order handled.
 
     A correct history advances one by one; it may go back only to re-handle entries the handler
-    was told are redeliveries (a dead owner's unacknowledged tail), then advance again.
+    was told are redeliveries (a dead owner's unacknowledged tail), then advance again.  ``late``
+    are sequence numbers that were parked and come back repaired at the tail (the default
+    dead-letter ordering): they must be handled, but not in place.
     """
+    late_set = set(late)
     seen: set[int] = set()
     high = 0
     handled = 0
@@ -193,6 +197,11 @@ def verdict(records: Iterable[tuple[int, bool]], produced: int) -> Verdict:
             duplicates += 1
             if not redelivered:
                 unflagged += 1
+        while high + 1 in late_set:
+            high += 1
+        if seq in late_set:
+            seen.add(seq)
+            continue
         if seq == high + 1:
             high = seq
         elif seq > high + 1:

@@ -17,6 +17,7 @@ def test_golden_names() -> None:
     assert k.epoch == "os:{orders}:g:workers:epoch"
     assert k.owner == "os:{orders}:g:workers:owner"
     assert k.events == "os:{orders}:g:workers:events"
+    assert k.members == "os:{orders}:g:workers:members"
     assert k.delay == "os:{orders}:g:workers:delay"
     assert k.parked == "os:{orders}:g:workers:parked"
     assert k.graveyard == "os:{orders}:g:workers:graveyard"

@@ -288,6 +288,46 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0 if n or args.all else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.live import Live
+
+    from .._status import group_status
+    from .dashboard import render_status
+
+    client = client_from_url(args.redis_url)
+    connect_check(client)
+    if args.json or not args.watch:
+        status = group_status(client, args.stream, args.group)
+        if args.json:
+            console.print_json(json.dumps(status.as_dict()))
+        else:
+            console.print(render_status(status))
+        return 0
+    stop = threading.Event()
+    _Signals(stop.set)
+    last: tuple[float, int] | None = None
+    rate: float | None = None
+    with Live(console=console, refresh_per_second=4, screen=False) as live:
+        while not stop.is_set():
+            status = group_status(client, args.stream, args.group)
+            now = time.monotonic()
+            if status.entries_read is not None:
+                if last is not None and now > last[0]:
+                    rate = (status.entries_read - last[1]) / (now - last[0])
+                last = (now, status.entries_read)
+            live.update(render_status(status, rate=rate))
+            stop.wait(args.interval)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orderedstream",
@@ -344,6 +384,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed repairs before an entry goes to the graveyard")
     fix.add_argument("--quiet", action="store_true", help="no event output")
     fix.set_defaults(func=cmd_fix)
+
+    demo = sub.add_parser("demo", help="the failover demo: producer, consumers and fixer as "
+                                       "processes, the owner killed every few seconds, a live "
+                                       "panel and a verdict")
+    demo.add_argument("--redis-url", default=None,
+                      help="use this server (default: start an embedded valkey-server)")
+    demo.add_argument("--stream", default=None, help="default: a new demo-xxxxxx stream")
+    demo.add_argument("--group", default="workers")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds (Ctrl+C ends too)")
+    demo.add_argument("--kill-every", type=float, default=4.0, help="seconds between kills")
+    demo.add_argument("--pause", action="store_true",
+                      help="SIGSTOP the owner instead of killing it: a zombie, fenced on waking")
+    demo.add_argument("--consumers", type=int, default=3)
+    demo.add_argument("--rate", type=float, default=200.0, help="entries/s produced")
+    demo.add_argument("--corrupt-every", type=int, default=50,
+                      help="every K-th payload is corrupted, parked and repaired (0: none)")
+    demo.add_argument("--defer-ms", type=int, default=500, help="delay before a repair")
+    demo.add_argument("--lease-ttl-ms", type=int, default=1500)
+    demo.add_argument("--drain-timeout", type=float, default=30.0)
+    demo.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
+    demo.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser("status", help="owner, lease, consumers, lag, dead letters and "
+                                           "the failover timeline of a stream/group")
+    _common(status)
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
+    status.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
+    status.add_argument("--json", action="store_true", help="print once, as JSON")
+    status.set_defaults(func=cmd_status)
 
     dlq = sub.add_parser("dlq", help="inspect and act on parked entries")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)

@@ -1,0 +1,253 @@
+"""``orderedstream demo``: a producer, consumers and a fixer as real processes; the owner is
+killed (or paused) again and again; a live panel; a verdict from what the handlers recorded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .._keys import GroupKeys
+from .._server import client_from_url, connect_check
+from .._status import group_status
+from ..testing import ServerProcess, process_stopped, read_records, verdict, wait_until
+from .dashboard import render_status
+
+
+class _Cast:
+    """The demo's processes: the real CLI, each logging to a file in the work directory."""
+
+    def __init__(self, url: str, stream: str, group: str, work: Path,
+                 args: argparse.Namespace) -> None:
+        self.url, self.stream, self.group, self.work = url, stream, group, work
+        self.args = args
+        self.record = work / "handled.jsonl"
+        self.consumers: dict[str, subprocess.Popen[bytes]] = {}
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.count = 0
+        self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record),
+                        ORDEREDSTREAM_DEFER_MS=str(args.defer_ms))
+
+    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - closed by the OS
+        return subprocess.Popen([sys.executable, "-m", "orderedstream", *argv,
+                                 "--redis-url", self.url, "--stream", self.stream,
+                                 "--group", self.group], env=self.env, stdout=log, stderr=log)
+
+    def consumer(self) -> str:
+        self.count += 1
+        name = f"consumer-{self.count}"
+        self.consumers[name] = self._spawn(
+            name, "consume", "--name", name, "--quiet", "--lease-ttl-ms",
+            str(self.args.lease_ttl_ms), "--batch", "20",
+            "--handler", "orderedstream.testing:record_handler")
+        return name
+
+    def producer(self) -> None:
+        argv = ["produce", "--rate", str(self.args.rate), "--quiet"]
+        if self.args.corrupt_every:
+            argv += ["--corrupt-every", str(self.args.corrupt_every)]
+        self.others.append(self._spawn("producer", *argv))
+
+    def fixer(self) -> None:
+        self.others.append(self._spawn("fixer", "fix", "--quiet", "--visibility-ms", "5000"))
+
+    def stop(self) -> None:
+        procs = [*self.others, *self.consumers.values()]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def run_demo(args: argparse.Namespace, console: Console) -> int:
+    server: ServerProcess | None = None
+    url = args.redis_url
+    if url is None:
+        server = ServerProcess()
+        server.start()
+        url = server.url
+    stream = args.stream or f"demo-{uuid.uuid4().hex[:6]}"
+    group = args.group
+    work = Path(tempfile.mkdtemp(prefix="orderedstream-demo-"))
+    client = client_from_url(url)
+    out = Console(stderr=True) if args.json else console
+    cast: _Cast | None = None
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        connect_check(client)
+        client.delete(stream, *GroupKeys(stream, group).all())
+        out.print(f"[bold]orderedstream demo[/] on {'embedded valkey ' if server else ''}{url}: "
+                  f"stream {stream}, group {group}, logs in {work}")
+        cast = _Cast(url, stream, group, work, args)
+        for _ in range(args.consumers):
+            cast.consumer()
+        cast.fixer()
+        cast.producer()
+        failovers: list[tuple[str, str, str, float | None]] = []
+        took: list[float] = []
+        pending_kill: tuple[float, str, int] | None = None
+        paused: list[subprocess.Popen[bytes]] = []
+        started = time.monotonic()
+        next_kill = started + args.kill_every
+        last_rate: tuple[float, int] | None = None
+        rate: float | None = None
+        records: list[dict[str, Any]] = []
+        with Live(console=out, refresh_per_second=4, transient=False) as live:
+            while not stop.is_set() and time.monotonic() - started < args.duration:
+                status = group_status(client, stream, group)
+                records = read_records(cast.record)
+                now = time.monotonic()
+                if last_rate is not None and now - last_rate[0] >= 0.9:
+                    rate = (len(records) - last_rate[1]) / (now - last_rate[0])
+                    last_rate = (now, len(records))
+                elif last_rate is None:
+                    last_rate = (now, len(records))
+                if pending_kill is not None:
+                    at, victim, victim_pid = pending_kill
+                    after = [r for r in records if r["t"] >= at and r["pid"] != victim_pid]
+                    if after:
+                        first = min(after, key=lambda r: r["t"])
+                        ms = (first["t"] - at) * 1000.0
+                        took.append(ms)
+                        owner = next((n for n, p in cast.consumers.items()
+                                      if p.pid == first["pid"]), str(first["pid"]))
+                        failovers[-1] = (failovers[-1][0], victim, owner, ms)
+                        pending_kill = None
+                if (pending_kill is None and now >= next_kill and status.owner
+                        and status.owner in cast.consumers):
+                    victim = status.owner
+                    proc = cast.consumers[victim]
+                    for zombie in paused:  # wake the previous zombie: it finds itself fenced
+                        zombie.send_signal(signal.SIGCONT)
+                    paused.clear()
+                    at = time.time()
+                    if args.pause:
+                        proc.send_signal(signal.SIGSTOP)
+                        pid = proc.pid
+                        wait_until(lambda: process_stopped(pid), 5,  # noqa: B023
+                                   message="paused")
+                        paused.append(proc)
+                        action = "paused"
+                    else:
+                        proc.kill()
+                        proc.wait(5)
+                        del cast.consumers[victim]
+                        action = "killed"
+                    pending_kill = (at, victim, proc.pid)
+                    failovers.append((_clock(at), f"{victim} ({action})", "...", None))
+                    if not args.pause:
+                        cast.consumer()
+                    next_kill = time.monotonic() + args.kill_every
+                live.update(render_status(status, rate=rate, failovers=failovers,
+                                          title=f"orderedstream demo - {stream}/{group} - "
+                                                f"{time.monotonic() - started:.0f}/"
+                                                f"{args.duration:.0f} s"))
+                stop.wait(0.25)
+            for zombie in paused:
+                zombie.send_signal(signal.SIGCONT)
+            # stop producing, then let the consumers and the fixer drain everything
+            producer = cast.others[-1]
+            producer.terminate()
+            producer.wait(10)
+            produced, corrupt = _produced(client, stream)
+            drain_until = time.monotonic() + args.drain_timeout
+            while time.monotonic() < drain_until:
+                records = read_records(cast.record)
+                if {r["seq"] for r in records} >= set(range(1, produced + 1)):
+                    break
+                live.update(render_status(group_status(client, stream, group), rate=rate,
+                                          failovers=failovers, title="draining..."))
+                time.sleep(0.25)
+        records = read_records(cast.record)
+        judged = verdict(((r["seq"], r["red"]) for r in records), produced, late=corrupt)
+        repaired = sum(1 for r in records if r.get("repaired"))
+        result = judged.as_dict()
+        result.update({
+            "kills" if not args.pause else "pauses": len(failovers),
+            "failover_ms_p50": round(statistics.median(took), 1) if took else None,
+            "failover_ms_p95": round(sorted(took)[min(len(took) - 1,
+                                                      round(0.95 * (len(took) - 1)))], 1)
+            if took else None,
+            "failovers_ms": [round(t, 1) for t in took],
+            "corrupted": len(corrupt), "repaired_handled": repaired,
+            "stream": stream, "server": url, "logs": str(work)})
+        if args.json:
+            print(json.dumps(result))
+        else:
+            table = Table(title="verdict (from the handlers' own record)")
+            table.add_column("produced")
+            table.add_column("handled")
+            table.add_column("lost")
+            table.add_column("out of order")
+            table.add_column("duplicates (flagged)")
+            table.add_column("repaired")
+            table.add_column("failover p50 / p95")
+            ok = "green" if judged.ok else "red"
+            flagged = judged.duplicates - judged.unflagged_duplicates
+            table.add_row(str(produced), str(judged.handled), f"[{ok}]{len(judged.lost)}[/]",
+                          f"[{ok}]{len(judged.out_of_order)}[/]",
+                          f"{judged.duplicates} ({flagged})",
+                          f"{repaired}/{len(corrupt)}",
+                          f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms")
+            console.print(table)
+        return 0 if not judged.lost and not judged.out_of_order else 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if cast is not None:
+            cast.stop()
+        client.close()
+        if server is not None:
+            server.cleanup()
+        if not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _produced(client: Any, stream: str) -> tuple[int, set[int]]:
+    """From the stream itself: how many entries the producer wrote, and which were corrupted
+    (the originals; re-streamed copies carry os-origin-id)."""
+    seqs: set[int] = set()
+    corrupt: set[int] = set()
+    last = "-"
+    while True:
+        rows = client.xrange(stream, min=last, count=5000)
+        if last != "-":
+            rows = rows[1:]
+        if not rows:
+            break
+        for _, fields in rows:
+            if b"os-origin-id" in fields:
+                continue
+            seq = int(fields[b"seq"])
+            seqs.add(seq)
+            if fields.get(b"payload", b"").startswith(b"CORRUPT:"):
+                corrupt.add(seq)
+        last = rows[-1][0].decode()
+    return (max(seqs) if seqs else 0), corrupt
