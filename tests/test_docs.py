@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 import yaml
 
@@ -32,14 +35,56 @@ def test_readme_embedding_snippet_runs(server: ServerProcess, stream: str) -> No
     assert coordinator.stop(5)
 
 
-def test_quickstart_demo_reports_nothing_lost(tmp_path: Path) -> None:
-    """demos/quickstart.py (the README's first command) kills the owner and ends with a clean
-    verdict (exit code 0 only if nothing was lost or reordered)."""
-    out = subprocess.run([sys.executable, str(ROOT / "demos" / "quickstart.py"), "--kills", "2",
-                          "--every", "0.5"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "lost 0, out of order 0" in out.stdout
-    assert out.stdout.count("failover in") == 2
+def test_demo_kills_and_pauses_lose_nothing() -> None:
+    """`orderedstream demo` (the README's first command) on the embedded server, short: owners
+    killed, then paused; its JSON verdict (from the handlers' record) shows nothing lost or out
+    of order, every corrupted payload handled once repaired, and measured failovers."""
+    for extra in ([], ["--pause"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "orderedstream", "demo", "--duration", "7", "--kill-every",
+             "2", "--rate", "150", "--corrupt-every", "20", "--json", *extra],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+        result = json.loads(out.stdout)
+        assert result["lost"] == 0 and result["out_of_order"] == 0, result
+        assert result["unflagged_duplicates"] == 0
+        assert result["produced"] > 500
+        assert result["repaired_handled"] == result["corrupted"] > 0
+        assert len(result["failovers_ms"]) >= 2
+        if extra:  # a paused owner is noticed only when its lease (1.5 s) runs out
+            assert all(1000 < ms < 5000 for ms in result["failovers_ms"]), result
+        else:  # a killed one at once (connection watch)
+            assert result["failover_ms_p50"] < 500, result
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_demo_renders_owner_and_failover_in_a_terminal(tmp_path: Path) -> None:
+    """`orderedstream demo` in a real terminal (tmux, 150x50): the screen shows the owner with
+    its epoch, and a failover row with how long it took."""
+    session = f"osdemo{os.getpid()}"
+    cmd = (f"{sys.executable} -m orderedstream demo --duration 12 --kill-every 2.5 "
+           f"--rate 100; sleep 30")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "50", cmd],
+                   check=True, env=dict(os.environ, TERM="xterm-256color"))
+    screens: list[str] = []
+
+    def screen() -> str:
+        text = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                              capture_output=True, text=True).stdout
+        screens.append(text)
+        return text
+
+    try:
+        wait_until(lambda: re.search(r"owner consumer-\d+\s+epoch \d+", screen()) is not None,
+                   30, message="the owner on screen")
+        wait_until(lambda: re.search(r"consumer-\d+ \(killed\).*consumer-\d+.*\d+ ms",
+                                     screen()) is not None, 30,
+                   message="a failover row with its duration")
+        wait_until(lambda: "verdict" in screen(), 60, message="the verdict")
+        assert re.search(r"│\s+\d+\s+│\s+\d+\s+│\s+0\s+│\s+0\s+│", screens[-1]), screens[-1]
+    finally:
+        (tmp_path / "screen.txt").write_text(screens[-1] if screens else "")
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
 
 
 def test_embed_demo_runs(server: ServerProcess, stream: str) -> None:
@@ -53,15 +98,16 @@ def test_embed_demo_runs(server: ServerProcess, stream: str) -> None:
 
 def test_compose_services_run(server: ServerProcess, stream: str, tmp_path: Path) -> None:
     """Every application service in docker-compose.yml runs its command with its environment
-    (REDIS_URL pointed at the test server): the producer produces and one consumer of the two
-    owns the group and handles what was produced while the other waits."""
+    (REDIS_URL pointed at the test server): the producer produces, one consumer of the two
+    owns the group and handles what was produced while the other waits, and the fixer repairs
+    the corrupted payloads, which the owner then handles."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"valkey", "producer", "consumer-1", "consumer-2"}
+    assert set(services) == {"valkey", "producer", "consumer-1", "consumer-2", "fixer"}
     assert 'ENTRYPOINT ["orderedstream"]' in (ROOT / "Dockerfile").read_text()
     procs = {}
     try:
-        for name in ("consumer-1", "consumer-2", "producer"):
+        for name in ("consumer-1", "consumer-2", "fixer", "producer"):
             svc = services[name]
             env = dict(os.environ, **{k: str(v) for k, v in svc["environment"].items()})
             assert env["REDIS_URL"] == "redis://valkey:6379/0"
@@ -83,6 +129,12 @@ def test_compose_services_run(server: ServerProcess, stream: str, tmp_path: Path
         standby = next(n for n in ("consumer-1", "consumer-2") if procs[n].pid != owner_pid)
         wait_until(lambda: "standby" in (tmp_path / f"{standby}.log").read_text(), 10,
                    message=f"{standby} reports it is a standby")
+        # the producer corrupts every 25th payload: parked, repaired by the fixer, re-streamed
+        wait_until(lambda: any(b"os-repaired" in f for _, f in client.xrange(stream)), 20,
+                   message="a corrupted payload re-streamed repaired by the fixer")
+        wait_until(lambda: "repaired from" in (tmp_path / "consumer-1.log").read_text()
+                   + (tmp_path / "consumer-2.log").read_text(), 10,
+                   message="the owner handled the repaired entry")
     finally:
         for p in procs.values():
             p.terminate()

@@ -45,18 +45,22 @@ def render_status(status: GroupStatus, *, rate: float | None = None,
     if rate is not None:
         flow.append(f"   throughput {rate:,.0f}/s", style="bold")
     dl = status.dead_letters
-    dead = Text(f"delay set {dl.parked} (claimed {dl.claimed}, next due "
+    letters = Text(f"delay set {dl.parked} (claimed {dl.claimed}, next due "
                 f"{_ms(dl.next_due_ms)})   held behind {dl.followers}   graveyard "
                 f"{dl.graveyard}", style="cyan" if dl.parked or dl.graveyard else "")
 
     consumers = Table(expand=True, title="consumers", title_justify="left")
     for col in ("name", "state", "pid", "pending", "idle", "inactive"):
         consumers.add_column(col)
-    for c in status.consumers:
+    dead = [c for c in status.consumers if c.state in ("dead", "gone")]
+    shown = [c for c in status.consumers if c.state not in ("dead", "gone")] + dead[:3]
+    for c in shown:
         consumers.add_row(c.name, Text(c.state, style=STATE_STYLE.get(c.state, "")),
                           str(c.pid or "-"), str(c.pending), _ms(c.idle_ms), _ms(c.inactive_ms))
 
-    parts: list[RenderableType] = [head, flow, dead, consumers]
+    if len(dead) > 3:
+        consumers.caption = f"and {len(dead) - 3} more dead or gone"
+    parts: list[RenderableType] = [head, flow, letters, consumers]
     if failovers:
         table = Table(expand=True, title="failovers", title_justify="left")
         for col in ("at", "killed", "new owner", "took"):

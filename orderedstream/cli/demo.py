@@ -139,7 +139,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                         took.append(ms)
                         owner = next((n for n, p in cast.consumers.items()
                                       if p.pid == first["pid"]), str(first["pid"]))
-                        failovers[-1] = (failovers[-1][0], victim, owner, ms)
+                        failovers[-1] = (failovers[-1][0], failovers[-1][1], owner, ms)
                         pending_kill = None
                 if (pending_kill is None and now >= next_kill and status.owner
                         and status.owner in cast.consumers):
