@@ -140,3 +140,44 @@ def test_compose_services_run(server: ServerProcess, stream: str, tmp_path: Path
             p.terminate()
             p.wait(10)
     assert "produced" in (tmp_path / "producer.log").read_text()
+
+
+def test_service_demo_health_and_graceful_sigterm(server: ServerProcess, stream: str,
+                                                  tmp_path: Path) -> None:
+    """demos/service.py: /health reports the owner, SIGTERM hands the lease to the standby at
+    once (long before the 3 s TTL), and the process exits 0."""
+    import urllib.request
+
+    env = dict(os.environ, REDIS_URL=server.url, ORDEREDSTREAM_STREAM=stream,
+               ORDEREDSTREAM_GROUP="g")
+    procs = []
+
+    def start(name: str) -> tuple[subprocess.Popen[str], str]:
+        p = subprocess.Popen([sys.executable, str(ROOT / "demos" / "service.py"), "--name",
+                              name, "--port", "0"], env=env, stdout=subprocess.PIPE,
+                             stderr=open(tmp_path / f"{name}.log", "w"), text=True)  # noqa: SIM115
+        procs.append(p)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        return p, line.split()[-1]
+
+    def health(url: str) -> dict[str, object]:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.loads(reply.read())  # type: ignore[no-any-return]
+
+    try:
+        one, url_one = start("svc-1")
+        wait_until(lambda: health(url_one)["role"] == "owner", 10, message="svc-1 owns")
+        two, url_two = start("svc-2")
+        wait_until(lambda: health(url_two)["role"] == "standby", 10, message="svc-2 waits")
+        redis.Redis.from_url(server.url).xadd(stream, {"seq": "1"})
+        wait_until(lambda: health(url_one)["handled"] == 1, 10, message="svc-1 handled it")
+        one.send_signal(15)
+        assert one.wait(10) == 0
+        wait_until(lambda: health(url_two)["role"] == "owner", 1.0,
+                   message="svc-2 owns within 1 s of the SIGTERM (TTL is 3 s)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
