@@ -181,3 +181,26 @@ def test_service_demo_health_and_graceful_sigterm(server: ServerProcess, stream:
             if p.poll() is None:
                 p.terminate()
                 p.wait(10)
+
+
+def test_readme_fixer_snippet_repairs(server: ServerProcess, stream: str) -> None:
+    """The README's fixer example repairs a parked entry (payload stripped) and re-streams it."""
+    from orderedstream import ParkedEntry
+
+    text = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "Fixer(" in b)
+    client = redis.Redis.from_url(server.url)
+    keys = GroupKeys(stream, "billing")
+    client.xgroup_create(stream, "billing", id="$", mkstream=True)
+    record = ParkedEntry(id="1-1", origin_id="1-1", group="billing", reason="padded",
+                         raw={b"payload": b"  order-1  "})
+    client.hset(keys.parked, "1-1", record.to_json())
+    client.zadd(keys.delay, {"1-1": 0})
+
+    def work() -> None:
+        wait_until(lambda: client.xlen(stream) == 1, 10, message="re-streamed")
+
+    code = code.replace('"orders"', repr(stream)).replace("    ...", "    work()")
+    exec(compile(code, "README.md", "exec"), {"URL": server.url, "redis": redis, "work": work})
+    [(_, fields)] = client.xrange(stream)
+    assert fields[b"payload"] == b"order-1" and fields[b"os-origin-id"] == b"1-1"

@@ -4,7 +4,8 @@
 -- Hold-key mode (ARGV[6] ~= ''): the entry becomes the holder of its ordering key, so later
 -- entries with that key are parked behind it (hold.lua) until it is repaired and re-streamed.
 -- If another parked entry already holds the key, this one is parked behind it instead (it
--- is then not scheduled: it returns to the stream with its holder).
+-- is then not scheduled: it returns to the stream with its holder) - unless it comes before
+-- that holder in the stream (a replay after a crash): then it takes the key over.
 -- KEYS[1] stream  KEYS[2] lease  KEYS[3] delay (zset)  KEYS[4] parked (hash)  KEYS[5] signal
 -- KEYS[6] held (hash)  KEYS[7] followers of ARGV[6] (list)
 -- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] record (JSON)  ARGV[5] delay_ms
@@ -18,11 +19,27 @@ end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = now + tonumber(ARGV[5])
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
 local role = 'plain'
+local demoted = nil
 if ARGV[6] ~= '' then
   local state = redis.call('HGET', KEYS[6], ARGV[6])
   if state and string.sub(state, 1, 5) ~= 'tail:' and state ~= ARGV[3] then
-    role = 'follower'
+    if before(ARGV[3], state) then
+      -- a replayed entry that precedes the current holder: it holds the key now, and the old
+      -- holder waits behind it as its first follower (it comes back after it, unrepaired,
+      -- and is parked again if it still fails)
+      demoted = state
+      role = 'holder'
+    else
+      role = 'follower'
+    end
   else
     role = 'holder'
   end
@@ -34,6 +51,10 @@ if redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4]) == 1 then
     due = 0
   else
     if role == 'holder' then redis.call('HSET', KEYS[6], ARGV[6], ARGV[3]) end
+    if demoted then
+      redis.call('ZREM', KEYS[3], demoted)
+      redis.call('LPUSH', KEYS[7], demoted)
+    end
     redis.call('ZADD', KEYS[3], due, ARGV[3])
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'due', due)
   end

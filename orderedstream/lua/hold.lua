@@ -17,10 +17,18 @@ local cur = redis.call('GET', KEYS[2])
 if cur ~= ARGV[1] then
   return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
 end
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
 local state = redis.call('HGET', KEYS[4], ARGV[4])
 if not state then return {'free', 1} end
 if string.sub(state, 1, 5) ~= 'tail:' then
-  if state == ARGV[3] then return {'free', 0} end
+  -- an entry before the holder in the stream (a replay after a crash) precedes it: let it be
+  if state == ARGV[3] or before(ARGV[3], state) then return {'free', 0} end
   if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[6]) == 1 then
     redis.call('RPUSH', KEYS[5], ARGV[3])
   end
@@ -31,13 +39,7 @@ end
 -- `last`: copies of this generation pass in order; anything else of the key still before
 -- `last` (an original, or a copy of an older generation) is moved behind `last`
 local gen, last = string.match(state, '^tail:([^:]+):(.+)$')
-local function before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, bms = tonumber(ams), tonumber(bms)
-  if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
-end
+if ARGV[5] ~= gen and before(ARGV[3], gen) then return {'free', 0} end  -- before the holder
 if ARGV[5] == gen then
   if ARGV[3] == last or before(last, ARGV[3]) then
     redis.call('HDEL', KEYS[4], ARGV[4])
