@@ -168,7 +168,7 @@ def test_service_demo_health_and_graceful_sigterm(server: ServerProcess, stream:
     try:
         one, url_one = start("svc-1")
         wait_until(lambda: health(url_one)["role"] == "owner", 10, message="svc-1 owns")
-        two, url_two = start("svc-2")
+        _, url_two = start("svc-2")
         wait_until(lambda: health(url_two)["role"] == "standby", 10, message="svc-2 waits")
         redis.Redis.from_url(server.url).xadd(stream, {"seq": "1"})
         wait_until(lambda: health(url_one)["handled"] == 1, 10, message="svc-1 handled it")
