@@ -9,15 +9,14 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from time import monotonic
-from types import TracebackType
 from typing import Any
 
 import redis
 
+from ._background import Background
 from ._config import CoordinatorConfig
 from ._deadletter import Parker
 from ._events import (
@@ -42,7 +41,7 @@ from ._lease import CONNECTION_ERRORS, Holder, Lease, LeaseManager, Renewer
 from ._message import Message, Term
 from ._scripts import EVENTS_MAXLEN, Scripts, translate
 from ._server import client_from_url, clone_client, connect_check
-from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner, OrderedStreamError
+from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner
 
 log = logging.getLogger("orderedstream")
 
@@ -72,7 +71,7 @@ def _safe_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.:{}" else "_" for ch in text)
 
 
-class Coordinator:
+class Coordinator(Background):
     """Single active consumer for one (stream, group), with ordered failover.
 
     >>> coordinator = Coordinator(config, handler, redis.Redis())   # doctest: +SKIP
@@ -83,6 +82,8 @@ class Coordinator:
     ``stop(timeout)`` is idempotent, bounded, and hands the lease to a standby at once.
     """
 
+    _kind = "coordinator"
+
     def __init__(self, config: CoordinatorConfig, handler: Handler, client: redis.Redis,
                  *, hooks: Sequence[Hook] = ()) -> None:
         self.config = config
@@ -92,7 +93,7 @@ class Coordinator:
         base = _safe_name(f"os:{config.consumer}")
         timeout_s = config.socket_timeout_ms / 1000.0
         self._cmd_name = f"{base}:cmd"
-        self._cmd = clone_client(client, name=self._cmd_name, socket_timeout_s=timeout_s)
+        super().__init__(clone_client(client, name=self._cmd_name, socket_timeout_s=timeout_s))
         self._wait = clone_client(client, name=f"{base}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.block_ms / 1000.0)
         beat_timeout = max(config.lease.renew_interval_ms / 1000.0, 0.2)
@@ -106,17 +107,11 @@ class Coordinator:
         self._hold_field = (config.hold_key_field.encode()
                             if config.hold_key_field is not None else None)
         self._held: set[str] = set()  # hold-key mode: keys that may be held (a superset)
-        self._stop = threading.Event()
-        self._halting = False  # mirrors _stop, read without a call in the hot loop
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._wait_id: int | None = None
         self._watch = config.lease.watch_connection
         self._role = Role.STARTING
         self._lease: Lease | None = None
         self._handled = 0
         self._max_messages: int | None = None
-        self._error: BaseException | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -147,58 +142,18 @@ class Coordinator:
 
     def start(self, *, max_messages: int | None = None) -> None:
         """Run in a background thread; returns at once.  Server errors surface from ``join``."""
-        if self._thread is not None:
-            raise OrderedStreamError("coordinator already started")
         self._max_messages = max_messages
-        self._thread = threading.Thread(target=self._thread_main, name="orderedstream",
-                                        daemon=True)
-        self._thread.start()
-
-    def _thread_main(self) -> None:
-        try:
-            self._main()
-        except BaseException as err:
-            self._error = err
-            log.error("coordinator stopped on error: %r", err)
+        self._start_thread()
 
     def run(self, *, max_messages: int | None = None) -> None:
         """Run in the caller's thread until ``stop()``, ``max_messages`` or a fatal error."""
         self._max_messages = max_messages
         self._main()
 
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the loop to end; re-raise the error that ended it.  True once ended."""
-        ended = self._stopped.wait(timeout)
-        if ended and self._error is not None:
-            raise self._error
-        return ended
-
     def stop(self, timeout: float = 10.0) -> bool:
         """Ask the loop to stop, hand the lease over, and wait up to ``timeout`` seconds.
         Idempotent; returns True once the loop has ended."""
-        self._halting = True
-        self._stop.set()
-        self._unblock()
-        if self._thread is None or threading.current_thread() is self._thread:
-            return self._stopped.is_set()
-        return self._stopped.wait(timeout)
-
-    def __enter__(self) -> Coordinator:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def _unblock(self) -> None:
-        """Wake the waiting connection (XREAD BLOCK) so stop() does not wait out block_ms."""
-        wait_id = self._wait_id
-        if wait_id is None:
-            return
-        with contextlib.suppress(redis.RedisError, OSError):
-            self._cmd.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "UNBLOCK", wait_id)
+        return super().stop(timeout)
 
     # -- main loop ------------------------------------------------------------------------
 

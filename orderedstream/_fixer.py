@@ -10,16 +10,14 @@ parked, and a late fixer whose claim was taken over is refused).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import attrs
 import redis
 
+from ._background import Background
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
 from ._events import Emitter, FixerPass, Hook, RepairFailed
@@ -64,7 +62,7 @@ def _flatten(fields: Mapping[Any, FieldValue]) -> list[bytes]:
     return flat
 
 
-class Fixer:
+class Fixer(Background):
     """Repairs and re-streams the parked entries of one (stream, group).
 
     >>> with Fixer(FixerConfig(stream="orders", group="workers"), repair, client):  # doctest: +SKIP
@@ -73,6 +71,8 @@ class Fixer:
     Any number of fixers may run side by side: each entry is taken by one at a time.
     """
 
+    _kind = "fixer"
+
     def __init__(self, config: FixerConfig, repair: Repair, client: redis.Redis,
                  *, hooks: Sequence[Hook] = ()) -> None:
         self.config = config
@@ -80,15 +80,11 @@ class Fixer:
         self._keys = GroupKeys(config.stream, config.group)
         self._emit = Emitter(hooks)
         timeout_s = config.socket_timeout_ms / 1000.0
-        self._cmd = clone_client(client, name=f"os-fix:{config.name}", socket_timeout_s=timeout_s)
+        super().__init__(clone_client(client, name=f"os-fix:{config.name}",
+                                      socket_timeout_s=timeout_s))
         self._wait = clone_client(client, name=f"os-fix:{config.name}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.max_wait_ms / 1000.0)
         self._scripts = Scripts(self._cmd)
-        self._stop = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._wait_id: int | None = None
-        self._error: BaseException | None = None
         self._last_signal = "$"
         self._last_counts: tuple[int, int] | None = None
         self.totals = {"restreamed": 0, "rescheduled": 0, "buried": 0, "lost": 0}
@@ -98,24 +94,18 @@ class Fixer:
                  *, hooks: Sequence[Hook] = ()) -> Fixer:
         return cls(config, repair, client_from_url(url), hooks=hooks)
 
-    # -- lifecycle (same shape as Coordinator) ------------------------------------------------
+    # -- lifecycle (shared with the Coordinator: ._background) ----------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise OrderedStreamError("fixer already started")
-        self._thread = threading.Thread(target=self._thread_main, name="orderedstream-fixer",
-                                        daemon=True)
-        self._thread.start()
-
-    def _thread_main(self) -> None:
-        try:
-            self.run()
-        except BaseException as err:
-            self._error = err
-            log.error("fixer stopped on error: %r", err)
+        """Run in a background thread; returns at once.  Errors surface from ``join``."""
+        self._start_thread()
 
     def run(self) -> None:
-        """Fix until ``stop()``: pass after pass, sleeping until the next entry is due."""
+        """Fix until ``stop()``, in the caller's thread."""
+        self._main()
+
+    def _main(self) -> None:
+        """Pass after pass, sleeping until the next entry is due (or a new one is parked)."""
         try:
             connect_check(self._cmd)
             while not self._stop.is_set():
@@ -132,31 +122,6 @@ class Fixer:
             self._cmd.close()
             self._wait.close()
             self._stopped.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        ended = self._stopped.wait(timeout)
-        if ended and self._error is not None:
-            raise self._error
-        return ended
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        self._stop.set()
-        wait_id = self._wait_id
-        if wait_id is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                self._cmd.execute_command(  # type: ignore[no-untyped-call]
-                    "CLIENT", "UNBLOCK", wait_id)
-        if self._thread is None or threading.current_thread() is self._thread:
-            return self._stopped.is_set()
-        return self._stopped.wait(timeout)
-
-    def __enter__(self) -> Fixer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def _sleep(self, next_due_ms: int) -> None:
         """Until the next entry is due, or a new one is parked.  A server-side XREAD BLOCK

@@ -28,8 +28,20 @@ Encodable = str | bytes | int | float
 
 
 def _load(name: str) -> str:
+    """A script's text, with each ``--! include lib/x.lua`` line replaced by that file (Lua
+    scripts sent to the server cannot load code of their own)."""
     folder = resources.files("orderedstream").joinpath("lua")
-    return folder.joinpath(f"{name}.lua").read_text("utf-8")
+    text = folder.joinpath(f"{name}.lua").read_text("utf-8")
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("--! include "):
+            part = folder
+            for step in line.split()[2].split("/"):
+                part = part.joinpath(step)
+            lines.append(part.read_text("utf-8"))
+        else:
+            lines.append(line)
+    return "".join(lines)
 
 
 def script_names() -> list[str]:

@@ -112,3 +112,15 @@ def consumers(server: ServerProcess | External, stream: str,
     group = Consumers(server.url, stream, tmp_path / "record.jsonl")
     yield group
     group.stop_all()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; any still running at the end are killed."""
+    running: list[subprocess.Popen[bytes]] = []
+    yield running
+    for p in running:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait(10)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,16 +311,6 @@ def _cli(url: str, stream: str, *args: str) -> str:
 
 
 # -- processes ------------------------------------------------------------------------------
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    running: list[subprocess.Popen[bytes]] = []
-    yield running
-    for p in running:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
 
 def _spawn(running: list[subprocess.Popen[bytes]], log: Path, *args: str,
            env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

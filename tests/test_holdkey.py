@@ -10,7 +10,6 @@ import sys
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,16 +125,6 @@ def test_hold_key_order_for_any_mix(server: ServerProcess, plan: list[tuple[str,
         client.delete(stream, *GroupKeys(stream, "g").all(),
                       *[GroupKeys(stream, "g").followers(k) for k in "abc"])
         client.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    running: list[subprocess.Popen[bytes]] = []
-    yield running
-    for p in running:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
 
 
 @pytest.mark.slow

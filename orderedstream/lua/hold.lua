@@ -17,13 +17,7 @@ local cur = redis.call('GET', KEYS[2])
 if cur ~= ARGV[1] then
   return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
 end
-local function before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, bms = tonumber(ams), tonumber(bms)
-  if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
-end
+--! include lib/ids.lua
 local state = redis.call('HGET', KEYS[4], ARGV[4])
 if not state then return {'free', 1} end
 if string.sub(state, 1, 5) ~= 'tail:' then
