@@ -154,6 +154,12 @@ def split_headers(raw: Mapping[bytes, bytes]) -> tuple[dict[bytes, bytes], dict[
     return fields, headers
 
 
+def follower_member(entry: ParkedEntry) -> str:
+    """Its member in the followers zset of its key (see lua/lib/held.lua)."""
+    seq = entry.origin_id.partition("-")[2]
+    return f"{seq:0>20} {entry.id}"
+
+
 class Parker:
     """Parks entries for one (stream, group) through the fenced ``defer`` script."""
 
@@ -186,7 +192,8 @@ class Parker:
         due, role = self._scripts.call(
             "defer", [stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
                       keys.followers(hold_key or "")],
-            [token, self._group, entry_id, record.to_json(), delay_ms, hold_key or ""])
+            [token, self._group, entry_id, record.to_json(), delay_ms, hold_key or "",
+             record.origin_id])
         role = role.decode() if isinstance(role, bytes) else str(role)
         return EntryParked(stream=stream, group=self._group, consumer=consumer,
                            entry_id=entry_id, reason=reason, due_ms=int(due),

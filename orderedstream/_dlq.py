@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,7 +10,7 @@ import attrs
 import redis
 
 from ._config import FixerConfig
-from ._deadletter import MalformedRecord, ParkedEntry
+from ._deadletter import MalformedRecord, ParkedEntry, follower_member
 from ._fixer import Fixer
 from ._keys import GroupKeys
 
@@ -164,12 +165,17 @@ class DeadLetters:
                                     reason="malformed", raw={})
             if entry.role == "follower" and entry.hold_key is not None:
                 pipe = self._client.pipeline(transaction=True)
-                pipe.lrem(keys.followers(entry.hold_key), 0, entry_id)
+                pipe.zrem(keys.followers(entry.hold_key), follower_member(entry))
                 pipe.hdel(keys.parked, entry_id)
                 purged += int(pipe.execute()[1])
-            elif fixer.release(entry, [], "purge", "purged by an operator",
-                               token="") is not None:
-                purged += 1
+                continue
+            for _ in range(50):  # 'notyet': the owner has not passed the key's last release
+                status, _count = fixer.release(entry, [], "purge", "purged by an operator",
+                                               token="")
+                if status != "notyet":
+                    break
+                time.sleep(0.1)
+            purged += status == "ok"
         return purged
 
 

@@ -33,6 +33,9 @@ FieldValue = str | bytes | int | float
 Repair = Callable[[ParkedEntry], Mapping[str, FieldValue] | Mapping[bytes, FieldValue]]
 
 
+_NOT_YET_MS = 100  # hold-key mode: retry a release this soon when the owner is still behind
+
+
 class Unrepairable(OrderedStreamError):
     """Raise from a repair function to send the entry to the graveyard at once (no retries)."""
 
@@ -208,14 +211,15 @@ class Fixer(Background):
                 "fix_reschedule", [keys.delay, keys.parked], [token, *reschedule]))
             lost += len(reschedule) // 3 - rescheduled
         plain_bury: list[Any] = []
+        not_yet: list[Any] = []
         for bury_entry, entry_id, text, reason in bury:
             if bury_entry is not None and bury_entry.hold_key is not None:
-                result = self.release(bury_entry, [], "bury", reason, token=token)
-                if result is None:
-                    lost += 1
-                else:
-                    buried += 1
-                    released += result
+                status, count = self.release(bury_entry, [], "bury", reason, token=token)
+                buried += status == "ok"
+                lost += status == "lost"
+                released += count
+                if status == "notyet":
+                    not_yet += [entry_id, _NOT_YET_MS, bury_entry.to_json()]
             else:
                 plain_bury += [entry_id, text, reason]
         if plain_bury:
@@ -224,12 +228,15 @@ class Fixer(Background):
             buried += sum(1 for gid in out if gid)
             lost += sum(1 for gid in out if not gid)
         for entry, flat in holders:
-            result = self.release(entry, flat, "restream", "", token=token)
-            if result is None:
-                lost += 1
-            else:
-                restreamed += 1
-                released += result
+            status, count = self.release(entry, flat, "restream", "", token=token)
+            restreamed += status == "ok"
+            lost += status == "lost"
+            released += count
+            if status == "notyet":  # not a failure: the owner is still behind; soon again
+                not_yet += [entry.id, _NOT_YET_MS, entry.to_json()]
+        if not_yet:
+            rescheduled += int(self._scripts.call(
+                "fix_reschedule", [keys.delay, keys.parked], [token, *not_yet]))
         parked = int(self._cmd.zcard(keys.delay))
         totals = self.totals
         totals["restreamed"] += restreamed
@@ -247,33 +254,33 @@ class Fixer(Background):
         return event
 
     def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
-                *, token: str) -> int | None:
+                *, token: str) -> tuple[str, int]:
         """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
-        append its followers behind, in one script.  ``token`` is the claim's until_ms, or ''
-        for an operator's command.  The number of followers released, or None when the entry
-        is not ours (claim lost) / not parked any more."""
+        append its followers behind, in origin order, in one script.  ``token`` is the claim's
+        until_ms, or '' for an operator's command.  Returns (status, followers released):
+        'ok'; 'lost' when the entry is not ours (claim lost) or not parked any more; 'notyet'
+        when the owner has not yet passed the key's previous release (try again shortly)."""
         keys = self._keys
         hold_key = entry.hold_key or ""
         followers_key = keys.followers(hold_key) if hold_key else keys.followers("")
         for _ in range(100):
-            follower_ids: list[Any] = self._cmd.lrange(followers_key, 0, -1) if hold_key else []
+            members: list[Any] = self._cmd.zrange(followers_key, 0, -1) if hold_key else []
+            follower_ids = [m.split(b" ", 1)[1] for m in members]
             args: list[Any] = [token, self.config.group, hold_key, entry.id, mode,
                                entry.origin_id, entry.parked, entry.to_json(), reason,
-                               len(flat), *flat, len(follower_ids)]
-            if follower_ids:
+                               len(flat), *flat, len(members)]
+            if members:
                 records: list[Any] = self._cmd.hmget(keys.parked, follower_ids)
-                for fid, record in zip(follower_ids, records, strict=True):
+                for member, fid, record in zip(members, follower_ids, records, strict=True):
                     origin, follower_flat = _follower_fields(fid.decode(), record)
-                    args += [fid, origin, len(follower_flat), *follower_flat]
+                    args += [member, fid, origin, len(follower_flat), *follower_flat]
             reply = self._scripts.call_bulk(
                 "fix_release", [self.config.stream, keys.delay, keys.parked, keys.held,
                                 followers_key, keys.graveyard], args)
             status = reply[0].decode()
-            if status == "ok":
-                return len(follower_ids)
-            if status == "lost":
-                return None
-            # 'stale': the owner parked another follower meanwhile; read the list again
+            if status != "stale":
+                return status, len(members) if status == "ok" else 0
+            # 'stale': the owner parked another follower meanwhile; read them again
         raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
 
 

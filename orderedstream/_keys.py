@@ -93,8 +93,9 @@ class GroupKeys:
 
     @property
     def held(self) -> str:
-        """Hash: ordering key -> the parked entry holding it, or ``tail:<id>`` once the fixer
-        re-streamed it up to ``<id>`` (hold-key mode)."""
+        """Hash: ordering key -> ``<holder id> <holder origin id>`` while the entry holding it
+        is parked, ``tail:<holder id>:<last id>:<holder origin id>`` once the fixer re-streamed
+        it and its followers up to ``<last id>`` (hold-key mode; see lua/hold.lua)."""
         return self.prefix + "held"
 
     def followers(self, key: str) -> str:

@@ -7,9 +7,9 @@
 -- is then not scheduled: it returns to the stream with its holder) - unless it comes before
 -- that holder in the stream (a replay after a crash): then it takes the key over.
 -- KEYS[1] stream  KEYS[2] lease  KEYS[3] delay (zset)  KEYS[4] parked (hash)  KEYS[5] signal
--- KEYS[6] held (hash)  KEYS[7] followers of ARGV[6] (list)
+-- KEYS[6] held (hash)  KEYS[7] followers of ARGV[6] (zset, see lib/held.lua)
 -- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] record (JSON)  ARGV[5] delay_ms
--- ARGV[6] ordering key, or ''
+-- ARGV[6] ordering key, or ''   ARGV[7] the entry's origin id (its first stream id)
 -- Reply: {due ms on the server clock (0 for a follower), 'plain' | 'holder' | 'follower'}
 -- Error: NOTOWNER
 local cur = redis.call('GET', KEYS[2])
@@ -20,16 +20,27 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = now + tonumber(ARGV[5])
 --! include lib/ids.lua
+--! include lib/held.lua
+local id, origin = ARGV[3], ARGV[7]
 local role = 'plain'
-local demoted = nil
+local demoted, demoted_origin = nil, nil
+local chain = '-'
 if ARGV[6] ~= '' then
   local state = redis.call('HGET', KEYS[6], ARGV[6])
-  if state and string.sub(state, 1, 5) ~= 'tail:' and state ~= ARGV[3] then
-    if before(ARGV[3], state) then
-      -- a replayed entry that precedes the current holder: it holds the key now, and the old
-      -- holder waits behind it as its first follower (it comes back after it, unrepaired,
-      -- and is parked again if it still fails)
-      demoted = state
+  if state and string.sub(state, 1, 5) == 'tail:' then
+    -- copies of the last release may still be ahead of the owner: remember where they end
+    chain = string.match(state, '^tail:[^:]+:([^:]+):')
+    role = 'holder'
+  elseif state then
+    local hid, horigin, hchain = holder_state(state)
+    chain = hchain
+    if hid == id then
+      role = 'holder'
+    elseif before(origin, horigin) then
+      -- an entry that precedes the current holder (a replay after a crash): it holds the key
+      -- now, and the old holder waits behind it as a follower (it comes back after it,
+      -- unrepaired, and is parked again if it still fails)
+      demoted, demoted_origin = hid, horigin
       role = 'holder'
     else
       role = 'follower'
@@ -39,17 +50,19 @@ if ARGV[6] ~= '' then
   end
 end
 -- A retried call (reply lost) finds the entry parked already: keep the first record.
-if redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4]) == 1 then
+if redis.call('HSETNX', KEYS[4], id, ARGV[4]) == 1 then
   if role == 'follower' then
-    redis.call('RPUSH', KEYS[7], ARGV[3])
+    follow(KEYS[7], origin, id)
     due = 0
   else
-    if role == 'holder' then redis.call('HSET', KEYS[6], ARGV[6], ARGV[3]) end
+    if role == 'holder' then
+      redis.call('HSET', KEYS[6], ARGV[6], id .. ' ' .. origin .. ' ' .. chain)
+    end
     if demoted then
       redis.call('ZREM', KEYS[3], demoted)
-      redis.call('LPUSH', KEYS[7], demoted)
+      follow(KEYS[7], demoted_origin, demoted)
     end
-    redis.call('ZADD', KEYS[3], due, ARGV[3])
+    redis.call('ZADD', KEYS[3], due, id)
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'due', due)
   end
 end

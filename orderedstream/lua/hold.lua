@@ -2,14 +2,14 @@
 -- (hold-key mode; fenced).  Called before the handler for entries whose key the owner has
 -- seen held.
 -- KEYS[1] stream  KEYS[2] lease  KEYS[3] parked (hash)  KEYS[4] held (hash)
--- KEYS[5] followers of ARGV[4] (list)
+-- KEYS[5] followers of ARGV[4] (zset, see lib/held.lua)
 -- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] ordering key
 -- ARGV[5] the entry's os-hold-gen header ('' if none): which release appended it
 -- ARGV[6] record (JSON) to park it with   ARGV[7] its origin id (os-origin-id, or its own id)
 -- ARGV[8..] its field/value pairs without orderedstream's os-* headers
 -- Reply: {'free', released}  hand it to the handler; released = 1 when the key is not held
 --                            any more (the caller may stop asking for it)
---        {'follower'}        parked behind the holder (acked)
+--        {'follower'}        parked behind the holder, in origin order (acked)
 --        {'forwarded', id}   the holder was re-streamed up to a later id: this older entry is
 --                            appended behind the copies (acked), so the key keeps its order
 -- Error: NOTOWNER
@@ -18,22 +18,23 @@ if cur ~= ARGV[1] then
   return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
 end
 --! include lib/ids.lua
+--! include lib/held.lua
+local origin = ARGV[7]
 local state = redis.call('HGET', KEYS[4], ARGV[4])
 if not state then return {'free', 1} end
 if string.sub(state, 1, 5) ~= 'tail:' then
-  -- an entry before the holder in the stream (a replay after a crash) precedes it: let it be
-  if state == ARGV[3] or before(ARGV[3], state) then return {'free', 0} end
+  local hid, horigin = holder_state(state)
+  -- the holder itself, or an entry that precedes it (a replay after a crash): let it be
+  if hid == ARGV[3] or before(origin, horigin) then return {'free', 0} end
   if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[6]) == 1 then
-    redis.call('RPUSH', KEYS[5], ARGV[3])
+    follow(KEYS[5], origin, ARGV[3])
   end
   redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
   return {'follower'}
 end
--- the holder (generation `gen`) and its followers were re-streamed, the last of them as
--- `last`: copies of this generation pass in order; anything else of the key still before
--- `last` (an original, or a copy of an older generation) is moved behind `last`
-local gen, last = string.match(state, '^tail:([^:]+):(.+)$')
-if ARGV[5] ~= gen and before(ARGV[3], gen) then return {'free', 0} end  -- before the holder
+-- copies of this generation pass in order; an entry that precedes the holder passes; anything
+-- else of the key still positioned before `last` is moved behind it
+local gen, last, horigin = string.match(state, '^tail:([^:]+):([^:]+):(.+)$')
 if ARGV[5] == gen then
   if ARGV[3] == last or before(last, ARGV[3]) then
     redis.call('HDEL', KEYS[4], ARGV[4])
@@ -41,12 +42,13 @@ if ARGV[5] == gen then
   end
   return {'free', 0}
 end
+if before(origin, horigin) then return {'free', 0} end
 if not before(ARGV[3], last) then
   redis.call('HDEL', KEYS[4], ARGV[4])
   return {'free', 1}
 end
-local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', ARGV[7],
+local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', origin,
   'os-hold-gen', gen, unpack(ARGV, 8))
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[4], 'tail:' .. gen .. ':' .. id)
+redis.call('HSET', KEYS[4], ARGV[4], 'tail:' .. gen .. ':' .. id .. ':' .. horigin)
 return {'forwarded', id}
