@@ -204,3 +204,15 @@ def test_readme_fixer_snippet_repairs(server: ServerProcess, stream: str) -> Non
     exec(compile(code, "README.md", "exec"), {"URL": server.url, "redis": redis, "work": work})
     [(_, fields)] = client.xrange(stream)
     assert fields[b"payload"] == b"order-1" and fields[b"os-origin-id"] == b"1-1"
+
+
+def test_demo_verdict_refuses_a_woken_zombies_write_like_an_epoch_fenced_store() -> None:
+    """The demo judges the record as an epoch-fencing store would: a write with an epoch older
+    than one already written (a paused owner finishing its last call) is refused and counted."""
+    from orderedstream.cli.demo import fence
+
+    written = [{"seq": 1, "epoch": 1}, {"seq": 2, "epoch": 1}, {"seq": 2, "epoch": 2},
+               {"seq": 2, "epoch": 1}, {"seq": 3, "epoch": 2}]
+    accepted, refused = fence(written)
+    assert [(r["seq"], r["epoch"]) for r in accepted] == [(1, 1), (2, 1), (2, 2), (3, 2)]
+    assert refused == 1

@@ -113,7 +113,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         cast.producer()
         failovers: list[tuple[str, str, str, float | None]] = []
         took: list[float] = []
-        pending_kill: tuple[float, str, int] | None = None
+        pending_kill: tuple[float, str, int] | None = None  # when, whom, its epoch
         paused: list[subprocess.Popen[bytes]] = []
         started = time.monotonic()
         next_kill = started + args.kill_every
@@ -131,8 +131,10 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                 elif last_rate is None:
                     last_rate = (now, len(records))
                 if pending_kill is not None:
-                    at, victim, victim_pid = pending_kill
-                    after = [r for r in records if r["t"] >= at and r["pid"] != victim_pid]
+                    at, victim, old_epoch = pending_kill
+                    # the failover is over when a newer epoch handles something (a woken
+                    # zombie's last write carries its old epoch and does not count)
+                    after = [r for r in records if r["t"] >= at and r["epoch"] > old_epoch]
                     if after:
                         first = min(after, key=lambda r: r["t"])
                         ms = (first["t"] - at) * 1000.0
@@ -161,7 +163,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                         proc.wait(5)
                         del cast.consumers[victim]
                         action = "killed"
-                    pending_kill = (at, victim, proc.pid)
+                    pending_kill = (at, victim, status.epoch or 0)
                     failovers.append((_clock(at), f"{victim} ({action})", "...", None))
                     if not args.pause:
                         cast.consumer()
@@ -186,7 +188,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                 live.update(render_status(group_status(client, stream, group), rate=rate,
                                           failovers=failovers, title="draining..."))
                 time.sleep(0.25)
-        records = read_records(cast.record)
+        records, fenced = fence(read_records(cast.record))
         judged = verdict(((r["seq"], r["red"]) for r in records), produced, late=corrupt)
         repaired = sum(1 for r in records if r.get("repaired"))
         result = judged.as_dict()
@@ -198,6 +200,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             if took else None,
             "failovers_ms": [round(t, 1) for t in took],
             "corrupted": len(corrupt), "repaired_handled": repaired,
+            "fenced_zombie_writes": fenced,
             "stream": stream, "server": url, "logs": str(work)})
         if args.json:
             print(json.dumps(result))
@@ -210,13 +213,15 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             table.add_column("duplicates (flagged)")
             table.add_column("repaired")
             table.add_column("failover p50 / p95")
+            table.add_column("fenced zombie writes")
             ok = "green" if judged.ok else "red"
             flagged = judged.duplicates - judged.unflagged_duplicates
             table.add_row(str(produced), str(judged.handled), f"[{ok}]{len(judged.lost)}[/]",
                           f"[{ok}]{len(judged.out_of_order)}[/]",
                           f"{judged.duplicates} ({flagged})",
                           f"{repaired}/{len(corrupt)}",
-                          f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms")
+                          f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms",
+                          str(fenced))
             console.print(table)
         return 0 if not judged.lost and not judged.out_of_order else 1
     finally:
@@ -228,6 +233,20 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             server.cleanup()
         if not args.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def fence(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """What a downstream store that fences by epoch would accept: records in the order they
+    were written, minus any whose epoch is older than one already written (a paused owner's
+    last handler call, finishing after it woke up).  Returns (accepted, refused count)."""
+    newest = 0
+    accepted = []
+    for r in records:
+        if r["epoch"] < newest:
+            continue
+        newest = r["epoch"]
+        accepted.append(r)
+    return accepted, len(records) - len(accepted)
 
 
 def _produced(client: Any, stream: str) -> tuple[int, set[int]]:
