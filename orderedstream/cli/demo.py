@@ -205,23 +205,24 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            table = Table(title="verdict (from the handlers' own record)")
-            table.add_column("produced")
-            table.add_column("handled")
-            table.add_column("lost")
-            table.add_column("out of order")
-            table.add_column("duplicates (flagged)")
-            table.add_column("repaired")
-            table.add_column("failover p50 / p95")
-            table.add_column("fenced zombie writes")
             ok = "green" if judged.ok else "red"
             flagged = judged.duplicates - judged.unflagged_duplicates
-            table.add_row(str(produced), str(judged.handled), f"[{ok}]{len(judged.lost)}[/]",
-                          f"[{ok}]{len(judged.out_of_order)}[/]",
-                          f"{judged.duplicates} ({flagged})",
-                          f"{repaired}/{len(corrupt)}",
-                          f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms",
-                          str(fenced))
+            console.print()
+            table = Table(title="verdict (from the handlers' own record)", show_header=False)
+            table.add_column("measure", style="bold")
+            table.add_column("value")
+            for measure, value in (
+                    ("produced", str(produced)),
+                    ("handled", str(judged.handled)),
+                    ("lost", f"[{ok}]{len(judged.lost)}[/]"),
+                    ("out of order", f"[{ok}]{len(judged.out_of_order)}[/]"),
+                    ("duplicates", f"{judged.duplicates} ({flagged} flagged redeliveries)"),
+                    ("repaired", f"{repaired} of {len(corrupt)} corrupted"),
+                    ("failover p50 / p95",
+                     f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms "
+                     f"over {len(took)} {'pauses' if args.pause else 'kills'}"),
+                    ("fenced zombie writes", str(fenced))):
+                table.add_row(measure, value)
             console.print(table)
         return 0 if not judged.lost and not judged.out_of_order else 1
     finally:
