@@ -161,7 +161,6 @@ class Fixer(Background):
             [cfg.name, cfg.batch_size, cfg.visibility_ms])
         token = str(until)  # the claim's own score: proves the entries are still ours
         restream: list[Any] = []
-        restream_ids: list[str] = []
         reschedule: list[Any] = []
         bury: list[tuple[ParkedEntry | None, str, str, str]] = []  # entry, id, record, reason
         holders: list[tuple[ParkedEntry, list[bytes]]] = []
@@ -199,7 +198,6 @@ class Fixer(Background):
                 holders.append((entry, flat))
                 continue
             restream += [entry_id, entry.origin_id, entry.parked, len(flat), *flat]
-            restream_ids.append(entry_id)
         restreamed = lost = rescheduled = buried = released = 0
         if restream:
             out = self._scripts.call_bulk("fix_restream", [cfg.stream, keys.delay, keys.parked],
@@ -237,6 +235,10 @@ class Fixer(Background):
         if not_yet:
             rescheduled += int(self._scripts.call(
                 "fix_reschedule", [keys.delay, keys.parked], [token, *not_yet]))
+        next_due = int(next_due)
+        soonest = [int(b) for b in (*reschedule[1::3], *not_yet[1::3])]
+        if soonest:  # entries put back this pass may be due before what the claim saw
+            next_due = min(soonest) if next_due < 0 else min(next_due, *soonest)
         parked = int(self._cmd.zcard(keys.delay))
         totals = self.totals
         totals["restreamed"] += restreamed
@@ -246,8 +248,8 @@ class Fixer(Background):
         event = FixerPass(stream=cfg.stream, group=cfg.group, consumer=cfg.name,
                           claimed=len(ids), restreamed=restreamed, rescheduled=rescheduled,
                           buried=buried, lost=lost, followers_released=released, parked=parked,
-                          next_due_ms=int(next_due))
-        counts = (parked, int(next_due) >= 0)
+                          next_due_ms=next_due)
+        counts = (parked, next_due >= 0)
         if ids or counts != self._last_counts:
             self._emit(event)
         self._last_counts = counts
