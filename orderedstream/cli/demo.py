@@ -49,9 +49,11 @@ class _Cast:
                                  "--redis-url", self.url, "--stream", self.stream,
                                  "--group", self.group], env=self.env, stdout=log, stderr=log)
 
-    def consumer(self) -> str:
-        self.count += 1
-        name = f"consumer-{self.count}"
+    def consumer(self, name: str | None = None) -> str:
+        """Start a consumer: a new one, or ``name`` again (a killed one restarting)."""
+        if name is None:
+            self.count += 1
+            name = f"consumer-{self.count}"
         self.consumers[name] = self._spawn(
             name, "consume", "--name", name, "--quiet", "--lease-ttl-ms",
             str(self.args.lease_ttl_ms), "--batch", "20",
@@ -161,12 +163,11 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                     else:
                         proc.kill()
                         proc.wait(5)
-                        del cast.consumers[victim]
                         action = "killed"
                     pending_kill = (at, victim, status.epoch or 0)
                     failovers.append((_clock(at), f"{victim} ({action})", "...", None))
                     if not args.pause:
-                        cast.consumer()
+                        cast.consumer(victim)  # it comes back, as a standby
                     next_kill = time.monotonic() + args.kill_every
                 live.update(render_status(status, rate=rate, failovers=failovers,
                                           title=f"orderedstream demo - {stream}/{group} - "
