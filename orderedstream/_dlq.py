@@ -11,7 +11,7 @@ import redis
 
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, follower_member
-from ._fixer import Fixer
+from ._fixer import Fixer, _id_key
 from ._keys import GroupKeys
 
 
@@ -177,11 +177,3 @@ class DeadLetters:
                 time.sleep(0.1)
             purged += status == "ok"
         return purged
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)

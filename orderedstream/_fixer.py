@@ -164,6 +164,7 @@ class Fixer(Background):
         reschedule: list[Any] = []
         bury: list[tuple[ParkedEntry | None, str, str, str]] = []  # entry, id, record, reason
         holders: list[tuple[ParkedEntry, list[bytes]]] = []
+        not_yet: list[Any] = []
         for raw_id, record in zip(ids, records, strict=True):
             entry_id = raw_id.decode()
             try:
@@ -171,6 +172,9 @@ class Fixer(Background):
             except MalformedRecord as err:
                 text = record.decode("utf-8", "replace") if isinstance(record, bytes) else ""
                 bury.append((None, entry_id, text, str(err)))
+                continue
+            if entry.hold_key is not None and not self._release_ready(entry):
+                not_yet += [entry_id, _NOT_YET_MS, entry.to_json()]  # repair it when it can go
                 continue
             try:
                 flat = _flatten(self._repair(entry))
@@ -209,7 +213,6 @@ class Fixer(Background):
                 "fix_reschedule", [keys.delay, keys.parked], [token, *reschedule]))
             lost += len(reschedule) // 3 - rescheduled
         plain_bury: list[Any] = []
-        not_yet: list[Any] = []
         for bury_entry, entry_id, text, reason in bury:
             if bury_entry is not None and bury_entry.hold_key is not None:
                 status, count = self.release(bury_entry, [], "bury", reason, token=token)
@@ -255,6 +258,28 @@ class Fixer(Background):
         self._last_counts = counts
         return event
 
+    def _release_ready(self, entry: ParkedEntry) -> bool:
+        """Hold-key mode: may this holder be released now?  The same test fix_release.lua
+        makes (which stays the authority); asked first so a repair is not called again and
+        again while the owner is still behind the key's previous release."""
+        keys = self._keys
+        state: Any = self._cmd.hget(keys.held, entry.hold_key or "")
+        parts = state.split() if state else []
+        if len(parts) != 3 or parts[0].decode() != entry.id or parts[2] == b"-":
+            return True
+        chain = parts[2].decode()
+        cfg = self.config
+        if self._cmd.xpending_range(cfg.stream, cfg.group, "-", chain, 1):
+            return False
+        groups: Any = self._cmd.xinfo_groups(cfg.stream)
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if name == cfg.group:
+                last = group["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else str(last)
+                return _id_key(last) >= _id_key(chain)
+        return True
+
     def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
                 *, token: str) -> tuple[str, int]:
         """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
@@ -284,6 +309,11 @@ class Fixer(Background):
                 return status, len(members) if status == "ok" else 0
             # 'stale': the owner parked another follower meanwhile; read them again
         raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _follower_fields(entry_id: str, record: bytes | None) -> tuple[str, list[bytes]]:
