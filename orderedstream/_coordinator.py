@@ -39,7 +39,7 @@ from ._events import (
 from ._keys import GroupKeys
 from ._lease import CONNECTION_ERRORS, Holder, Lease, LeaseManager, Renewer
 from ._message import Message, Term
-from ._scripts import EVENTS_MAXLEN, Scripts, translate
+from ._scripts import EVENTS_MAXLEN, Scripts, pack_command, translate
 from ._server import client_from_url, clone_client, connect_check
 from .exceptions import Defer, HandlerFailed, LeaseLost, NotOwner
 
@@ -552,14 +552,6 @@ class Coordinator(Background):
         return False
 
 
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-    _pack_command = _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is an optional extra
-    _pack_command = None
-
-
 class _Resync(Exception):
     """Internal: a read-ahead's bodies do not match what the fenced script delivered (an entry
     was deleted in between, or the group's last-delivered id was not where we thought); read the
@@ -590,8 +582,8 @@ class _ReadAhead:
         start = after.decode() if isinstance(after, bytes) else after
         commands = [(*self._head, *acks),
                     ("XRANGE", self._stream, f"({start}", "+", "COUNT", self._batch)]
-        if _pack_command is not None:  # hiredis, without redis-py's per-argument checks
-            self._conn.send_packed_command([_pack_command(c) for c in commands])
+        if pack_command is not None:  # hiredis, without redis-py's per-argument checks
+            self._conn.send_packed_command([pack_command(c) for c in commands])
         else:
             self._conn.send_packed_command(self._conn.pack_commands(commands))
         self._sent_acks = acks

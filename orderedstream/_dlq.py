@@ -11,8 +11,8 @@ import redis
 
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, follower_member
-from ._fixer import Fixer, _id_key
-from ._keys import GroupKeys
+from ._fixer import Fixer
+from ._keys import GroupKeys, id_order
 
 
 @attrs.frozen(kw_only=True)
@@ -93,7 +93,7 @@ class DeadLetters:
                 entry_id = raw_id.decode()
                 if entry_id not in due and self._client.zscore(keys.delay, entry_id) is None:
                     extra.append(entry_id)
-            ids += sorted(extra, key=_id_key)[: limit - len(ids)]
+            ids += sorted(extra, key=id_order)[: limit - len(ids)]
         return self._describe(ids, due, now)
 
     def _describe(self, ids: list[str], due: dict[str, int], now: int) -> list[ListedEntry]:

@@ -21,7 +21,7 @@ from ._background import Background
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
 from ._events import Emitter, FixerPass, Hook, RepairFailed
-from ._keys import GroupKeys
+from ._keys import GroupKeys, id_order
 from ._lease import CONNECTION_ERRORS
 from ._scripts import Scripts
 from ._server import client_from_url, clone_client, connect_check
@@ -277,7 +277,7 @@ class Fixer(Background):
             if name == cfg.group:
                 last = group["last-delivered-id"]
                 last = last.decode() if isinstance(last, bytes) else str(last)
-                return _id_key(last) >= _id_key(chain)
+                return id_order(last) >= id_order(chain)
         return True
 
     def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
@@ -309,11 +309,6 @@ class Fixer(Background):
                 return status, len(members) if status == "ok" else 0
             # 'stale': the owner parked another follower meanwhile; read them again
         raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _follower_fields(entry_id: str, record: bytes | None) -> tuple[str, list[bytes]]:

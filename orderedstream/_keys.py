@@ -28,6 +28,12 @@ def hash_tag(stream: str) -> str:
     return stream
 
 
+def id_order(entry_id: str) -> tuple[int, int]:
+    """A stream id ('ms-seq') as a sortable pair (the same order as lua/lib/ids.lua's before)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 @attrs.frozen
 class GroupKeys:
     """Keys of one (stream, group)."""

@@ -17,12 +17,13 @@ from .exceptions import GroupMissing, NotOwner, OrderedStreamError
 
 EVENTS_MAXLEN = 1000
 
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+# hiredis packs a whole command in one C call; redis-py encodes each argument in Python first
+pack_command: Callable[[tuple[Any, ...]], bytes] | None
 try:
     from hiredis import pack_command as _hiredis_pack
-    _pack_command = _hiredis_pack
+    pack_command = _hiredis_pack
 except ImportError:  # pragma: no cover - hiredis is an optional extra
-    _pack_command = None
+    pack_command = None
 
 Encodable = str | bytes | int | float
 
@@ -78,7 +79,7 @@ class Scripts:
     def call_bulk(self, name: str, keys: Sequence[str], args: Sequence[Encodable]) -> Any:
         """Like :meth:`call`, for calls with thousands of arguments: packed by hiredis in one
         step (redis-py checks and encodes every argument in Python first)."""
-        if _pack_command is None:
+        if pack_command is None:
             return self.call(name, keys, args)
         script = self._scripts[name]
         pool = self._client.connection_pool
@@ -86,7 +87,7 @@ class Scripts:
             conn: Any = pool.get_connection()
             try:
                 conn.send_packed_command(
-                    [_pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))])
+                    [pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))])
                 reply = conn.read_response()
             except redis.exceptions.NoScriptError:
                 pool.release(conn)
