@@ -89,10 +89,11 @@ class DeadLetters:
             # followers: records without a delay-set member
             extra: list[str] = []
             everything: list[Any] = self._client.hkeys(keys.parked)
-            for raw_id in everything:
-                entry_id = raw_id.decode()
-                if entry_id not in due and self._client.zscore(keys.delay, entry_id) is None:
-                    extra.append(entry_id)
+            for start in range(0, len(everything), 1000):  # one ZMSCORE per 1000 records
+                chunk = everything[start:start + 1000]
+                scores: list[Any] = self._client.zmscore(keys.delay, chunk)
+                extra += [raw_id.decode() for raw_id, score in zip(chunk, scores, strict=True)
+                          if score is None]
             ids += sorted(extra, key=id_order)[: limit - len(ids)]
         return self._describe(ids, due, now)
 
