@@ -9,10 +9,10 @@ from typing import Any
 import attrs
 import redis
 
-from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, follower_member
-from ._fixer import Fixer
+from ._fixer import release
 from ._keys import GroupKeys, id_order
+from ._scripts import Scripts
 
 
 @attrs.frozen(kw_only=True)
@@ -154,8 +154,7 @@ class DeadLetters:
         keys = self.keys
         chosen = list(ids) if ids is not None else [
             m.decode() for m in self._client.zrange(keys.delay, 0, -1)]  # type: ignore[union-attr]
-        fixer = Fixer(FixerConfig(stream=self.stream, group=self.group, name="dlq"),
-                      lambda e: e.raw, self._client)
+        scripts = Scripts(self._client)
         purged = 0
         for entry_id in chosen:
             record = self._client.hget(keys.parked, entry_id)
@@ -171,8 +170,8 @@ class DeadLetters:
                 purged += int(pipe.execute()[1])
                 continue
             for _ in range(50):  # 'notyet': the owner has not passed the key's last release
-                status, _count = fixer.release(entry, [], "purge", "purged by an operator",
-                                               token="")
+                status, _count = release(self._client, scripts, keys, entry, [], "purge",
+                                         "purged by an operator", token="")
                 if status != "notyet":
                     break
                 time.sleep(0.1)

@@ -215,7 +215,8 @@ class Fixer(Background):
         plain_bury: list[Any] = []
         for bury_entry, entry_id, text, reason in bury:
             if bury_entry is not None and bury_entry.hold_key is not None:
-                status, count = self.release(bury_entry, [], "bury", reason, token=token)
+                status, count = release(self._cmd, self._scripts, keys, bury_entry, [],
+                                        "bury", reason, token=token)
                 buried += status == "ok"
                 lost += status == "lost"
                 released += count
@@ -229,7 +230,8 @@ class Fixer(Background):
             buried += sum(1 for gid in out if gid)
             lost += sum(1 for gid in out if not gid)
         for entry, flat in holders:
-            status, count = self.release(entry, flat, "restream", "", token=token)
+            status, count = release(self._cmd, self._scripts, keys, entry, flat, "restream",
+                                    "", token=token)
             restreamed += status == "ok"
             lost += status == "lost"
             released += count
@@ -280,35 +282,35 @@ class Fixer(Background):
                 return id_order(last) >= id_order(chain)
         return True
 
-    def release(self, entry: ParkedEntry, flat: list[bytes], mode: str, reason: str,
-                *, token: str) -> tuple[str, int]:
-        """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
-        append its followers behind, in origin order, in one script.  ``token`` is the claim's
-        until_ms, or '' for an operator's command.  Returns (status, followers released):
-        'ok'; 'lost' when the entry is not ours (claim lost) or not parked any more; 'notyet'
-        when the owner has not yet passed the key's previous release (try again shortly)."""
-        keys = self._keys
-        hold_key = entry.hold_key or ""
-        followers_key = keys.followers(hold_key) if hold_key else keys.followers("")
-        for _ in range(100):
-            members: list[Any] = self._cmd.zrange(followers_key, 0, -1) if hold_key else []
-            follower_ids = [m.split(b" ", 1)[1] for m in members]
-            args: list[Any] = [token, self.config.group, hold_key, entry.id, mode,
-                               entry.origin_id, entry.parked, entry.to_json(), reason,
-                               len(flat), *flat, len(members)]
-            if members:
-                records: list[Any] = self._cmd.hmget(keys.parked, follower_ids)
-                for member, fid, record in zip(members, follower_ids, records, strict=True):
-                    origin, follower_flat = _follower_fields(fid.decode(), record)
-                    args += [member, fid, origin, len(follower_flat), *follower_flat]
-            reply = self._scripts.call_bulk(
-                "fix_release", [self.config.stream, keys.delay, keys.parked, keys.held,
-                                followers_key, keys.graveyard], args)
-            status = reply[0].decode()
-            if status != "stale":
-                return status, len(members) if status == "ok" else 0
-            # 'stale': the owner parked another follower meanwhile; read them again
-        raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
+
+def release(client: redis.Redis, scripts: Scripts, keys: GroupKeys, entry: ParkedEntry,
+            flat: list[bytes], mode: str, reason: str, *, token: str) -> tuple[str, int]:
+    """Settle a holder (hold-key mode) or purge any entry: re-stream, bury or purge it and
+    append its followers behind, in origin order, in one script.  ``token`` is the claim's
+    until_ms, or '' for an operator's command.  Returns (status, followers released): 'ok';
+    'lost' when the entry is not ours (claim lost) or not parked any more; 'notyet' when the
+    owner has not yet passed the key's previous release (try again shortly)."""
+    hold_key = entry.hold_key or ""
+    followers_key = keys.followers(hold_key)
+    for _ in range(100):
+        members: list[Any] = client.zrange(followers_key, 0, -1) if hold_key else []
+        follower_ids = [m.split(b" ", 1)[1] for m in members]
+        args: list[Any] = [token, keys.group, hold_key, entry.id, mode, entry.origin_id,
+                           entry.parked, entry.to_json(), reason, len(flat), *flat,
+                           len(members)]
+        if members:
+            records: list[Any] = client.hmget(keys.parked, follower_ids)
+            for member, fid, record in zip(members, follower_ids, records, strict=True):
+                origin, follower_flat = _follower_fields(fid.decode(), record)
+                args += [member, fid, origin, len(follower_flat), *follower_flat]
+        reply = scripts.call_bulk(
+            "fix_release", [keys.stream, keys.delay, keys.parked, keys.held, followers_key,
+                            keys.graveyard], args)
+        status = reply[0].decode()
+        if status != "stale":
+            return status, len(members) if status == "ok" else 0
+        # 'stale': the owner parked another follower meanwhile; read them again
+    raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
 
 
 def _follower_fields(entry_id: str, record: bytes | None) -> tuple[str, list[bytes]]:
