@@ -13,6 +13,7 @@ from ._deadletter import MalformedRecord, ParkedEntry, follower_member
 from ._fixer import release
 from ._keys import GroupKeys, id_order
 from ._scripts import Scripts
+from ._server import server_ms
 
 
 @attrs.frozen(kw_only=True)
@@ -52,10 +53,6 @@ class DeadLetters:
         self.group = group
         self.keys = GroupKeys(stream, group)
 
-    def _now_ms(self) -> int:
-        seconds, micros = self._client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
-
     def counts(self) -> DeadLetterCounts:
         keys = self.keys
         pipe = self._client.pipeline(transaction=False)
@@ -66,8 +63,8 @@ class DeadLetters:
         pipe.hlen(keys.held)
         pipe.zrange(keys.delay, 0, 0, withscores=True)
         pipe.time()
-        parked, records, claims, graveyard, held, first, (sec, usec) = pipe.execute()
-        now = int(sec) * 1000 + int(usec) // 1000
+        parked, records, claims, graveyard, held, first, time_reply = pipe.execute()
+        now = server_ms(self._client, time_reply)
         claimed = 0
         for value in claims.values():
             until = int(value.split()[0])
@@ -80,7 +77,7 @@ class DeadLetters:
     def entries(self, limit: int = 50, offset: int = 0) -> list[ListedEntry]:
         """Parked entries by due time, then followers (hold-key mode) by id."""
         keys = self.keys
-        now = self._now_ms()
+        now = server_ms(self._client)
         scored: list[Any] = self._client.zrange(keys.delay, offset, offset + limit - 1,
                                                 withscores=True)
         due = {member.decode(): int(score) for member, score in scored}
@@ -122,7 +119,7 @@ class DeadLetters:
         if score is None and not self._client.hexists(self.keys.parked, entry_id):
             return None
         due = {entry_id: int(score)} if score is not None else {}
-        return self._describe([entry_id], due, self._now_ms())[0]
+        return self._describe([entry_id], due, server_ms(self._client))[0]
 
     def graveyard(self, limit: int = 50) -> list[dict[str, Any]]:
         """The most recent buried entries: graveyard id, original id, reason, record."""

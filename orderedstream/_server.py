@@ -122,3 +122,10 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     server = parse_info(info)
     check_supported(server)
     return server
+
+
+def server_ms(client: redis.Redis, reply: Any = None) -> int:
+    """The server's clock in ms (what leases and due times are measured on).  ``reply``: a TIME
+    reply already fetched (e.g. in a pipeline)."""
+    seconds, micros = reply if reply is not None else client.time()
+    return int(seconds) * 1000 + int(micros) // 1000

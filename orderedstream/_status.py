@@ -11,6 +11,7 @@ import redis
 
 from ._dlq import DeadLetterCounts, DeadLetters
 from ._keys import GroupKeys
+from ._server import server_ms
 
 
 @attrs.frozen(kw_only=True)
@@ -72,8 +73,7 @@ def group_status(client: redis.Redis, stream: str, group: str,
                  timeline: int = 20) -> GroupStatus:
     """Read the state of (stream, group).  Needs XINFO; CLIENT LIST is used when permitted."""
     keys = GroupKeys(stream, group)
-    sec, usec = client.time()
-    now = int(sec) * 1000 + int(usec) // 1000
+    now = server_ms(client)
     lease: Any = client.get(keys.lease)
     pttl = int(client.pttl(keys.lease)) if lease else None
     owner_hash: Any = client.hgetall(keys.owner)
