@@ -10,7 +10,7 @@ import attrs
 import redis
 
 from ._dlq import DeadLetterCounts, DeadLetters
-from ._keys import GroupKeys
+from ._keys import GroupKeys, id_order
 from ._server import server_ms
 
 
@@ -69,6 +69,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _inactive(xinfo: Any) -> int | None:
+    """XINFO CONSUMERS ``inactive`` (Valkey, Redis 7.2+; -1 = never read), else None."""
+    value = xinfo.get("inactive")
+    return int(value) if value is not None and value >= 0 else None
+
+
 def group_status(client: redis.Redis, stream: str, group: str,
                  timeline: int = 20) -> GroupStatus:
     """Read the state of (stream, group).  Needs XINFO; CLIENT LIST is used when permitted."""
@@ -114,22 +120,20 @@ def group_status(client: redis.Redis, stream: str, group: str,
             state = "owner" if name == owner else "standby"
         states[name] = ConsumerState(
             name=name, state=state, pending=int(x.get("pending", 0)),
-            idle_ms=int(x["idle"]) if "idle" in x else None,
-            inactive_ms=int(x["inactive"]) if "inactive" in x and x["inactive"] >= 0 else None,
+            idle_ms=int(x["idle"]) if "idle" in x else None, inactive_ms=_inactive(x),
             pid=member.get("pid"), host=member.get("host"))
     for name, x in by_name.items():
         if name not in states:
             states[name] = ConsumerState(
                 name=name, state="owner" if name == owner else "gone",
                 pending=int(x.get("pending", 0)), idle_ms=int(x.get("idle", 0)),
-                inactive_ms=int(x["inactive"]) if "inactive" in x and x["inactive"] >= 0
-                else None)
+                inactive_ms=_inactive(x))
     pending = int(ginfo.get("pending", 0)) if ginfo else 0
     oldest_age = None
     if pending:
         summary: Any = client.xpending(stream, group)
         if summary.get("min"):
-            oldest_age = now - int(_text(summary["min"]).split("-")[0])
+            oldest_age = now - id_order(_text(summary["min"]))[0]
     lag = ginfo.get("lag") if ginfo else None
     events: Any = client.xrevrange(keys.events, count=timeline)
     line = []
