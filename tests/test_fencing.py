@@ -55,9 +55,14 @@ def test_zombie_operations_are_refused(client: redis.Redis, stream: str) -> None
         ("read", [old.token, "g", "a", 10, "0", ids[0]]),
         ("ack", [old.token, "g", *ids]),
         ("claim", [old.token, "g", "a", "b", 100]),
+        ("deliver", [old.token, "g", "a", 10, *ids]),
     ]:
         with pytest.raises(NotOwner, match=f"held by b:{new.epoch}"):
             scripts.call(name, [stream, keys.lease], args)
+    with pytest.raises(NotOwner, match=f"held by b:{new.epoch}"):
+        scripts.call("hold", [stream, keys.lease, keys.parked, keys.held, keys.followers("k")],
+                     [old.token, "g", ids[1].decode(), "k", "", json.dumps({}),
+                      ids[1].decode(), "seq", "1"])
     with pytest.raises(NotOwner):
         scripts.call("defer", [stream, keys.lease, keys.delay, keys.parked],
                      [old.token, "g", ids[0].decode(), json.dumps({}), 0])

@@ -3,10 +3,7 @@
 -- KEYS[1] stream   KEYS[2] lease
 -- ARGV[1] token    ARGV[2] group   ARGV[3..] ids
 -- Reply: number of entries acknowledged.   Error: NOTOWNER
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[1] then
-  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
-end
+--! include lib/fence.lua
 local n = 0
 for i = 3, #ARGV, 1000 do
   n = n + redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))

@@ -9,10 +9,7 @@
 --   trimmed  ids whose stream entry was gone; the server dropped them from the PEL
 --   deleted  1 when the dead consumer was deleted (its pending list was empty), else 0
 -- Error: NOTOWNER
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[1] then
-  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
-end
+--! include lib/fence.lua
 local pend = redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', ARGV[5], ARGV[4])
 local trimmed = {}
 local claimed = 0

@@ -12,10 +12,7 @@
 -- ARGV[6] ordering key, or ''   ARGV[7] the entry's origin id (its first stream id)
 -- Reply: {due ms on the server clock (0 for a follower), 'plain' | 'holder' | 'follower'}
 -- Error: NOTOWNER
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[1] then
-  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
-end
+--! include lib/fence.lua
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = now + tonumber(ARGV[5])

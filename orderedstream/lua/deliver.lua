@@ -12,10 +12,7 @@
 --   tail    when n = 0: id of the stream's last entry ('0-0' if none), to wait with XREAD
 --           BLOCK from without missing an entry added in between; else ''
 -- Error:  NOTOWNER when the lease does not hold ARGV[1]
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[1] then
-  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
-end
+--! include lib/fence.lua
 for i = 5, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end

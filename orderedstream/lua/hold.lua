@@ -13,10 +13,7 @@
 --        {'forwarded', id}   the holder was re-streamed up to a later id: this older entry is
 --                            appended behind the copies (acked), so the key keeps its order
 -- Error: NOTOWNER
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[1] then
-  return redis.error_reply('NOTOWNER lease is held by ' .. (cur or 'nobody'))
-end
+--! include lib/fence.lua
 --! include lib/ids.lua
 --! include lib/held.lua
 local origin = ARGV[7]
