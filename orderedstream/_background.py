@@ -8,15 +8,40 @@ import contextlib
 import logging
 import threading
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
+from ._recovery import CONNECTION_ERRORS
 from .exceptions import OrderedStreamError
 
 log = logging.getLogger("orderedstream")
 
 _B = TypeVar("_B", bound="Background")
+
+
+class Waiter:
+    """A connection of its own for side-effect-free blocking reads (``XREAD BLOCK``); a
+    :class:`Background` wakes it on ``stop()`` with ``CLIENT UNBLOCK``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.conn_id: int | None = None  # its server-side id, while connected
+
+    def newest(self, key: str, after: str, block_ms: int, count: int = 1) -> list[Any]:
+        """Entries of ``key`` after ``after``, waiting up to ``block_ms`` for one ([] if none)."""
+        if self.conn_id is None:
+            self.conn_id = int(self.client.client_id())
+        try:
+            reply: Any = self.client.xread({key: after}, count=count, block=max(block_ms, 1))
+        except CONNECTION_ERRORS:
+            self.conn_id = None
+            self.client.close()  # never reuse a connection interrupted mid-command
+            raise
+        return list(reply[0][1]) if reply else []
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class Background:
@@ -31,6 +56,7 @@ class Background:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._wait_id: int | None = None  # server id of the connection parked in XREAD BLOCK
+        self._waiters: list[Waiter] = []  # likewise, woken on stop()
         self._error: BaseException | None = None
 
     def _main(self) -> None:
@@ -68,13 +94,13 @@ class Background:
         return self._stopped.wait(timeout)
 
     def _unblock(self) -> None:
-        """Wake the waiting connection (XREAD BLOCK) so stop() does not wait out the block."""
-        wait_id = self._wait_id
-        if wait_id is None:
-            return
-        with contextlib.suppress(redis.RedisError, OSError):
-            self._cmd.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "UNBLOCK", wait_id)
+        """Wake the waiting connections (XREAD BLOCK) so stop() does not wait out the block."""
+        for wait_id in (self._wait_id, *(w.conn_id for w in self._waiters)):
+            if wait_id is None:
+                continue
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._cmd.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "UNBLOCK", wait_id)
 
     def __enter__(self: _B) -> _B:
         self._start_thread()
@@ -82,4 +108,8 @@ class Background:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        """Stop; then re-raise the error that ended the loop, if any (unless the ``with`` body
+        is raising already)."""
         self.stop()
+        if exc is None and self._stopped.is_set() and self._error is not None:
+            raise self._error

@@ -46,6 +46,17 @@ class RetryPolicy:
     multiplier: float = attrs.field(default=2.0)
     on_exhausted: OnExhausted = attrs.field(default="park")
     park_delay_ms: int = attrs.field(default=1_000)
+    max_deliveries: int | None = attrs.field(default=20)
+    """An entry the server has delivered more often than this without an ack (the process
+    handling it died on it again and again: a segfault, an OOM kill) is parked with the reason
+    instead of being handed out again, so it cannot stop the group.  Counted from the server's
+    delivery count; None: no limit."""
+
+    @max_deliveries.validator
+    def _check_deliveries(self, attribute: attrs.Attribute[int | None],
+                          value: int | None) -> None:
+        if value is not None and value < 2:
+            raise ConfigError(f"max_deliveries must be >= 2 or None, got {value!r}")
 
     @max_attempts.validator
     def _check_attempts(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
@@ -115,6 +126,10 @@ class CoordinatorConfig:
     create_group_from: str = "0"
     lease: LeaseConfig = attrs.field(factory=LeaseConfig)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    handler_timeout_ms: int = attrs.field(default=300_000, validator=_positive)
+    """A handler call that runs longer than this (Kafka's max.poll.interval.ms) makes the owner
+    emit ``HandlerStalled``, stop renewing and give its lease up, so a standby takes over within
+    this timeout + the lease TTL; nothing more of that term is handed out or acknowledged."""
     hold_key_field: str | None = None
     """Hold-key mode: the field that carries each entry's ordering key.  While an entry with
     key K is parked, later entries with key K are parked behind it, and come back after it, in

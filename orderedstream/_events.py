@@ -9,7 +9,7 @@ fields in ``extra``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -206,10 +206,59 @@ class RepairFailed(Event):
     level = logging.WARNING
 
 
+@attrs.frozen(kw_only=True)
+class ServerUnavailable(Event):
+    """The server cannot be used right now (connection lost, OOM at maxmemory, LOADING, a
+    read-only replica after a failover, ...): the loop backs off and tries again.  Emitted once
+    per change of reason, not on every retry."""
+
+    reason: str
+    name = "server_unavailable"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class ServerRecovered(Event):
+    """The server answers again after :class:`ServerUnavailable`; ``down_ms`` is how long it
+    did not (on this process's monotonic clock)."""
+
+    down_ms: float
+    name = "server_recovered"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class GroupRecreated(Event):
+    """The consumer group (or the whole stream) was missing, e.g. after a server restart that
+    lost its data or an operator's ``XGROUP DESTROY``; it was created again at ``start_id``."""
+
+    start_id: str
+    name = "group_recreated"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class HandlerStalled(Event):
+    """A handler call has run longer than ``handler_timeout_ms``: the owner stopped renewing and
+    gave the lease up, so a standby takes over; whatever the call does later is fenced by its
+    old epoch, and nothing more of this term is handed out or acknowledged."""
+
+    epoch: int
+    entry_id: str
+    running_ms: float
+    name = "handler_stalled"
+    level = logging.ERROR
+
+
 class Hook(Protocol):
     """Anything callable with an :class:`Event`."""
 
     def __call__(self, event: Event) -> None: ...
+
+
+Emit = Callable[..., None]
+"""``emit(EventClass, **fields)``: how the parts of a coordinator or fixer report an event (the
+owner fills in stream, group and consumer)."""
 
 
 class Emitter:

@@ -66,11 +66,25 @@ def describe_url(client: redis.Redis) -> str:
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+def client_name(text: str) -> str:
+    """``text`` as a legal client name (CLIENT SETNAME takes printable ASCII without spaces):
+    other characters, and ``%`` itself, become ``%XX`` per UTF-8 byte, so two different names
+    never map to one client name (``café`` -> ``caf%C3%A9``, ``my fixer`` -> ``my%20fixer``)."""
+    out = []
+    for ch in text:
+        if "!" <= ch <= "~" and ch != "%":
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
 def clone_client(client: redis.Redis, *, name: str | None = None,
                  socket_timeout_s: float = 5.0, single: bool = False) -> redis.Redis:
     """A client to the same server with our own settings: RESP2 bytes replies, an explicit socket
     timeout and **no automatic retries** (redis-py's default retry re-sent an XADD during a
-    server pause and wrote it twice; a re-sent blocking read is received twice)."""
+    server pause and wrote it twice; a re-sent blocking read is received twice).  ``name`` may
+    be any text: it is made a legal client name by :func:`client_name`."""
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
     for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name", "decode_responses",
@@ -82,13 +96,15 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
     new_pool = redis.ConnectionPool(
         connection_class=pool.connection_class,
         retry=Retry(NoBackoff(), 0),
-        client_name=name,
+        client_name=client_name(name) if name is not None else None,
         protocol=2,
         decode_responses=False,
         socket_timeout=socket_timeout_s,
         **kwargs,
     )
-    return redis.Redis(connection_pool=new_pool, single_connection_client=single)
+    clone = redis.Redis(connection_pool=new_pool, single_connection_client=single)
+    clone.auto_close_connection_pool = True  # the pool is ours: close() disconnects it
+    return clone
 
 
 def client_from_url(url: str) -> redis.Redis:

@@ -67,3 +67,14 @@ class Defer(Exception):
             raise ConfigError(f"Defer delay_ms must be >= 0, got {delay_ms}")
         self.reason = reason
         self.delay_ms = delay_ms
+
+
+# -- internal control flow (never raised to a caller of the public API) ---------------------
+
+
+class StopRequested(Exception):
+    """Internal: unwind the owner loop because ``stop()`` was called."""
+
+
+class BudgetSpent(Exception):
+    """Internal: the ``max_messages`` budget of ``start()``/``run()`` is spent."""

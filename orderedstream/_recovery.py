@@ -1,0 +1,87 @@
+"""Faults to wait out: which server errors are passing, and a backoff that says so once.
+
+A lost connection, a server at ``maxmemory`` (OOM), one still ``LOADING`` its data, a replica that
+is read-only after a failover, a busy script: the loops of the coordinator and the fixer back off
+and try again, and tell operators once per change of reason (:class:`ServerUnavailable`), and once
+when the server answers again (:class:`ServerRecovered`).  Anything else (a wrong password, an ACL
+denial, a bug) is not waited out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+
+from ._events import ServerRecovered, ServerUnavailable
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# error codes of replies that say "not now" rather than "never"
+_PASSING_CODES = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
+                  "CLUSTERDOWN", "MISCONF", "NOREPLICAS", "UNBLOCKED")
+# redis-py strips the code from some replies and raises a class of its own instead
+_PASSING_TYPES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                  redis.exceptions.BusyLoadingError)
+
+
+def passing_fault(err: BaseException) -> str | None:
+    """A short reason when ``err`` is a fault to wait out, else None (a real error)."""
+    if isinstance(err, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+        return None
+    if isinstance(err, _PASSING_TYPES):
+        return f"{type(err).__name__}: {err}"
+    if isinstance(err, CONNECTION_ERRORS):
+        return f"connection lost ({type(err).__name__}: {err})"
+    if isinstance(err, redis.ResponseError):
+        text = str(err)
+        code = text.split(" ", 1)[0]
+        if code in _PASSING_CODES:
+            return text
+        # an error raised by a command inside a script keeps its code after a prefix
+        for passing in _PASSING_CODES:
+            if f"{passing} " in text and ("script" in text or "user_script" in text):
+                return text
+    return None
+
+
+class Outage:
+    """Backoff for one loop, and the events that tell operators about it: one
+    :class:`ServerUnavailable` per change of reason, one :class:`ServerRecovered` at the end."""
+
+    def __init__(self, emit: Callable[..., None], *, first_ms: int = 50,
+                 max_ms: int = 2_000) -> None:
+        self._emit = emit  # emit(EventClass, **fields)
+        self._first = first_ms
+        self._max = max_ms
+        self._since: float | None = None
+        self._reason_kind = ""
+        self._next = first_ms
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def failed(self, reason: str) -> float:
+        """Record a failure; returns the seconds to wait before the next try."""
+        kind = reason.split(" ", 1)[0]
+        if self._since is None:
+            self._since = time.monotonic()
+            self._next = self._first
+        if kind != self._reason_kind:
+            self._reason_kind = kind
+            self._emit(ServerUnavailable, reason=reason)
+        wait = self._next
+        self._next = min(self._next * 2, self._max)
+        return wait / 1000.0
+
+    def ok(self) -> None:
+        """The server answered: end the outage, if there was one."""
+        if self._since is None:
+            return
+        down_ms = (time.monotonic() - self._since) * 1000.0
+        self._since = None
+        self._reason_kind = ""
+        self._emit(ServerRecovered, down_ms=round(down_ms, 1))
+
