@@ -55,8 +55,10 @@ class RetryPolicy:
     @max_deliveries.validator
     def _check_deliveries(self, attribute: attrs.Attribute[int | None],
                           value: int | None) -> None:
-        if value is not None and value < 2:
-            raise ConfigError(f"max_deliveries must be >= 2 or None, got {value!r}")
+        if value is not None and value < 3:
+            # an entry behind the one a process died on can be delivered 3 times without a
+            # handler call having failed on it (see lua/read.lua)
+            raise ConfigError(f"max_deliveries must be >= 3 or None, got {value!r}")
 
     @max_attempts.validator
     def _check_attempts(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:

@@ -203,12 +203,12 @@ class Coordinator(Background):
             replayed = 0
             min_count = 2 if getattr(lease, "server_changed", False) else 1
             for page in reader.replay(min_count=min_count):                    # 3.
-                handle(lease, page, reader.acks)
+                handle(lease, page, reader)
                 replayed += len(page.rows)
             self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
                         duration_ms=(time.monotonic() - started) * 1000.0)
             for page in reader.new_entries():                                  # 4.
-                handle(lease, page, reader.acks)
+                handle(lease, page, reader)
                 self._cursor = page.rows[-1][0].decode()
         except (LeaseLost, NotOwner) as err:
             lease.lose(str(err))
@@ -218,8 +218,7 @@ class Coordinator(Background):
         finally:
             watch.halt()
             renewer.halt()
-            with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
-                reader.close()
+            reader.close()
             self._release(lease)
             self._lease = None
             if self._role is Role.OWNER:

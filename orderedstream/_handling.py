@@ -24,7 +24,7 @@ from ._deadletter import Parker
 from ._events import BatchHandled, Emit, EntryParked, HandlerError
 from ._lease import Lease
 from ._message import Message, Term
-from ._reader import Page, check_lease
+from ._reader import FencedReader, Page, check_lease
 from .exceptions import BudgetSpent, Defer, HandlerFailed, LeaseLost, StopRequested
 
 if TYPE_CHECKING:
@@ -74,9 +74,11 @@ class Handling:
         entry_id = rows[index][0]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    def batch(self, lease: Lease, page: Page, acks: list[Any]) -> None:
-        """Handle one page; the ids to acknowledge are appended to ``acks``."""
+    def batch(self, lease: Lease, page: Page, reader: FencedReader) -> None:
+        """Handle one page; the ids to acknowledge are appended to ``reader.acks`` (they ride
+        on the next read)."""
         rows, counts, rereading, min_count = page
+        acks = reader.acks
         cfg = self._config
         handler = self._handler
         life = self._life

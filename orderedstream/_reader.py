@@ -29,7 +29,7 @@ from ._background import Waiter
 from ._config import CoordinatorConfig
 from ._keys import GroupKeys
 from ._lease import Lease
-from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
+from ._recovery import Outage, passing_fault
 from ._scripts import Scripts, pack_command, translate
 from .exceptions import LeaseLost, NotOwner, StopRequested
 
@@ -162,14 +162,24 @@ class FencedReader:
         if self._stop.wait(self._outage.failed(reason)):
             raise StopRequested from None
 
+    def flush_acks(self) -> None:
+        """Acknowledge what is held now, in one fenced call (NotOwner once the term is over;
+        after a connection fault they are kept, to ride on the next read)."""
+        check_lease(self._lease)
+        acks = self.acks
+        try:
+            self._scripts.call("ack", self._history_keys,
+                               [self._lease.token, self._config.group, *acks])
+        except (redis.RedisError, OSError):
+            return
+        del acks[:]
+
     def close(self) -> None:
         """Collect an unanswered read, and send the acks still held while the term is valid."""
         self._ahead.close()
-        acks = self._take_acks()
-        if acks and self._lease.valid():
-            with contextlib.suppress(*CONNECTION_ERRORS, NotOwner, redis.ResponseError):
-                self._scripts.call("ack", self._history_keys,
-                                   [self._lease.token, self._config.group, *acks])
+        if self.acks and self._lease.valid():
+            with contextlib.suppress(NotOwner, LeaseLost):
+                self.flush_acks()
 
 
 class _Resync(Exception):

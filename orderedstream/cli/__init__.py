@@ -169,7 +169,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
         **({"consumer": args.name} if args.name else {}),
         batch_size=args.batch,
         lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch),
-        retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted),
+        retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
+                          max_deliveries=args.max_deliveries or None),
+        handler_timeout_ms=args.handler_timeout_ms,
         hold_key_field=args.hold_key_field,
     )
     hooks = [] if args.quiet else [print_event]
@@ -178,8 +180,14 @@ def cmd_consume(args: argparse.Namespace) -> int:
     err_console.print(f"[bold]{config.consumer}[/] consuming {args.stream}/{args.group} "
                       f"at {args.redis_url} (lease {args.lease_ttl_ms} ms)")
     coordinator.start(max_messages=args.max_messages)
-    while not coordinator.join(timeout=0.5):
-        pass
+    try:
+        while not coordinator.join(timeout=0.5):
+            pass
+    except (KeyboardInterrupt, SystemExit) as err:  # raised by the handler, in the loop's thread
+        err_console.print(f"[bold red]error:[/] the handler raised {type(err).__name__}; "
+                          f"{config.consumer} stopped and handed the lease over, the entry it "
+                          "was handling stays pending for the next owner")
+        return 2
     err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
     return 0
 
@@ -367,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not watch the owner's connection; fail over on TTL only")
     consume.add_argument("--max-attempts", type=int, default=5)
     consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park")
+    consume.add_argument("--max-deliveries", type=int, default=20,
+                         help="park an entry the server delivered more often than this without "
+                              "an ack, e.g. one that crashes the process (0: no limit; "
+                              "default %(default)s)")
+    consume.add_argument("--handler-timeout-ms", type=int, default=300_000,
+                         help="a handler call running longer than this makes the owner step "
+                              "down so a standby takes over (default %(default)s)")
     consume.add_argument("--quiet", action="store_true", help="no event output")
     consume.add_argument("--hold-key-field", default=None,
                          help="hold-key mode: the field with each entry's ordering key")

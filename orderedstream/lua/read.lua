@@ -10,11 +10,27 @@
 --   tail    '>' reads that found nothing: id of the stream's last entry ('0-0' if none), to
 --           wait with XREAD BLOCK from without missing an entry added in between; else ''
 -- Error:  NOTOWNER when the lease does not hold ARGV[1]
+-- A history page ends before the first entry that was already delivered twice or more (a
+-- previous owner probably died while handling it: it may kill this one too), and such an entry
+-- is read alone: so the acks of everything before it ride on the read that hands it out, and a
+-- crash on it does not add a delivery to the entries behind it (max_deliveries counts them).
 --! include lib/fence.lua
 for i = 6, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-local res = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+local count = tonumber(ARGV[4])
+if ARGV[5] ~= '>' then
+  local start = '-'
+  if ARGV[5] ~= '0' and ARGV[5] ~= '0-0' then start = '(' .. ARGV[5] end
+  local ahead = redis.call('XPENDING', KEYS[1], ARGV[2], start, '+', count, ARGV[3])
+  for i, p in ipairs(ahead) do
+    if p[4] >= 2 then
+      count = math.max(i - 1, 1)
+      break
+    end
+  end
+end
+local res = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', count,
   'STREAMS', KEYS[1], ARGV[5])
 local rows = {}
 if res then rows = res[1][2] end
