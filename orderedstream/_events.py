@@ -206,6 +206,28 @@ class RepairFailed(Event):
     level = logging.WARNING
 
 
+@attrs.frozen(kw_only=True)
+class ServerUnavailable(Event):
+    """The server cannot serve this process right now (connection lost, OOM at maxmemory,
+    LOADING, BUSY, MASTERDOWN, READONLY after a failover, ...): it backs off and tries again.
+    Emitted once when this starts, and again only when the kind of failure changes."""
+
+    reason: str
+    name = "server_unavailable"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class ServerRecovered(Event):
+    """The server serves this process again after :class:`ServerUnavailable`."""
+
+    reason: str
+    """The last reason it was unavailable."""
+    down_ms: float
+    """How long it was unavailable (from the first failure to the first success)."""
+    name = "server_recovered"
+
+
 class Hook(Protocol):
     """Anything callable with an :class:`Event`."""
 

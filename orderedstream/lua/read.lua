@@ -11,6 +11,7 @@
 --           wait with XREAD BLOCK from without missing an entry added in between; else ''
 -- Error:  NOTOWNER when the lease does not hold ARGV[1]
 --! include lib/fence.lua
+--! include lib/chunks.lua
 for i = 6, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
@@ -32,7 +33,7 @@ for _, row in ipairs(rows) do
   if row[2] then kept[#kept + 1] = row else trimmed[#trimmed + 1] = row[1] end
 end
 if #trimmed > 0 then
-  redis.call('XACK', KEYS[1], ARGV[2], unpack(trimmed))
+  chunked({'XACK', KEYS[1], ARGV[2]}, trimmed)
 end
 local counts = {}
 if #kept > 0 then
