@@ -36,6 +36,7 @@ from orderedstream import (
     identity_repair,
 )
 from orderedstream._demo import demo_repair
+from orderedstream._scripts import Scripts
 from orderedstream.testing import ServerProcess, park_directly, wait_until
 
 BIG = 10_000  # fields: 20,000 values, far past a script's ~8000
@@ -87,7 +88,6 @@ class Events:
 
 # -- entries too big for a script ------------------------------------------------------------
 
-@pytest.mark.slow
 def test_big_entry_in_a_batch_is_restreamed_once_by_a_fixer_process(
         server: ServerProcess, client: redis.Redis, stream: str, tmp_path: Path) -> None:
     """A parked entry with 10,000 fields in one batch behind and before small ones, fixed by
@@ -177,9 +177,46 @@ def test_big_plain_entry_deferred_then_restreamed(client: redis.Redis, stream: s
     assert handled == [(True, BIG)]
 
 
+def test_big_entry_behind_a_release_becomes_the_holder_of_its_key(
+        client: redis.Redis, stream: str) -> None:
+    """hold.lua with the delay set and signal keys: an entry of 10,000 fields that must move
+    behind the copies of its key's last release (a script cannot XADD it) is parked as the
+    key's holder behind those copies instead, and a fixer re-streams it after them."""
+    keys = GroupKeys(stream, "g")
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    big_id = client.xadd(stream, {"key": "k", **big_fields()}).decode()  # type: ignore[union-attr]
+    last = client.xadd(stream, {"key": "k", "os-hold-gen": "1-1"}).decode()  # type: ignore[union-attr]
+    client.xreadgroup("g", "c", {stream: ">"}, count=1)  # the big one is pending to c
+    client.set(keys.lease, "c:1")
+    client.hset(keys.held, "k", f"tail:1-1:{last}:1-1")
+    record = ParkedEntry(id=big_id, origin_id=big_id, group="g", reason="held",
+                         raw={b"key": b"k"}, hold_key="k", role="follower").to_json()
+    user = [v for kv in big_fields().items() for v in kv]
+    reply = Scripts(client).call(
+        "hold", [stream, keys.lease, keys.parked, keys.held, keys.followers("k"), keys.delay,
+                 keys.signal],
+        ["c:1", "g", big_id, "k", "", record, big_id, "key", "k", *user])
+    assert reply == [b"parked"]
+    assert client.hget(keys.held, "k") == f"{big_id} {big_id} {last}".encode()
+    assert client.xpending(stream, "g")["pending"] == 0
+    assert b'"role":"holder"' in client.hget(keys.parked, big_id)  # type: ignore[operator]
+    client.hset(keys.parked, big_id, ParkedEntry(
+        id=big_id, origin_id=big_id, group="g", reason="held", hold_key="k", role="holder",
+        raw={b"key": b"k", **{k.encode(): v.encode() for k, v in big_fields().items()}}
+    ).to_json())
+    fixer = Fixer(FixerConfig(stream=stream, group="g"), identity_repair, client)
+    assert fixer.fix_once().restreamed == 0  # the group has not passed the copies yet
+    client.xreadgroup("g", "c", {stream: ">"})
+    client.xack(stream, "g", last)
+    wait_until(lambda: fixer.fix_once().restreamed == 1, 5, message="re-streamed")
+    [(copy_id, copy)] = client.xrange(stream, min=f"({last}")
+    assert copy[b"os-hold-gen"] == big_id.encode() and len(copy) == BIG + 1 + 5
+    assert client.hget(keys.held, "k") == f"tail:{big_id}:{copy_id.decode()}:{big_id}".encode()
+    assert settled_parked(client, stream)
+
+
 # -- the server goes away, or refuses writes ------------------------------------------------
 
-@pytest.mark.slow
 def test_idle_fixer_waits_for_a_killed_server_and_resumes(own_server: ServerProcess) -> None:
     """SIGKILL the server under an idle fixer and start it again (AOF): the fixer says so once,
     keeps running, and repairs what is parked after the restart."""
@@ -212,7 +249,6 @@ def test_idle_fixer_waits_for_a_killed_server_and_resumes(own_server: ServerProc
     fixer.join(0)  # re-raises an error that ended it
 
 
-@pytest.mark.slow
 def test_fixer_waits_out_oom_and_restreams_exactly_once(own_server: ServerProcess) -> None:
     """maxmemory set tiny while entries are parked: every write of the fixer is refused (OOM),
     it keeps running; after maxmemory 0 it re-streams every entry exactly once."""
