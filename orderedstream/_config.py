@@ -13,6 +13,7 @@ import attrs
 from .exceptions import ConfigError
 
 OnExhausted = Literal["park", "stop", "block"]
+MIN_PARK_DELAY_MS = 100
 
 
 def default_consumer_name() -> str:
@@ -59,6 +60,16 @@ class RetryPolicy:
             # an entry behind the one a process died on can be delivered 3 times without a
             # handler call having failed on it (see lua/read.lua)
             raise ConfigError(f"max_deliveries must be >= 3 or None, got {value!r}")
+
+    min_park_delay_ms: int = attrs.field(default=MIN_PARK_DELAY_MS)
+    """Floor on every park delay (``Defer(delay_ms=0)``, undecodable entries): an entry that
+    fails again at once after each repair cycles park -> repair -> re-stream at most this often
+    (see also ``FixerConfig.max_parks``)."""
+
+    @min_park_delay_ms.validator
+    def _check_min_park(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < 0:
+            raise ConfigError(f"min_park_delay_ms must be >= 0, got {value!r}")
 
     @max_attempts.validator
     def _check_attempts(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
@@ -188,6 +199,9 @@ class FixerConfig:
     max_wait_ms: int = attrs.field(default=1_000, validator=_positive)
     """Longest sleep between passes when nothing is due (new parks wake it earlier)."""
     socket_timeout_ms: int = attrs.field(default=5_000, validator=_positive)
+    max_parks: int = attrs.field(default=10, validator=_positive)
+    """An entry parked more often than this (repaired and re-streamed, then parked again each
+    time) goes to the graveyard instead of being repaired again."""
 
     def backoff_ms(self, failures: int) -> int:
         delay = self.initial_backoff_ms * self.multiplier ** max(failures - 1, 0)

@@ -106,7 +106,7 @@ class Coordinator(Background):
         self._standby = StandbyWaiter(self._lease_mgr, self._cmd, waiter, keys, config.lease,
                                       self._event, self._stop,
                                       lambda: self._set_role(Role.STANDBY))
-        parker = Parker(self._scripts, keys, config.group)
+        parker = Parker(self._scripts, keys, config.group, config.retry.min_park_delay_ms)
         self._gate = (HoldGate(config.hold_key_field, self._scripts, keys, parker,
                                config.consumer, self._event)
                       if config.hold_key_field is not None else None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from ._config import MIN_PARK_DELAY_MS
 from ._events import EntryParked
 from ._keys import GroupKeys
 from ._scripts import Scripts
@@ -161,12 +162,16 @@ def follower_member(entry: ParkedEntry) -> str:
 
 
 class Parker:
-    """Parks entries for one (stream, group) through the fenced ``defer`` script."""
+    """Parks entries for one (stream, group) through the fenced ``defer`` script.  Every park
+    waits at least ``min_delay_ms`` (``RetryPolicy.min_park_delay_ms``), so an entry that fails
+    again at once after each repair cannot cycle park -> re-stream in a tight loop."""
 
-    def __init__(self, scripts: Scripts, keys: GroupKeys, group: str) -> None:
+    def __init__(self, scripts: Scripts, keys: GroupKeys, group: str,
+                 min_delay_ms: int = MIN_PARK_DELAY_MS) -> None:
         self._scripts = scripts
         self._keys = keys
         self._group = group
+        self._min_delay_ms = min_delay_ms
 
     def record(self, entry_id: str, raw: Mapping[bytes, bytes], reason: str, attempts: int,
                epoch: int, consumer: str, hold_key: str | None, role: str) -> ParkedEntry:
@@ -192,8 +197,8 @@ class Parker:
         due, role = self._scripts.call(
             "defer", [stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
                       keys.followers(hold_key or "")],
-            [token, self._group, entry_id, record.to_json(), delay_ms, hold_key or "",
-             record.origin_id])
+            [token, self._group, entry_id, record.to_json(), max(delay_ms, self._min_delay_ms),
+             hold_key or "", record.origin_id])
         role = role.decode() if isinstance(role, bytes) else str(role)
         return EntryParked(stream=stream, group=self._group, consumer=consumer,
                            entry_id=entry_id, reason=reason, due_ms=int(due),

@@ -208,9 +208,9 @@ class RepairFailed(Event):
 
 @attrs.frozen(kw_only=True)
 class ServerUnavailable(Event):
-    """The server cannot be used right now (connection lost, OOM at maxmemory, LOADING, a
-    read-only replica after a failover, ...): the loop backs off and tries again.  Emitted once
-    per change of reason, not on every retry."""
+    """The server cannot serve this process right now (connection lost, OOM at maxmemory,
+    LOADING, BUSY, MASTERDOWN, READONLY after a failover, ...): it backs off and tries again.
+    Emitted once when this starts, and again only when the kind of failure changes."""
 
     reason: str
     name = "server_unavailable"
@@ -219,10 +219,12 @@ class ServerUnavailable(Event):
 
 @attrs.frozen(kw_only=True)
 class ServerRecovered(Event):
-    """The server answers again after :class:`ServerUnavailable`; ``down_ms`` is how long it
-    did not (on this process's monotonic clock)."""
+    """The server serves this process again after :class:`ServerUnavailable`."""
 
+    reason: str
+    """The last reason it was unavailable."""
     down_ms: float
+    """How long it was unavailable (from the first failure to the first success)."""
     name = "server_recovered"
     level = logging.WARNING
 

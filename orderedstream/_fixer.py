@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 import attrs
@@ -20,9 +21,9 @@ import redis
 from ._background import Background
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
-from ._events import Emitter, FixerPass, Hook, RepairFailed
+from ._events import Emitter, Event, FixerPass, Hook, RepairFailed
 from ._keys import GroupKeys, id_order
-from ._lease import CONNECTION_ERRORS
+from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import Scripts
 from ._server import client_from_url, clone_client, connect_check
 from .exceptions import OrderedStreamError
@@ -34,8 +35,11 @@ Repair = Callable[[ParkedEntry], Mapping[str, FieldValue] | Mapping[bytes, Field
 
 
 _NOT_YET_MS = 100  # hold-key mode: retry a release this soon when the owner is still behind
-
-
+SCRIPT_MAX_VALUES = 7800
+"""The most field/value values of one entry a script re-streams (MAX_VALUES in
+lua/lib/chunks.lua: a script passes a command's arguments on Lua's C stack, ~8000 values).
+Bigger entries are re-streamed outside a script, in a WATCH/MULTI/EXEC transaction."""
+_TX_ATTEMPTS = 100  # WATCH conflicts (other fixers, parks) before an entry is left for later
 class Unrepairable(OrderedStreamError):
     """Raise from a repair function to send the entry to the graveyard at once (no retries)."""
 
@@ -45,12 +49,17 @@ def identity_repair(entry: ParkedEntry) -> Mapping[bytes, bytes]:
     return entry.raw
 
 
-def _flatten(fields: Mapping[Any, FieldValue]) -> list[bytes]:
+def _flatten(fields: Any) -> list[bytes]:
+    """A repair's result as XADD field/value values; TypeError/ValueError (a failed repair)
+    when it is not a mapping of str/bytes names to str/bytes/int/float values."""
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"the repair returned {fields!r:.80}: return the fields to re-stream "
+                        "(a mapping), or raise Unrepairable")
     flat: list[bytes] = []
     if all(type(k) is bytes and type(v) is bytes and not k.startswith(b"os-")
            for k, v in fields.items()):
         for key, value in fields.items():  # the common case, without per-value conversions
-            flat += (key, value)  # type: ignore[arg-type]
+            flat += (key, value)
         if flat:
             return flat
     for key, value in fields.items():
@@ -59,6 +68,9 @@ def _flatten(fields: Mapping[Any, FieldValue]) -> list[bytes]:
         name = to_bytes(key)
         if name.startswith(b"os-"):
             continue  # orderedstream's headers are set by the re-stream itself
+        if isinstance(value, bool) or not isinstance(value, str | bytes | int | float):
+            raise TypeError(f"the repair returned {value!r:.80} for field {key!r}: values must "
+                            "be str, bytes, int or float")
         flat += [name, to_bytes(value)]
     if not flat:
         raise ValueError("the repair returned no fields (a stream entry needs at least one)")
@@ -88,6 +100,7 @@ class Fixer(Background):
         self._wait = clone_client(client, name=f"os-fix:{config.name}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.max_wait_ms / 1000.0)
         self._scripts = Scripts(self._cmd)
+        self._outage = Outage(self._event)
         self._last_signal = "$"
         self._last_counts: tuple[int, int] | None = None
         self.totals = {"restreamed": 0, "rescheduled": 0, "buried": 0, "lost": 0}
@@ -108,23 +121,35 @@ class Fixer(Background):
         self._main()
 
     def _main(self) -> None:
-        """Pass after pass, sleeping until the next entry is due (or a new one is parked)."""
+        """Pass after pass, sleeping until the next entry is due (or a new one is parked).
+
+        While the server cannot serve it (connection lost, OOM, LOADING, READONLY, ...: see
+        :func:`~orderedstream._recovery.passing_fault`) the fixer waits, 50 ms growing to 2 s
+        between tries, says so once (:class:`ServerUnavailable`, again only when the kind of
+        failure changes) and resumes (:class:`ServerRecovered`).  Any other error ends it
+        (``join`` re-raises it).  Waiting loses nothing: what it had claimed comes back after
+        the visibility lease."""
         try:
             connect_check(self._cmd)
             while not self._stop.is_set():
                 try:
                     done = self.fix_once()
-                except CONNECTION_ERRORS as err:
-                    log.warning("fixer lost the connection to the server: %r; retrying", err)
-                    self._stop.wait(0.2)
-                    continue
-                if done.claimed >= self.config.batch_size:
-                    continue
-                self._sleep(done.next_due_ms)
+                    self._outage.ok()
+                    if done.claimed < self.config.batch_size:
+                        self._sleep(done.next_due_ms)
+                except Exception as err:
+                    reason = passing_fault(err)
+                    if reason is None:
+                        raise
+                    self._stop.wait(self._outage.failed(reason))
         finally:
             self._cmd.close()
             self._wait.close()
             self._stopped.set()
+
+    def _event(self, cls: type[Event], **fields: Any) -> None:
+        cfg = self.config
+        self._emit(cls(stream=cfg.stream, group=cfg.group, consumer=cfg.name, **fields))
 
     def _sleep(self, next_due_ms: int) -> None:
         """Until the next entry is due, or a new one is parked.  A server-side XREAD BLOCK
@@ -164,6 +189,7 @@ class Fixer(Background):
         reschedule: list[Any] = []
         bury: list[tuple[ParkedEntry | None, str, str, str]] = []  # entry, id, record, reason
         holders: list[tuple[ParkedEntry, list[bytes]]] = []
+        big: list[tuple[ParkedEntry, list[bytes]]] = []  # too many values for a script
         not_yet: list[Any] = []
         for raw_id, record in zip(ids, records, strict=True):
             entry_id = raw_id.decode()
@@ -172,6 +198,11 @@ class Fixer(Background):
             except MalformedRecord as err:
                 text = record.decode("utf-8", "replace") if isinstance(record, bytes) else ""
                 bury.append((None, entry_id, text, str(err)))
+                continue
+            if entry.parked > cfg.max_parks:  # repaired and parked again, over and over
+                bury.append((entry, entry_id, entry.to_json(),
+                             f"parked {entry.parked} times (max_parks={cfg.max_parks}): the "
+                             f"entry keeps failing after each repair"))
                 continue
             if entry.hold_key is not None and not self._release_ready(entry):
                 not_yet += [entry_id, _NOT_YET_MS, entry.to_json()]  # repair it when it can go
@@ -201,6 +232,9 @@ class Fixer(Background):
             if entry.hold_key is not None:
                 holders.append((entry, flat))
                 continue
+            if len(flat) > SCRIPT_MAX_VALUES:
+                big.append((entry, flat))
+                continue
             restream += [entry_id, entry.origin_id, entry.parked, len(flat), *flat]
         restreamed = lost = rescheduled = buried = released = 0
         if restream:
@@ -208,6 +242,12 @@ class Fixer(Background):
                                           [token, cfg.group, *restream])
             restreamed = sum(1 for new_id in out if new_id)
             lost += len(out) - restreamed
+        for entry, flat in big:
+            status = restream_outside_script(self._cmd, keys, entry, flat, token)
+            restreamed += status == "ok"
+            lost += status == "lost"
+            if status == "busy":  # kept changing under WATCH: try again shortly
+                not_yet += [entry.id, _NOT_YET_MS, entry.to_json()]
         if reschedule:
             rescheduled = int(self._scripts.call(
                 "fix_reschedule", [keys.delay, keys.parked], [token, *reschedule]))
@@ -269,18 +309,58 @@ class Fixer(Background):
         parts = state.split() if state else []
         if len(parts) != 3 or parts[0].decode() != entry.id or parts[2] == b"-":
             return True
-        chain = parts[2].decode()
-        cfg = self.config
-        if self._cmd.xpending_range(cfg.stream, cfg.group, "-", chain, 1):
-            return False
-        groups: Any = self._cmd.xinfo_groups(cfg.stream)
-        for group in groups:
-            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
-            if name == cfg.group:
-                last = group["last-delivered-id"]
-                last = last.decode() if isinstance(last, bytes) else str(last)
-                return id_order(last) >= id_order(chain)
-        return True
+        return _group_passed(self._cmd, self.config.stream, self.config.group,
+                             parts[2].decode())
+
+
+def _group_passed(client: Any, stream: str, group: str, chain: str) -> bool:
+    """Has the group handled everything up to ``chain`` (the last copy of a key's previous
+    release)?  The test fix_release.lua makes."""
+    if client.xpending_range(stream, group, "-", chain, 1):
+        return False
+    groups: Any = client.xinfo_groups(stream)
+    for info in groups:
+        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        if name == group:
+            last = info["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            return id_order(last) >= id_order(chain)
+    return True
+
+
+def _claim_is_ours(pipe: Any, keys: GroupKeys, entry_id: str, token: str) -> bool:
+    """Under WATCH: the claim check of the scripts (the entry's score is our claim's until_ms;
+    an operator's command, token '', needs the entry merely parked)."""
+    if token == "":
+        return bool(pipe.hexists(keys.parked, entry_id))
+    score = pipe.zscore(keys.delay, entry_id)
+    return score is not None and int(score) == int(token)
+
+
+def restream_outside_script(client: redis.Redis, keys: GroupKeys, entry: ParkedEntry,
+                            flat: list[bytes], token: str) -> str:
+    """What fix_restream.lua does, for one entry too big for a script (more than
+    SCRIPT_MAX_VALUES values): the claim check under WATCH of the delay set, then XADD + ZREM +
+    HDEL in one MULTI/EXEC, so it is re-streamed at most once.  Returns 'ok', 'lost' (the
+    claim is not ours) or 'busy' (the delay set kept changing: try again later)."""
+    pipe: Any = client.pipeline(transaction=True)
+    with pipe:
+        for _ in range(_TX_ATTEMPTS):
+            try:
+                pipe.watch(keys.delay)
+                if not _claim_is_ours(pipe, keys, entry.id, token):
+                    return "lost"
+                pipe.multi()
+                pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
+                                     "os-origin-id", entry.origin_id, "os-parked", entry.parked,
+                                     "os-repaired", "1", *flat)
+                pipe.zrem(keys.delay, entry.id)
+                pipe.hdel(keys.parked, entry.id)
+                pipe.execute()
+                return "ok"
+            except redis.WatchError:
+                continue
+    return "busy"
 
 
 def release(client: redis.Redis, scripts: Scripts, keys: GroupKeys, entry: ParkedEntry,
@@ -292,6 +372,8 @@ def release(client: redis.Redis, scripts: Scripts, keys: GroupKeys, entry: Parke
     owner has not yet passed the key's previous release (try again shortly)."""
     hold_key = entry.hold_key or ""
     followers_key = keys.followers(hold_key)
+    if len(flat) > SCRIPT_MAX_VALUES:
+        return _release_outside_script(client, keys, entry, flat, mode, reason, token)
     for _ in range(100):
         members: list[Any] = client.zrange(followers_key, 0, -1) if hold_key else []
         follower_ids = [m.split(b" ", 1)[1] for m in members]
@@ -302,6 +384,9 @@ def release(client: redis.Redis, scripts: Scripts, keys: GroupKeys, entry: Parke
             records: list[Any] = client.hmget(keys.parked, follower_ids)
             for member, fid, record in zip(members, follower_ids, records, strict=True):
                 origin, follower_flat = _follower_fields(fid.decode(), record)
+                if len(follower_flat) > SCRIPT_MAX_VALUES:
+                    return _release_outside_script(client, keys, entry, flat, mode, reason,
+                                                   token)
                 args += [member, fid, origin, len(follower_flat), *follower_flat]
         reply = scripts.call_bulk(
             "fix_release", [keys.stream, keys.delay, keys.parked, keys.held, followers_key,
@@ -311,6 +396,78 @@ def release(client: redis.Redis, scripts: Scripts, keys: GroupKeys, entry: Parke
             return status, len(members) if status == "ok" else 0
         # 'stale': the owner parked another follower meanwhile; read them again
     raise OrderedStreamError(f"the followers of {hold_key!r} kept changing; try again")
+
+
+def _release_outside_script(client: redis.Redis, keys: GroupKeys, entry: ParkedEntry,
+                            flat: list[bytes], mode: str, reason: str,
+                            token: str) -> tuple[str, int]:
+    """What fix_release.lua does, for a key whose holder or a follower is too big for a script
+    (more than SCRIPT_MAX_VALUES values): the checks under WATCH of the delay set, the parked
+    records, the held states and the key's followers; then every write in one MULTI/EXEC.  The
+    key's new state names the id of the last copy appended, which only the server knows: a
+    small script queued last in the transaction (fix_release_tail.lua) reads it and sets it."""
+    hold_key = entry.hold_key or ""
+    followers_key = keys.followers(hold_key)
+    pipe: Any = client.pipeline(transaction=True)
+    with pipe:
+        for _ in range(_TX_ATTEMPTS):
+            try:
+                pipe.watch(keys.delay, keys.parked, keys.held, followers_key)
+                if not _claim_is_ours(pipe, keys, entry.id, token):
+                    return "lost", 0
+                state = pipe.hget(keys.held, hold_key) if hold_key else None
+                holding = False
+                if state and not state.startswith(b"tail:"):
+                    holder, _, chain = state.decode().split(" ")
+                    holding = holder == entry.id
+                    if holding and chain != "-" and not _group_passed(
+                            pipe, keys.stream, keys.group, chain):
+                        return "notyet", 0
+                members: list[Any] = pipe.zrange(followers_key, 0, -1) if hold_key else []
+                follower_ids = [m.split(b" ", 1)[1] for m in members]
+                records: list[Any] = pipe.hmget(keys.parked, follower_ids) if members else []
+                pipe.multi()
+                appended = 0
+                if mode == "restream":
+                    pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
+                                         "os-origin-id", entry.origin_id, "os-parked",
+                                         entry.parked, "os-repaired", "1", "os-hold-gen",
+                                         entry.id, *flat)
+                    appended += 1
+                elif mode == "bury":
+                    pipe.xadd(keys.graveyard, {"id": entry.id, "reason": reason,
+                                               "record": entry.to_json()})
+                pipe.zrem(keys.delay, entry.id)
+                pipe.hdel(keys.parked, entry.id)
+                for fid, record in zip(follower_ids, records, strict=True):
+                    origin, follower_flat = _follower_fields(fid.decode(), record)
+                    pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
+                                         "os-origin-id", origin, "os-hold-gen", entry.id,
+                                         *follower_flat)
+                    pipe.hdel(keys.parked, fid)
+                    appended += 1
+                if hold_key:
+                    pipe.delete(followers_key)
+                if holding:
+                    pipe.eval(_release_tail_script(), 2, keys.held, keys.stream, hold_key,
+                              entry.id, entry.origin_id, appended)
+                pipe.execute()
+                return "ok", len(members)
+            except redis.WatchError:
+                continue
+    return "notyet", 0  # kept changing under WATCH: the caller tries again shortly
+
+
+_TAIL_SCRIPT: list[str] = []
+
+
+def _release_tail_script() -> str:
+    """lua/fix_release_tail.lua's text (run by EVAL inside MULTI, where a NOSCRIPT of an
+    EVALSHA would come too late to load it)."""
+    if not _TAIL_SCRIPT:
+        folder = resources.files("orderedstream").joinpath("lua")
+        _TAIL_SCRIPT.append(folder.joinpath("fix_release_tail.lua").read_text("utf-8"))
+    return _TAIL_SCRIPT[0]
 
 
 def _follower_fields(entry_id: str, record: bytes | None) -> tuple[str, list[bytes]]:

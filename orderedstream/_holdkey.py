@@ -79,7 +79,8 @@ class HoldGate:
                                      "follower")
         check_lease(lease)
         reply = self._scripts.call(
-            "hold", [keys.stream, keys.lease, keys.parked, keys.held, keys.followers(key)],
+            "hold", [keys.stream, keys.lease, keys.parked, keys.held, keys.followers(key),
+                     keys.delay, keys.signal],
             [lease.token, keys.group, entry_id, key, generation, record.to_json(), origin,
              *user_fields])
         action = reply[0].decode()

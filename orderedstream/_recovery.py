@@ -13,36 +13,39 @@ import time
 from collections.abc import Callable
 
 import redis
+import redis.exceptions as rex
 
 from ._events import ServerRecovered, ServerUnavailable
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # error codes of replies that say "not now" rather than "never"
-_PASSING_CODES = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
-                  "CLUSTERDOWN", "MISCONF", "NOREPLICAS", "UNBLOCKED")
+_PASSING_CODES = frozenset({"OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "NOSCRIPT",
+                            "TRYAGAIN", "CLUSTERDOWN", "MISCONF", "NOREPLICAS", "EXECABORT",
+                            "UNBLOCKED"})
 # redis-py strips the code from some replies and raises a class of its own instead
-_PASSING_TYPES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
-                  redis.exceptions.BusyLoadingError)
+_CLASS_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (rex.OutOfMemoryError, "OOM"), (rex.BusyLoadingError, "LOADING"),
+    (rex.ReadOnlyError, "READONLY"), (rex.NoScriptError, "NOSCRIPT"),
+    (rex.MasterDownError, "MASTERDOWN"), (rex.ClusterDownError, "CLUSTERDOWN"),
+    (rex.TryAgainError, "TRYAGAIN"), (rex.ExecAbortError, "EXECABORT"))
 
 
 def passing_fault(err: BaseException) -> str | None:
-    """A short reason when ``err`` is a fault to wait out, else None (a real error)."""
-    if isinstance(err, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+    """``"<KIND> <text>"`` when ``err`` means the server cannot serve us *now* (connection lost,
+    OOM, LOADING, READONLY after a failover, ...): back off and try again.  None for everything
+    else, auth and ACL errors (NOPERM) included: those need a person."""
+    if isinstance(err, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError):
         return None
-    if isinstance(err, _PASSING_TYPES):
-        return f"{type(err).__name__}: {err}"
+    for cls, code in _CLASS_CODES:
+        if isinstance(err, cls):
+            return f"{code} {err}"
     if isinstance(err, CONNECTION_ERRORS):
-        return f"connection lost ({type(err).__name__}: {err})"
+        return f"CONNECTION {type(err).__name__}: {err}"
     if isinstance(err, redis.ResponseError):
         text = str(err)
-        code = text.split(" ", 1)[0]
-        if code in _PASSING_CODES:
+        if text.split(" ", 1)[0] in _PASSING_CODES:
             return text
-        # an error raised by a command inside a script keeps its code after a prefix
-        for passing in _PASSING_CODES:
-            if f"{passing} " in text and ("script" in text or "user_script" in text):
-                return text
     return None
 
 
@@ -56,7 +59,7 @@ class Outage:
         self._first = first_ms
         self._max = max_ms
         self._since: float | None = None
-        self._reason_kind = ""
+        self._reason_kind = self._reason = ""
         self._next = first_ms
 
     @property
@@ -72,6 +75,7 @@ class Outage:
         if kind != self._reason_kind:
             self._reason_kind = kind
             self._emit(ServerUnavailable, reason=reason)
+        self._reason = reason
         wait = self._next
         self._next = min(self._next * 2, self._max)
         return wait / 1000.0
@@ -82,6 +86,6 @@ class Outage:
             return
         down_ms = (time.monotonic() - self._since) * 1000.0
         self._since = None
-        self._reason_kind = ""
-        self._emit(ServerRecovered, down_ms=round(down_ms, 1))
+        self._emit(ServerRecovered, reason=self._reason, down_ms=round(down_ms, 1))
+        self._reason_kind = self._reason = ""
 

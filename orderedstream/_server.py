@@ -102,7 +102,13 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
         socket_timeout=socket_timeout_s,
         **kwargs,
     )
-    clone = redis.Redis(connection_pool=new_pool, single_connection_client=single)
+    try:  # a single-connection client connects at once
+        clone = redis.Redis(connection_pool=new_pool, single_connection_client=single)
+    except redis.ConnectionError as err:
+        new_pool.disconnect()
+        raise ConnectionFailed(f"cannot reach a Redis server at {describe_url(client)}: {err}. "
+                               f"Is it running? Check --redis-url / REDIS_URL, "
+                               f"{EMBEDDED_HINT}.") from err
     clone.auto_close_connection_pool = True  # the pool is ours: close() disconnects it
     return clone
 

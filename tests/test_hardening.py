@@ -291,6 +291,8 @@ def test_a_restart_that_lost_the_data_heals_by_itself(tmp_path: Path) -> None:
         try:
             group.start("c1")
             group.start("c2")
+            members = GroupKeys("s", "g").members
+            wait_until(lambda: client.hlen(members) == 2, 15, message="owner and standby up")
             fill(client, "s", 20)
             wait_until(lambda: len(read_records(group.record)) >= 20, 15, message="20 handled")
             srv.restart()  # SIGKILL, then start again with no data

@@ -10,14 +10,19 @@
 --   deleted  1 when the dead consumer was deleted (its pending list was empty), else 0
 -- Error: NOTOWNER
 --! include lib/fence.lua
+--! include lib/chunks.lua
 local pend = redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', ARGV[5], ARGV[4])
 local trimmed = {}
 local claimed = 0
 if #pend > 0 then
-  local args = {'XCLAIM', KEYS[1], ARGV[2], ARGV[3], '0'}
-  for _, p in ipairs(pend) do args[#args + 1] = p[1] end
-  args[#args + 1] = 'JUSTID'
-  local got = redis.call(unpack(args))
+  -- XCLAIM in chunks of 1000 ids (the page size is the caller's); JUSTID goes after the ids
+  local got = {}
+  for c = 1, #pend, 1000 do
+    local args = {'XCLAIM', KEYS[1], ARGV[2], ARGV[3], '0'}
+    for k = c, math.min(c + 999, #pend) do args[#args + 1] = pend[k][1] end
+    args[#args + 1] = 'JUSTID'
+    for _, id in ipairs(redis.call(unpack(args))) do got[#got + 1] = id end
+  end
   claimed = #got
   if claimed < #pend then
     local seen = {}
@@ -27,7 +32,7 @@ if #pend > 0 then
     end
     -- A server that keeps missing ids in the PEL through XCLAIM (6.2) would leave them with
     -- the dead consumer forever; ack them so the consumer can be deleted safely.
-    redis.call('XACK', KEYS[1], ARGV[2], unpack(trimmed))
+    chunked({'XACK', KEYS[1], ARGV[2]}, trimmed)
   end
 end
 local deleted = 0

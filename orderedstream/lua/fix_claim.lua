@@ -8,6 +8,7 @@
 -- ARGV[1] fixer name   ARGV[2] max entries   ARGV[3] visibility ms
 -- Reply: {now_ms, until_ms, {id, ...}, {record JSON or false, ...}, ms until the next entry is
 --         due after this claim (-1: the delay set is empty)}
+--! include lib/chunks.lua
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local until_ms = now + tonumber(ARGV[3])
@@ -19,9 +20,9 @@ if #ids > 0 then
     args[#args + 1] = until_ms
     args[#args + 1] = id
   end
-  redis.call('ZADD', KEYS[1], 'XX', unpack(args))
+  chunked({'ZADD', KEYS[1], 'XX'}, args)  -- 500 pairs a command
   redis.call('HSET', KEYS[3], ARGV[1], until_ms .. ' ' .. #ids)
-  records = redis.call('HMGET', KEYS[2], unpack(ids))
+  records = chunked({'HMGET', KEYS[2]}, ids)
 end
 local next_due = -1
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

@@ -18,6 +18,10 @@
 -- Reply: {'ok', holder's new id or '', last id appended or ''} | {'stale'} (the followers
 --        changed since they were read: read them again) | {'lost'} (not our claim / not
 --        parked) | {'notyet'} (try again shortly)
+-- Error: TOOLARGE when the holder or a follower has more than MAX_VALUES field/value values
+--        (lib/chunks.lua; checked before the first write, nothing written): the fixer
+--        releases such a key outside a script (WATCH/MULTI/EXEC, see _fixer.py)
+--! include lib/chunks.lua
 --! include lib/ids.lua
 --! include lib/held.lua
 local id = ARGV[4]
@@ -50,6 +54,10 @@ if state and string.sub(state, 1, 5) ~= 'tail:' then
   end
 end
 local n = tonumber(ARGV[10])
+if n > MAX_VALUES then
+  return redis.error_reply('TOOLARGE entry ' .. id .. ' has ' .. n / 2 ..
+    ' fields; a script can re-stream at most ' .. MAX_VALUES / 2)
+end
 local i = 11 + n
 local f = tonumber(ARGV[i])
 i = i + 1
@@ -59,6 +67,10 @@ local followers = {}
 for k = 1, f do
   local member, fid, origin, m = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   if listed[k] ~= member then return {'stale'} end
+  if m > MAX_VALUES then
+    return redis.error_reply('TOOLARGE entry ' .. fid .. ' has ' .. m / 2 ..
+      ' fields; a script can re-stream at most ' .. MAX_VALUES / 2)
+  end
   followers[k] = {fid, i + 4, i + 3 + m, origin}
   i = i + 4 + m
 end

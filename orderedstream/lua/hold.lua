@@ -3,6 +3,7 @@
 -- seen held.
 -- KEYS[1] stream  KEYS[2] lease  KEYS[3] parked (hash)  KEYS[4] held (hash)
 -- KEYS[5] followers of ARGV[4] (zset, see lib/held.lua)
+-- KEYS[6] delay (zset)  KEYS[7] signal (stream): optional, see 'parked' below
 -- ARGV[1] token  ARGV[2] group  ARGV[3] entry id  ARGV[4] ordering key
 -- ARGV[5] the entry's os-hold-gen header ('' if none): which release appended it
 -- ARGV[6] record (JSON) to park it with   ARGV[7] its origin id (os-origin-id, or its own id)
@@ -12,8 +13,15 @@
 --        {'follower'}        parked behind the holder, in origin order (acked)
 --        {'forwarded', id}   the holder was re-streamed up to a later id: this older entry is
 --                            appended behind the copies (acked), so the key keeps its order
+--        {'parked'}          as 'forwarded', for an entry of more than MAX_VALUES field/value
+--                            values (lib/chunks.lua), which a script cannot XADD: it becomes
+--                            the key's holder instead, due now, behind the copies (chain =
+--                            their last id); the fixer re-streams it once the group has passed
+--                            them.  Needs KEYS[6] and KEYS[7]; a caller that passes only five
+--                            keys gets {'free', 0} for such an entry (handled where it is).
 -- Error: NOTOWNER
 --! include lib/fence.lua
+--! include lib/chunks.lua
 --! include lib/ids.lua
 --! include lib/held.lua
 local origin = ARGV[7]
@@ -43,6 +51,19 @@ if before(origin, horigin) then return {'free', 0} end
 if not before(ARGV[3], last) then
   redis.call('HDEL', KEYS[4], ARGV[4])
   return {'free', 1}
+end
+if #ARGV - 7 > MAX_VALUES then
+  if not KEYS[7] then return {'free', 0} end
+  local record = string.gsub(ARGV[6], ',"role":"follower",', ',"role":"holder",', 1)
+  if redis.call('HSETNX', KEYS[3], ARGV[3], record) == 1 then
+    local t = redis.call('TIME')
+    local now = t[1] * 1000 + math.floor(t[2] / 1000)
+    redis.call('HSET', KEYS[4], ARGV[4], ARGV[3] .. ' ' .. origin .. ' ' .. last)
+    redis.call('ZADD', KEYS[6], now, ARGV[3])
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'due', now)
+  end
+  redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
+  return {'parked'}
 end
 local id = redis.call('XADD', KEYS[1], '*', 'os-for', ARGV[2], 'os-origin-id', origin,
   'os-hold-gen', gen, unpack(ARGV, 8))

@@ -15,6 +15,7 @@
 -- is read alone: so the acks of everything before it ride on the read that hands it out, and a
 -- crash on it does not add a delivery to the entries behind it (max_deliveries counts them).
 --! include lib/fence.lua
+--! include lib/chunks.lua
 for i = 6, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
@@ -48,7 +49,7 @@ for _, row in ipairs(rows) do
   if row[2] then kept[#kept + 1] = row else trimmed[#trimmed + 1] = row[1] end
 end
 if #trimmed > 0 then
-  redis.call('XACK', KEYS[1], ARGV[2], unpack(trimmed))
+  chunked({'XACK', KEYS[1], ARGV[2]}, trimmed)
 end
 local counts = {}
 if #kept > 0 then
