@@ -55,6 +55,7 @@ from ._scripts import EVENTS_MAXLEN, Scripts
 from ._server import client_from_url, client_name, clone_client, connect_check
 from ._standby import StandbyWaiter
 from ._takeover import take_over
+from ._wire import Timeline as T
 from .exceptions import BudgetSpent, GroupMissing, LeaseLost, NotOwner, StopRequested
 
 _HOST = socket.gethostname()
@@ -236,9 +237,9 @@ class Coordinator(Background):
                     duration_ms=done.duration_ms)
         with contextlib.suppress(redis.RedisError):
             self._cmd.xadd(self._keys.events, {
-                "type": "takeover", "consumer": self.config.consumer, "epoch": lease.epoch,
-                "claimed": done.claimed, "deleted": ",".join(done.deleted),
-                "trimmed": len(done.trimmed), "duration_ms": f"{done.duration_ms:.1f}"},
+                T.TYPE: "takeover", T.CONSUMER: self.config.consumer, T.EPOCH: lease.epoch,
+                T.CLAIMED: done.claimed, T.DELETED: ",".join(done.deleted),
+                T.TRIMMED: len(done.trimmed), T.DURATION_MS: f"{done.duration_ms:.1f}"},
                 maxlen=EVENTS_MAXLEN, approximate=True)
 
     def _release(self, lease: Lease) -> None:

@@ -17,13 +17,12 @@ from typing import Any
 
 import attrs
 
+from . import _wire as wire
 from ._config import MIN_PARK_DELAY_MS
 from ._events import EntryParked
 from ._keys import GroupKeys
 from ._scripts import Scripts
 from .exceptions import OrderedStreamError
-
-HEADER_PREFIX = b"os-"
 
 
 class MalformedRecord(OrderedStreamError):
@@ -151,7 +150,7 @@ def split_headers(raw: Mapping[bytes, bytes]) -> tuple[dict[bytes, bytes], dict[
     fields: dict[bytes, bytes] = {}
     headers: dict[bytes, bytes] = {}
     for key, value in raw.items():
-        (headers if key.startswith(HEADER_PREFIX) else fields)[key] = value
+        (headers if key.startswith(wire.HEADER_PREFIX) else fields)[key] = value
     return fields, headers
 
 
@@ -176,9 +175,9 @@ class Parker:
     def record(self, entry_id: str, raw: Mapping[bytes, bytes], reason: str, attempts: int,
                epoch: int, consumer: str, hold_key: str | None, role: str) -> ParkedEntry:
         fields, headers = split_headers(raw)
-        origin = headers.get(b"os-origin-id")
+        origin = headers.get(wire.ORIGIN_ID)
         try:
-            parked_before = int(headers.get(b"os-parked", b"0"))
+            parked_before = int(headers.get(wire.PARKED, b"0"))
         except ValueError:
             parked_before = 0
         now_ms = int(time.time() * 1000)

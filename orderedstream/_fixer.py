@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import redis
 
+from . import _wire as wire
 from ._background import Background
 from ._config import FixerConfig
 from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
@@ -56,7 +57,7 @@ def _flatten(fields: Any) -> list[bytes]:
         raise TypeError(f"the repair returned {fields!r:.80}: return the fields to re-stream "
                         "(a mapping), or raise Unrepairable")
     flat: list[bytes] = []
-    if all(type(k) is bytes and type(v) is bytes and not k.startswith(b"os-")
+    if all(type(k) is bytes and type(v) is bytes and not k.startswith(wire.HEADER_PREFIX)
            for k, v in fields.items()):
         for key, value in fields.items():  # the common case, without per-value conversions
             flat += (key, value)
@@ -66,7 +67,7 @@ def _flatten(fields: Any) -> list[bytes]:
         if not isinstance(key, str | bytes):
             raise TypeError(f"field name {key!r} is not str or bytes")
         name = to_bytes(key)
-        if name.startswith(b"os-"):
+        if name.startswith(wire.HEADER_PREFIX):
             continue  # orderedstream's headers are set by the re-stream itself
         if isinstance(value, bool) or not isinstance(value, str | bytes | int | float):
             raise TypeError(f"the repair returned {value!r:.80} for field {key!r}: values must "
@@ -351,9 +352,9 @@ def restream_outside_script(client: redis.Redis, keys: GroupKeys, entry: ParkedE
                 if not _claim_is_ours(pipe, keys, entry.id, token):
                     return "lost"
                 pipe.multi()
-                pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
-                                     "os-origin-id", entry.origin_id, "os-parked", entry.parked,
-                                     "os-repaired", "1", *flat)
+                pipe.execute_command("XADD", keys.stream, "*", wire.FOR, keys.group,
+                                     wire.ORIGIN_ID, entry.origin_id, wire.PARKED, entry.parked,
+                                     wire.REPAIRED, "1", *flat)
                 pipe.zrem(keys.delay, entry.id)
                 pipe.hdel(keys.parked, entry.id)
                 pipe.execute()
@@ -429,9 +430,9 @@ def _release_outside_script(client: redis.Redis, keys: GroupKeys, entry: ParkedE
                 pipe.multi()
                 appended = 0
                 if mode == "restream":
-                    pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
-                                         "os-origin-id", entry.origin_id, "os-parked",
-                                         entry.parked, "os-repaired", "1", "os-hold-gen",
+                    pipe.execute_command("XADD", keys.stream, "*", wire.FOR, keys.group,
+                                         wire.ORIGIN_ID, entry.origin_id, wire.PARKED,
+                                         entry.parked, wire.REPAIRED, "1", wire.HOLD_GEN,
                                          entry.id, *flat)
                     appended += 1
                 elif mode == "bury":
@@ -441,8 +442,8 @@ def _release_outside_script(client: redis.Redis, keys: GroupKeys, entry: ParkedE
                 pipe.hdel(keys.parked, entry.id)
                 for fid, record in zip(follower_ids, records, strict=True):
                     origin, follower_flat = _follower_fields(fid.decode(), record)
-                    pipe.execute_command("XADD", keys.stream, "*", "os-for", keys.group,
-                                         "os-origin-id", origin, "os-hold-gen", entry.id,
+                    pipe.execute_command("XADD", keys.stream, "*", wire.FOR, keys.group,
+                                         wire.ORIGIN_ID, origin, wire.HOLD_GEN, entry.id,
                                          *follower_flat)
                     pipe.hdel(keys.parked, fid)
                     appended += 1

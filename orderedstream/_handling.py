@@ -19,6 +19,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
+from . import _wire as wire
 from ._config import CoordinatorConfig
 from ._deadletter import Parker
 from ._events import BatchHandled, Emit, EntryParked, HandlerError
@@ -86,6 +87,7 @@ class Handling:
         ack = acks.append
         left = self.budget if self.budget is not None else -1
         own_group = self._own_group
+        for_header = wire.FOR
         gate = self._gate
         limit = cfg.retry.max_deliveries or _NO_LIMIT
         count = 1
@@ -101,7 +103,7 @@ class Handling:
                         raise StopRequested
                     raise LeaseLost(lease.lost_reason)
                 entry_id, flat = row
-                if flat[0] == b"os-for" and flat[1] != own_group:
+                if flat[0] == for_header and flat[1] != own_group:
                     ack(entry_id)  # re-streamed for another group: ours handled the original
                     self.handled += 1
                     continue

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from . import _wire as wire
 from ._deadletter import Parker
 from ._events import Emit, EntryHeld
 from ._keys import GroupKeys
@@ -58,10 +59,10 @@ class HoldGate:
         user_fields: list[bytes] = []
         for i in range(0, len(flat) - 1, 2):
             name = flat[i]
-            if name.startswith(b"os-"):
-                if name == b"os-hold-gen":
+            if name.startswith(wire.HEADER_PREFIX):
+                if name == wire.HOLD_GEN:
                     generation = flat[i + 1]
-                elif name == b"os-origin-id":
+                elif name == wire.ORIGIN_ID:
                     origin = flat[i + 1]
                 continue
             if name == self.field:

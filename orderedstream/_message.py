@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from . import _wire as wire
 from .exceptions import Defer
 
 
@@ -108,13 +109,13 @@ class Message:
     @property
     def repaired(self) -> bool:
         """True for an entry the fixer repaired and re-streamed after it was parked."""
-        return b"os-repaired" in self.raw
+        return wire.REPAIRED in self.raw
 
     @property
     def origin_id(self) -> str:
         """The stream id this message first had: its own id, unless orderedstream re-streamed
         it (repaired, or held behind a parked entry of its ordering key)."""
-        origin = self.raw.get(b"os-origin-id")
+        origin = self.raw.get(wire.ORIGIN_ID)
         return origin.decode("utf-8", "replace") if origin is not None else self.id
 
     def retry(self) -> Message:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .. import _wire as wire
 from .._keys import GroupKeys
 from .._server import client_from_url, connect_check
 from .._status import group_status
@@ -264,7 +265,7 @@ def _produced(client: Any, stream: str) -> tuple[int, set[int]]:
         if not rows:
             break
         for _, fields in rows:
-            if b"os-origin-id" in fields:
+            if wire.ORIGIN_ID in fields:
                 continue
             seq = int(fields[b"seq"])
             seqs.add(seq)
