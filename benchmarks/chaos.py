@@ -374,7 +374,9 @@ class Chaos:
             return None
         if not lease or info.get(b"token") != lease:
             return None
-        return info[b"consumer"].decode(), int(info.get(b"epoch", 0))
+        consumer = info[b"consumer"]
+        name = consumer.decode() if isinstance(consumer, bytes) else str(consumer)
+        return name, int(info.get(b"epoch", 0))
 
     def live_owner(self, timeout: float = 5.0) -> tuple[Proc, int] | None:
         assert self.cast is not None
@@ -442,8 +444,7 @@ class Chaos:
             try:
                 for c in self.admin.client_list():
                     if str(c.get("name", "")).startswith(prefix):
-                        killed += int(self.admin.execute_command("CLIENT", "KILL", "ID",
-                                                                 c["id"]))
+                        killed += int(self.admin.client_kill_filter(_id=c["id"]))
             except redis.RedisError as err:
                 self.note("skip", f"clientkill: {err!r}"[:60])
                 return
@@ -515,9 +516,8 @@ class Chaos:
             def connected(name: str) -> bool:
                 return any(c.get("name") == name for c in admin.client_list())
 
-            for i in range(1, args.consumers + 1):
-                beat = f"os:c{i}:beat"
-                wait_until(lambda beat=beat: connected(beat), 60, message=f"{beat} connected")
+            for beat in (f"os:c{i}:beat" for i in range(1, args.consumers + 1)):
+                wait_until(lambda: connected(beat), 60, message=f"{beat} connected")  # noqa: B023
             produce = ["produce", "--rate", str(args.rate)]
             if args.corrupt_every:
                 produce += ["--corrupt-every", str(args.corrupt_every)]
@@ -650,8 +650,11 @@ def render(result: dict[str, Any]) -> None:
     row("lost", v["lost"])
     if v["lost"]:
         row("  first lost seqs", " ".join(map(str, v["lost_seqs"][:8])))
-    row("lost with the server's data", f"{v['lost_with_server_data']} (acked before the "
-                                       "wipe, never handled)")
+    if counts.get("server-wipe"):
+        row("lost with the server's data", f"{v['lost_with_server_data']} (acked before the "
+                                           "wipe, never handled)")
+    else:
+        row("lost with the server's data", "- (no restart without persistence)")
     row("out of order", v["out_of_order"])
     if v["out_of_order"]:
         row("  first out-of-order seqs", " ".join(map(str, v["out_of_order_seqs"][:8])))
