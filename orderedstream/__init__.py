@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from ._coordinator import Coordinator, Handler, Role
-from ._deadletter import MalformedRecord, ParkedEntry
+from ._deadletter import ParkedEntry
 from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
 from ._events import (
     BatchHandled,
@@ -32,7 +32,7 @@ from ._events import (
     TakeoverCompleted,
     WatchDisabled,
 )
-from ._fixer import Fixer, Repair, Unrepairable, identity_repair
+from ._fixer import Fixer, Repair, identity_repair
 from ._keys import GroupKeys, hash_tag
 from ._message import Message
 from ._producer import Producer
@@ -43,8 +43,11 @@ from .exceptions import (
     GroupMissing,
     HandlerFailed,
     LeaseLost,
+    MalformedRecord,
     NotOwner,
     OrderedStreamError,
+    Undecodable,
+    Unrepairable,
     UnsupportedServer,
 )
 
@@ -99,6 +102,7 @@ __all__ = [
     "ServerUnavailable",
     "Standby",
     "TakeoverCompleted",
+    "Undecodable",
     "Unrepairable",
     "UnsupportedServer",
     "WatchDisabled",

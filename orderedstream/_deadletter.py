@@ -22,11 +22,7 @@ from ._config import MIN_PARK_DELAY_MS
 from ._events import EntryParked
 from ._keys import GroupKeys
 from ._scripts import Scripts
-from .exceptions import OrderedStreamError
-
-
-class MalformedRecord(OrderedStreamError):
-    """A parked record that is not what orderedstream writes (hand-edited, truncated, foreign)."""
+from .exceptions import MalformedRecord
 
 
 def encode_fields(raw: Mapping[bytes, bytes]) -> list[list[Any]]:

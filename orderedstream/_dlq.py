@@ -9,11 +9,12 @@ from typing import Any
 import attrs
 import redis
 
-from ._deadletter import MalformedRecord, ParkedEntry, follower_member
+from ._deadletter import ParkedEntry, follower_member
 from ._fixer import release
 from ._keys import GroupKeys, id_order
 from ._scripts import Scripts
 from ._server import server_ms
+from .exceptions import MalformedRecord
 
 
 @attrs.frozen(kw_only=True)

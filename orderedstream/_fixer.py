@@ -21,13 +21,13 @@ import redis
 from . import _wire as wire
 from ._background import Background
 from ._config import FixerConfig
-from ._deadletter import MalformedRecord, ParkedEntry, to_bytes
+from ._deadletter import ParkedEntry, to_bytes
 from ._events import Emitter, Event, FixerPass, Hook, RepairFailed
 from ._keys import GroupKeys, id_order
 from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import Scripts
 from ._server import client_from_url, clone_client, connect_check
-from .exceptions import OrderedStreamError
+from .exceptions import MalformedRecord, OrderedStreamError, Unrepairable
 
 log = logging.getLogger("orderedstream")
 
@@ -41,10 +41,6 @@ SCRIPT_MAX_VALUES = 7800
 lua/lib/chunks.lua: a script passes a command's arguments on Lua's C stack, ~8000 values).
 Bigger entries are re-streamed outside a script, in a WATCH/MULTI/EXEC transaction."""
 _TX_ATTEMPTS = 100  # WATCH conflicts (other fixers, parks) before an entry is left for later
-class Unrepairable(OrderedStreamError):
-    """Raise from a repair function to send the entry to the graveyard at once (no retries)."""
-
-
 def identity_repair(entry: ParkedEntry) -> Mapping[bytes, bytes]:
     """Re-stream the entry unchanged (for entries parked only to wait, e.g. a downstream outage)."""
     return entry.raw

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import attrs
 
 from . import _wire as wire
-from .exceptions import Defer
+from .exceptions import Undecodable
 
 
 @attrs.frozen
@@ -17,11 +17,6 @@ class Term:
     stream: str
     group: str
     epoch: int
-
-
-class Undecodable(Defer):
-    """Raised on first access to ``Message.fields`` of an entry that is not UTF-8; the
-    coordinator parks the entry with this reason (its raw bytes are kept)."""
 
 
 class Message:

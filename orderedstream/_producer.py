@@ -24,11 +24,14 @@ class Producer:
     still pending is reported by the coordinator as trimmed, never silently skipped.
     """
 
+    client: redis.Redis
+    """The producer's own client (no automatic retries)."""
+
     def __init__(self, client: redis.Redis, stream: str, *, maxlen: int | None = None,
                  socket_timeout_s: float = 5.0) -> None:
         self.stream = stream
         self._maxlen = maxlen
-        self._client = clone_client(client, name="os:producer", socket_timeout_s=socket_timeout_s)
+        self.client = clone_client(client, name="os:producer", socket_timeout_s=socket_timeout_s)
 
     @classmethod
     def from_url(cls, url: str, stream: str, *, maxlen: int | None = None) -> Producer:
@@ -36,16 +39,16 @@ class Producer:
 
     def send(self, fields: Fields) -> str:
         """Append one entry; returns its id."""
-        entry_id: Any = self._client.xadd(self.stream, _plain(fields), maxlen=self._maxlen,
+        entry_id: Any = self.client.xadd(self.stream, _plain(fields), maxlen=self._maxlen,
                                      approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def send_many(self, batch: Iterable[Fields]) -> list[str]:
         """Append many entries, in order, in one pipelined round trip (no MULTI)."""
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)
         for fields in batch:
             pipe.xadd(self.stream, _plain(fields), maxlen=self._maxlen, approximate=True)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()

@@ -31,7 +31,7 @@ from ._keys import GroupKeys
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
 from ._scripts import Scripts, pack_command, translate
-from .exceptions import LeaseLost, NotOwner, StopRequested
+from .exceptions import LeaseLost, NotOwner, ResyncNeeded, StopRequested
 
 
 def check_lease(lease: Lease) -> None:
@@ -130,7 +130,7 @@ class FencedReader:
                     # ask for the next batch now, so the server prepares it while the handler
                     # works on this one (this batch's acks ride on the request after)
                     ahead.send(self._take_acks(), rows[-1][0])
-            except _Resync:
+            except ResyncNeeded:
                 self.acks = ahead.reset() + self.acks
                 yield from self._history(1, 1)
                 continue
@@ -182,12 +182,6 @@ class FencedReader:
                 self.flush_acks()
 
 
-class _Resync(Exception):
-    """A read-ahead's bodies do not match what the fenced script delivered (an entry was deleted
-    in between, the group's last-delivered id was not where we thought, or the script cache was
-    flushed); read the delivered entries back from our own pending list instead."""
-
-
 class _ReadAhead:
     """New entries, read ahead: the fenced ``deliver`` script (ack the previous batch, deliver the
     next one to us, reply with ids only) and a plain ``XRANGE`` for the bodies, pipelined on a
@@ -225,7 +219,7 @@ class _ReadAhead:
 
     def receive(self) -> tuple[list[Any], str]:
         """(rows, tail): the delivered entries in id order; ``tail`` when there were none.
-        Raises :class:`_Resync` when the bodies cannot be matched to what was delivered."""
+        Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered."""
         head: Any
         try:
             try:
@@ -241,7 +235,7 @@ class _ReadAhead:
         if isinstance(head, redis.ResponseError):
             if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
                 self._head[1] = self._scripts.sha("deliver")
-                raise _Resync
+                raise ResyncNeeded
             raise head
         count, first, last, tail = head
         if not count:
@@ -251,7 +245,7 @@ class _ReadAhead:
             start += 1
         rows = rows[start:start + count]
         if len(rows) != count or rows[-1][0] != last:
-            raise _Resync
+            raise ResyncNeeded
         return rows, ""
 
     def reset(self) -> list[Any]:

@@ -54,6 +54,15 @@ class HandlerFailed(OrderedStreamError):
         self.error = error
 
 
+class MalformedRecord(OrderedStreamError):
+    """A parked record that is not what orderedstream writes (hand-edited, truncated, foreign);
+    the fixer buries it in the graveyard with this reason instead of failing on it again."""
+
+
+class Unrepairable(OrderedStreamError):
+    """Raise from a repair function to send the entry to the graveyard at once (no retries)."""
+
+
 class Defer(Exception):
     """Raised by a handler to park the current entry in the delay set for later repair.
 
@@ -76,5 +85,17 @@ class StopRequested(Exception):
     """Internal: unwind the owner loop because ``stop()`` was called."""
 
 
+class ResyncNeeded(Exception):
+    """Internal: a read-ahead's bodies do not match what the fenced script delivered (an entry
+    was deleted in between, the group's last-delivered id was not where the reader thought, or
+    the script cache was flushed); the reader reads what was delivered back from its own
+    pending list instead."""
+
+
 class BudgetSpent(Exception):
     """Internal: the ``max_messages`` budget of ``start()``/``run()`` is spent."""
+
+
+class Undecodable(Defer):
+    """Raised on first access to ``Message.fields`` of an entry that is not UTF-8; the
+    coordinator parks the entry with this reason (its raw bytes are kept)."""

@@ -132,7 +132,24 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_seq(client: Any, stream: str) -> int | None:
+    """The ``seq`` of the stream's last entry (None: empty, or not a demo entry)."""
+    last: Any = client.xrevrange(stream, count=1)
+    if not last:
+        return None
+    value = last[0][1].get(b"seq")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
+    """Demo entries with sequence numbers.  A send whose reply was lost (connection gone, server
+    restarting) is not simply sent again, which could write it twice: once the server answers,
+    the producer looks at the stream's last ``seq`` and goes on after what the stream holds."""
+    from .._recovery import passing_fault
+
     client = client_from_url(args.redis_url)
     connect_check(client)
     producer = Producer(client, args.stream, maxlen=args.maxlen)
@@ -143,12 +160,37 @@ def cmd_produce(args: argparse.Namespace) -> int:
     end = args.start_seq + args.count if args.count else None
     started = time.monotonic()
     sent = 0
+    down: str | None = None
     while not stop.is_set() and (end is None or seq < end):
         chunk = 1 if interval else min(500, (end - seq) if end is not None else 500)
         corrupt_every = args.corrupt_every
         batch = [demo_payload(s, bool(corrupt_every) and s % corrupt_every == 0)
                  for s in range(seq, seq + chunk)]
-        ids = producer.send_many(batch)
+        try:
+            if down is not None:  # the last send's fate is unknown: what does the stream hold?
+                stored = _stored_seq(producer.client, args.stream)
+                if stored is not None and seq <= stored < seq + chunk:
+                    err_console.print(f"[yellow]seq {seq}..{stored} were stored before the "
+                                      "connection was lost; going on after them[/]")
+                    if not args.quiet and interval:
+                        console.print(f"sent seq={stored} id=(stored)")
+                    sent += stored - seq + 1
+                    seq = stored + 1
+                    down = None
+                    continue
+            ids = producer.send_many(batch)
+        except Exception as err:
+            reason = passing_fault(err)
+            if reason is None:
+                raise
+            if down is None:
+                err_console.print(f"[yellow]server unavailable ({reason}); retrying[/]")
+            down = reason
+            stop.wait(0.1)
+            continue
+        if down is not None:
+            err_console.print("[green]server available again[/]")
+            down = None
         seq += chunk
         sent += chunk
         if not args.quiet and interval:
