@@ -150,12 +150,6 @@ def split_headers(raw: Mapping[bytes, bytes]) -> tuple[dict[bytes, bytes], dict[
     return fields, headers
 
 
-def follower_member(entry: ParkedEntry) -> str:
-    """Its member in the followers zset of its key (see lua/lib/held.lua)."""
-    seq = entry.origin_id.partition("-")[2]
-    return f"{seq:0>20} {entry.id}"
-
-
 class Parker:
     """Parks entries for one (stream, group) through the fenced ``defer`` script.  Every park
     waits at least ``min_delay_ms`` (``RetryPolicy.min_park_delay_ms``), so an entry that fails
@@ -189,12 +183,18 @@ class Parker:
         record = self.record(entry_id, raw, reason, attempts, epoch, consumer, hold_key,
                              "holder" if hold_key is not None else "plain")
         keys = self._keys
-        due, role = self._scripts.call(
-            "defer", [stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
-                      keys.followers(hold_key or "")],
-            [token, self._group, entry_id, record.to_json(), max(delay_ms, self._min_delay_ms),
-             hold_key or "", record.origin_id])
-        role = role.decode() if isinstance(role, bytes) else str(role)
+        got = self._scripts.defer(keys, token, entry_id, record.to_json(),
+                                  max(delay_ms, self._min_delay_ms), hold_key, record.origin_id)
         return EntryParked(stream=stream, group=self._group, consumer=consumer,
-                           entry_id=entry_id, reason=reason, due_ms=int(due),
-                           held_key=hold_key, role=role)
+                           entry_id=entry_id, reason=reason, due_ms=got.due_ms,
+                           held_key=hold_key, role=got.role)
+
+
+def claim_is_ours(pipe: Any, keys: GroupKeys, entry_id: str, token: str) -> bool:
+    """The claim check of the fixer's scripts, for transactions (under WATCH): the entry's
+    delay-set score is our claim's until_ms; an operator's command (token '') needs the entry
+    merely parked."""
+    if token == "":
+        return bool(pipe.hexists(keys.parked, entry_id))
+    score = pipe.zscore(keys.delay, entry_id)
+    return score is not None and int(score) == int(token)

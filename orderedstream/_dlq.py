@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 import redis
 
-from ._deadletter import ParkedEntry, follower_member
-from ._fixer import release
+from ._deadletter import ParkedEntry
+from ._holdkey import follower_member, release
 from ._keys import GroupKeys, id_order
 from ._scripts import Scripts
 from ._server import server_ms

@@ -30,7 +30,7 @@ from ._config import CoordinatorConfig
 from ._keys import GroupKeys
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
-from ._scripts import Scripts, pack_command, translate
+from ._scripts import DeliverReply, Scripts, pack_command, translate
 from .exceptions import LeaseLost, NotOwner, ResyncNeeded, StopRequested
 
 
@@ -68,9 +68,7 @@ class FencedReader:
         self._stop = stop
         self._outage = outage
         self._on_trimmed = on_trimmed
-        self._history_keys = [config.stream, keys.lease]
-        self._ahead = _ReadAhead(scripts, client, [config.stream, keys.lease],
-                                 [lease.token, config.group, config.consumer, config.batch_size],
+        self._ahead = _ReadAhead(scripts, client, keys, lease.token, config.consumer,
                                  config.batch_size)
         self.acks: list[Any] = []
         self.cursor: bytes | str = "0"
@@ -93,23 +91,21 @@ class FencedReader:
             self._halt()
             acks = self._take_acks()
             try:
-                rows, counts, trimmed, _tail = self._scripts.call(
-                    "read", self._history_keys,
-                    [self._lease.token, cfg.group, cfg.consumer, cfg.batch_size, self.cursor,
-                     *acks])
+                got = self._scripts.read(self._keys, self._lease.token, cfg.consumer,
+                                         cfg.batch_size, self.cursor, acks)
             except (redis.RedisError, OSError) as err:
                 self.acks = acks + self.acks  # their fate is unknown: send them again
                 self._wait_out(err)
                 continue
             self._outage.ok()
-            if trimmed:
-                self._on_trimmed([t.decode() for t in trimmed])
-            if not rows:
-                if trimmed:
+            if got.trimmed:
+                self._on_trimmed(got.trimmed)
+            if not got.rows:
+                if got.trimmed:
                     continue  # only trimmed ids on this page: more may follow
                 return
-            yield Page(rows, counts, rereading, min_count)
-            self.cursor = rows[-1][0]
+            yield Page(got.rows, got.counts, rereading, min_count)
+            self.cursor = got.rows[-1][0]
 
     def replay(self, *, min_count: int = 1) -> Iterator[Page]:
         """This consumer's pending entries in id order, with their delivery counts."""
@@ -168,8 +164,7 @@ class FencedReader:
         check_lease(self._lease)
         acks = self.acks
         try:
-            self._scripts.call("ack", self._history_keys,
-                               [self._lease.token, self._config.group, *acks])
+            self._scripts.ack(self._keys, self._lease.token, acks)
         except (redis.RedisError, OSError):
             return
         del acks[:]
@@ -188,24 +183,27 @@ class _ReadAhead:
     connection of its own and sent without waiting, so the server works on batch N+1 while the
     handler works on batch N.  XRANGE changes nothing; the fence is the script's."""
 
-    def __init__(self, scripts: Scripts, client: redis.Redis, keys: list[str], args: list[Any],
-                 batch: int) -> None:
+    def __init__(self, scripts: Scripts, client: redis.Redis, keys: GroupKeys, token: str,
+                 consumer: str, batch: int) -> None:
         self._scripts = scripts
         self._pool = client.connection_pool
         self._conn: Any = None
-        self._head = ["EVALSHA", scripts.sha("deliver"), len(keys), *keys, *args]
-        self._stream = keys[0]
+        self._keys = keys
+        self._token = token
+        self._consumer = consumer
         self._batch = batch
         self._sent_acks: list[Any] = []
         self.in_flight = False
+        scripts.sha("deliver")  # loaded before the first pipelined EVALSHA
 
     def send(self, acks: list[Any], after: bytes | str) -> None:
         """Ask for the entries after ``after`` (the last new entry delivered to us)."""
         if self._conn is None:
             self._conn = self._pool.get_connection()
         start = after.decode() if isinstance(after, bytes) else after
-        commands = [(*self._head, *acks),
-                    ("XRANGE", self._stream, f"({start}", "+", "COUNT", self._batch)]
+        commands = [self._scripts.deliver_command(self._keys, self._token, self._consumer,
+                                                  self._batch, acks),
+                    ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)]
         self._sent_acks = acks
         self.in_flight = True
         try:
@@ -232,19 +230,17 @@ class _ReadAhead:
             raise
         self.in_flight = False
         self._sent_acks = []
-        if isinstance(head, redis.ResponseError):
-            if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
-                self._head[1] = self._scripts.sha("deliver")
-                raise ResyncNeeded
-            raise head
-        count, first, last, tail = head
-        if not count:
-            return [], tail.decode()
+        if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
+            self._scripts.sha("deliver")
+            raise ResyncNeeded
+        got = DeliverReply.parse(self._scripts.reply(head))
+        if not got.count:
+            return [], got.tail
         start = 0
-        while start < len(rows) and rows[start][0] != first:
+        while start < len(rows) and rows[start][0] != got.first:
             start += 1
-        rows = rows[start:start + count]
-        if len(rows) != count or rows[-1][0] != last:
+        rows = rows[start:start + got.count]
+        if len(rows) != got.count or rows[-1][0] != got.last:
             raise ResyncNeeded
         return rows, ""
 

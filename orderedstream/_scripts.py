@@ -1,21 +1,32 @@
-"""Loads ``lua/*.lua`` and gives each script one typed method.
+"""The Lua scripts (``lua/*.lua``), each behind one typed method.
 
-Keys reach the scripts only through KEYS (computed by :mod:`._keys`).  A script that answers
-``NOTOWNER`` raises :class:`~orderedstream.exceptions.NotOwner`.
+Every method writes its script's KEYS and ARGV next to each other, as the script's header
+documents them, and returns a small record instead of a raw reply.  All of them go through one
+raw path, :meth:`Scripts.run`: EVALSHA packed in one step (hiredis, when installed), the script
+loaded again on NOSCRIPT (a restart, ``SCRIPT FLUSH``), a connection interrupted mid-command
+dropped (never reused), and the script's ``NOTOWNER`` / ``NOGROUP`` replies raised as
+:class:`~orderedstream.exceptions.NotOwner` / :class:`~orderedstream.exceptions.GroupMissing`.
+Keys reach the scripts only through KEYS (computed by :mod:`._keys`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+import attrs
 import redis
-from redis.commands.core import Script
 
+from ._keys import GroupKeys
 from .exceptions import GroupMissing, NotOwner, OrderedStreamError
 
 EVENTS_MAXLEN = 1000
+SCRIPT_MAX_VALUES = 7800
+"""The most field/value values of one entry a script appends (MAX_VALUES in lua/lib/chunks.lua:
+a script passes a command's arguments on Lua's C stack, ~8000 values).  Bigger entries are
+appended outside a script, in a WATCH/MULTI/EXEC transaction."""
 
 # hiredis packs a whole command in one C call; redis-py encodes each argument in Python first
 pack_command: Callable[[tuple[Any, ...]], bytes] | None
@@ -51,6 +62,11 @@ def script_names() -> list[str]:
     return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".lua"))
 
 
+def script_text(name: str) -> str:
+    """The text sent to the server for script ``name`` (includes resolved)."""
+    return _load(name)
+
+
 def translate(err: redis.ResponseError) -> OrderedStreamError | None:
     """Map a script's error reply to our error tree (None: not one of ours)."""
     text = str(err)
@@ -61,59 +77,278 @@ def translate(err: redis.ResponseError) -> OrderedStreamError | None:
     return None
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- replies ----------------------------------------------------------------------------------
+
+@attrs.frozen
+class ReadReply:
+    """``read``: rows ``[(id, [field, value, ...]), ...]`` in id order; for history reads each
+    row's delivery count and the ids found trimmed (acked); for ``>`` reads that found nothing,
+    the stream's last id (``tail``) to wait from."""
+
+    rows: list[Any]
+    counts: list[Any]
+    trimmed: list[str]
+    tail: str
+
+
+@attrs.frozen
+class DeliverReply:
+    """``deliver``: how many new entries were delivered, the first and last of their ids, or
+    (none delivered) the stream's last id."""
+
+    count: int
+    first: bytes
+    last: bytes
+    tail: str
+
+    @classmethod
+    def parse(cls, reply: Any) -> DeliverReply:
+        count, first, last, tail = reply
+        return cls(int(count), first, last, _text(tail))
+
+
+@attrs.frozen
+class ClaimReply:
+    """``claim``: entries moved to the caller, ids found trimmed, and whether the dead consumer
+    was deleted (its pending list was empty)."""
+
+    claimed: int
+    trimmed: list[str]
+    deleted: bool
+
+
+@attrs.frozen
+class DeferReply:
+    """``defer``: when the fixer may take it (server ms; 0 for a follower) and its role."""
+
+    due_ms: int
+    role: str
+
+
+@attrs.frozen
+class HoldReply:
+    """``hold``: 'free' (hand it to the handler; ``released``: the key is not held any more),
+    'follower' (parked behind the holder), 'forwarded' (appended behind the holder's copies as
+    ``new_id``) or 'parked' (too big to forward: it holds the key now)."""
+
+    action: str
+    released: bool = False
+    new_id: str | None = None
+
+
+@attrs.frozen
+class FixClaim:
+    """``fix_claim``: the server clock, the claim's token (``until_ms``), the claimed ids with
+    their records, and ms until the next entry is due (-1: none parked)."""
+
+    now_ms: int
+    until_ms: int
+    ids: list[str]
+    records: list[bytes | None]
+    next_due_ms: int
+
+
+@attrs.frozen
+class Restream:
+    """One repaired entry for ``fix_restream``."""
+
+    id: str
+    origin_id: str
+    parked: int
+    fields: list[bytes]
+
+
+@attrs.frozen
+class Follower:
+    """One follower for ``fix_release``: its zset member, id, origin id and fields."""
+
+    member: bytes
+    id: bytes
+    origin_id: str
+    fields: list[bytes]
+
+
+@attrs.frozen
+class ReleaseReply:
+    """``fix_release``: 'ok' (with the holder's new id and the last id appended, '' if none),
+    'stale' (followers changed: read them again), 'lost' (not our claim / not parked) or
+    'notyet' (the owner has not passed the key's previous release)."""
+
+    status: str
+    holder_id: str = ""
+    last_id: str = ""
+
+
 class Scripts:
-    """The registered scripts; every call runs on the client passed in (or the default one)."""
+    """The package's scripts for one client; run them on that client or another one."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._scripts: dict[str, Script] = {
-            name: client.register_script(_load(name)) for name in script_names()
-        }
+        self._texts = {name: _load(name) for name in script_names()}
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest()
+                      for name, text in self._texts.items()}
+
+    # -- the raw path -------------------------------------------------------------------------
 
     def sha(self, name: str) -> str:
         """The script's SHA1, loading it into the server's cache first."""
-        script = self._scripts[name]
-        self._client.script_load(script.script)
-        return str(script.sha)
+        self._client.script_load(self._texts[name])
+        return self._shas[name]
 
-    def call_bulk(self, name: str, keys: Sequence[str], args: Sequence[Encodable]) -> Any:
-        """Like :meth:`call`, for calls with thousands of arguments: packed by hiredis in one
-        step (redis-py checks and encodes every argument in Python first)."""
-        if pack_command is None:
-            return self.call(name, keys, args)
-        script = self._scripts[name]
-        pool = self._client.connection_pool
+    def command(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The EVALSHA command for pipelining by hand (its reply: :meth:`reply`)."""
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    @staticmethod
+    def reply(reply: Any) -> Any:
+        """A pipelined reply: raised if it is an error, translated where it is ours."""
+        if isinstance(reply, redis.ResponseError):
+            mapped = translate(reply)
+            if mapped is not None:
+                raise mapped from reply
+            raise reply
+        return reply
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any],
+            client: redis.Redis | None = None) -> Any:
+        """Run script ``name`` (the one raw path every method uses)."""
+        client = client or self._client
         for _ in range(2):
-            conn: Any = pool.get_connection()
             try:
-                conn.send_packed_command(
-                    [pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))])
-                reply = conn.read_response()
+                if pack_command is not None and getattr(client, "connection", None) is None:
+                    return self._packed(client, self.command(name, keys, args))
+                return client.execute_command(  # type: ignore[no-untyped-call]
+                    *self.command(name, keys, args))
             except redis.exceptions.NoScriptError:
-                pool.release(conn)
-                self._client.script_load(script.script)
-                continue
+                client.script_load(self._texts[name])
             except redis.ResponseError as err:
-                pool.release(conn)
                 mapped = translate(err)
                 if mapped is not None:
                     raise mapped from err
                 raise
-            except BaseException:
-                conn.disconnect()
-                pool.release(conn)
-                raise
-            pool.release(conn)
-            return reply
         raise OrderedStreamError(f"script {name} vanished from the server's cache twice")
 
-    def call(self, name: str, keys: Sequence[str], args: Sequence[Encodable],
-             client: redis.Redis | None = None) -> Any:
+    call = run  # the raw path under its old name, for tests that call a script by hand
+
+    @staticmethod
+    def _packed(client: redis.Redis, command: tuple[Any, ...]) -> Any:
+        """One command packed by hiredis in one step on a pooled connection."""
+        assert pack_command is not None
+        pool = client.connection_pool
+        conn: Any = pool.get_connection()
         try:
-            return self._scripts[name](keys=list(keys), args=list(args),
-                                       client=client or self._client)
-        except redis.ResponseError as err:
-            mapped = translate(err)
-            if mapped is not None:
-                raise mapped from err
+            conn.send_packed_command([pack_command(command)])
+            reply = conn.read_response()
+        except redis.ResponseError:
+            pool.release(conn)
             raise
+        except BaseException:
+            conn.disconnect()  # interrupted mid-command: never reuse it
+            pool.release(conn)
+            raise
+        pool.release(conn)
+        return reply
+
+    # -- the owner's reads and acks -----------------------------------------------------------
+
+    def read(self, keys: GroupKeys, token: str, consumer: str, count: int,
+             start: str | bytes, acks: Sequence[Any]) -> ReadReply:
+        rows, counts, trimmed, tail = self.run(
+            "read", [keys.stream, keys.lease],
+            [token, keys.group, consumer, count, start, *acks])
+        return ReadReply(rows, counts, [_text(t) for t in trimmed], _text(tail))
+
+    def deliver_command(self, keys: GroupKeys, token: str, consumer: str, count: int,
+                        acks: Sequence[Any]) -> tuple[Any, ...]:
+        """``deliver`` for the read-ahead's pipeline (reply: :meth:`DeliverReply.parse`)."""
+        return self.command("deliver", [keys.stream, keys.lease],
+                            [token, keys.group, consumer, count, *acks])
+
+    def ack(self, keys: GroupKeys, token: str, ids: Sequence[Any]) -> int:
+        return int(self.run("ack", [keys.stream, keys.lease], [token, keys.group, *ids]))
+
+    def claim(self, keys: GroupKeys, token: str, consumer: str, dead: str,
+              page: int) -> ClaimReply:
+        claimed, trimmed, deleted = self.run(
+            "claim", [keys.stream, keys.lease], [token, keys.group, consumer, dead, page])
+        return ClaimReply(int(claimed), [_text(t) for t in trimmed], bool(int(deleted)))
+
+    # -- parking ---------------------------------------------------------------------------------
+
+    def defer(self, keys: GroupKeys, token: str, entry_id: str, record: str, delay_ms: int,
+              hold_key: str | None, origin_id: str) -> DeferReply:
+        due, role = self.run(
+            "defer", [keys.stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
+                      keys.followers(hold_key or "")],
+            [token, keys.group, entry_id, record, delay_ms, hold_key or "", origin_id])
+        return DeferReply(int(due), _text(role))
+
+    def hold(self, keys: GroupKeys, token: str, entry_id: bytes | str, hold_key: str,
+             generation: bytes, record: str, origin_id: bytes | str,
+             fields: Sequence[bytes]) -> HoldReply:
+        reply = self.run(
+            "hold", [keys.stream, keys.lease, keys.parked, keys.held, keys.followers(hold_key),
+                     keys.delay, keys.signal],
+            [token, keys.group, entry_id, hold_key, generation, record, origin_id, *fields])
+        action = _text(reply[0])
+        if action == "free":
+            return HoldReply(action, released=bool(int(reply[1])))
+        if action == "forwarded":
+            return HoldReply(action, new_id=_text(reply[1]))
+        return HoldReply(action)
+
+    # -- the fixer -------------------------------------------------------------------------------
+
+    def fix_claim(self, keys: GroupKeys, fixer: str, most: int,
+                  visibility_ms: int) -> FixClaim:
+        now, until, ids, records, next_due = self.run(
+            "fix_claim", [keys.delay, keys.parked, keys.claims], [fixer, most, visibility_ms])
+        return FixClaim(int(now), int(until), [_text(i) for i in ids], list(records),
+                        int(next_due))
+
+    def fix_restream(self, keys: GroupKeys, until_ms: int,
+                     entries: Sequence[Restream]) -> list[str]:
+        """New ids, or '' where the claim was no longer ours, in the order given."""
+        args: list[Any] = [until_ms, keys.group]
+        for e in entries:
+            args += [e.id, e.origin_id, e.parked, len(e.fields), *e.fields]
+        return [_text(i) for i in self.run(
+            "fix_restream", [keys.stream, keys.delay, keys.parked], args)]
+
+    def fix_reschedule(self, keys: GroupKeys, until_ms: int,
+                       entries: Sequence[tuple[str, int, str]]) -> int:
+        """``entries``: (id, backoff ms, updated record JSON); returns how many were ours."""
+        args: list[Any] = [until_ms]
+        for entry_id, backoff_ms, record in entries:
+            args += [entry_id, backoff_ms, record]
+        return int(self.run("fix_reschedule", [keys.delay, keys.parked], args))
+
+    def fix_bury(self, keys: GroupKeys, until_ms: int,
+                 entries: Sequence[tuple[str, str, str]]) -> list[str]:
+        """``entries``: (id, record, reason); graveyard ids, or '' where the claim was lost."""
+        args: list[Any] = [until_ms]
+        for entry_id, record, reason in entries:
+            args += [entry_id, record, reason]
+        return [_text(i) for i in self.run(
+            "fix_bury", [keys.delay, keys.parked, keys.graveyard], args)]
+
+    def fix_release(self, keys: GroupKeys, until_ms: int | None, hold_key: str,
+                    holder_id: str, mode: str, origin_id: str, parked: int, record: str,
+                    reason: str, holder_fields: Sequence[bytes],
+                    followers: Sequence[Follower]) -> ReleaseReply:
+        """``until_ms`` None: an operator's command (the entry must merely be parked)."""
+        args: list[Any] = ["" if until_ms is None else until_ms, keys.group, hold_key,
+                           holder_id, mode, origin_id, parked, record, reason,
+                           len(holder_fields), *holder_fields, len(followers)]
+        for f in followers:
+            args += [f.member, f.id, f.origin_id, len(f.fields), *f.fields]
+        reply = self.run("fix_release", [keys.stream, keys.delay, keys.parked, keys.held,
+                                         keys.followers(hold_key), keys.graveyard], args)
+        status = _text(reply[0])
+        if status == "ok":
+            return ReleaseReply(status, _text(reply[1]), _text(reply[2]))
+        return ReleaseReply(status)

@@ -60,12 +60,10 @@ def take_over(scripts: Scripts, client: redis.Redis, keys: GroupKeys, config: Co
     for name in other_consumers(client, config.stream, config.group, config.consumer):
         while True:
             check()
-            count, gone, done = scripts.call(
-                "claim", [config.stream, keys.lease],
-                [lease.token, config.group, config.consumer, name, config.claim_page])
-            claimed += int(count)
-            trimmed.extend(g.decode() for g in gone)
-            if int(done):
+            page = scripts.claim(keys, lease.token, config.consumer, name, config.claim_page)
+            claimed += page.claimed
+            trimmed += page.trimmed
+            if page.deleted:
                 deleted.append(name)
                 break
     return Takeover(claimed, tuple(deleted), tuple(trimmed),
