@@ -10,6 +10,7 @@ from ._coordinator import Coordinator, Handler, Role
 from ._deadletter import MalformedRecord, ParkedEntry
 from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
 from ._events import (
+    AcquireRefused,
     BatchHandled,
     EntriesTrimmed,
     EntryHeld,
@@ -41,6 +42,7 @@ from .exceptions import (
     LeaseLost,
     NotOwner,
     OrderedStreamError,
+    ReplicasNotAcknowledged,
     UnsupportedServer,
 )
 
@@ -50,6 +52,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AcquireRefused",
     "BatchHandled",
     "ConfigError",
     "ConnectionFailed",
@@ -87,6 +90,7 @@ __all__ = [
     "Repair",
     "RepairFailed",
     "ReplayCompleted",
+    "ReplicasNotAcknowledged",
     "RetryPolicy",
     "Role",
     "Standby",

@@ -1,12 +1,19 @@
 """The lease: acquire under a new epoch, renew from a thread, release, and watch an owner's
-heartbeat connection (DESIGN.md §4)."""
+heartbeat connection (DESIGN.md §4).
+
+A term's token is ``consumer:epoch:nonce``: the epoch is a plain integer that only grows (see
+``lua/acquire.lua``), the nonce is random per acquisition, so two terms never share a token even
+if an epoch were handed out twice.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -14,9 +21,22 @@ import redis
 
 from ._config import LeaseConfig
 from ._keys import GroupKeys
-from ._scripts import EVENTS_MAXLEN, Scripts
+from ._scripts import EVENTS_MAXLEN, Encodable, Scripts
+from ._server import clone_client
+from .exceptions import ReplicasNotAcknowledged
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def parse_token(token: str) -> tuple[str, int, str]:
+    """``consumer:epoch:nonce`` -> (consumer, epoch, nonce).  A token of an older release
+    (``consumer:epoch``) has nonce ''; a value that is no token (set by hand) gives
+    (value, 0, '')."""
+    consumer, _, rest = token.partition(":")
+    epoch_text, _, nonce = rest.partition(":")
+    if not epoch_text.isdigit():
+        return token, 0, ""
+    return consumer, int(epoch_text), nonce
 
 
 @attrs.frozen
@@ -30,11 +50,11 @@ class Holder:
 
     @property
     def consumer(self) -> str:
-        return self.token.rpartition(":")[0]
+        return parse_token(self.token)[0]
 
     @property
     def epoch(self) -> int:
-        return int(self.token.rpartition(":")[2])
+        return parse_token(self.token)[1]
 
 
 class Lease:
@@ -43,11 +63,17 @@ class Lease:
 
     ``valid_until`` is that deadline (``time.monotonic()`` seconds; minus infinity once the
     lease is lost), for hot loops: ``time.monotonic() < lease.valid_until`` is ``valid()``.
+
+    ``server_changed``: the previous term was granted by another server process (a restart, a
+    promoted replica), so acks taken there may be lost: entries replayed in this term must be
+    flagged redelivered.
     """
 
-    def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float) -> None:
+    def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float,
+                 *, server_changed: bool = False) -> None:
         self.token = token
         self.epoch = epoch
+        self.server_changed = server_changed
         self._config = config
         self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
         self.valid_until = sent_at + self._span
@@ -92,6 +118,7 @@ class LeaseManager:
         self._beat_name = beat_name
         self._beat_id: int | None = None
         self._host = socket.gethostname()
+        self._waiter: redis.Redis | None = None  # wait_replicas: acquire + WAIT on one connection
 
     def beat_id(self, *, fresh: bool = False) -> int:
         """The heartbeat connection's server-side id (it changes when it reconnects).
@@ -109,17 +136,65 @@ class LeaseManager:
         return self._beat_id
 
     def try_acquire(self) -> Lease | Holder:
+        """Take the lease if it is free (a :class:`Lease`), else learn who holds it.
+
+        With ``wait_replicas`` set, a term that too few replicas acknowledged is ended again
+        and :class:`~orderedstream.exceptions.ReplicasNotAcknowledged` is raised.
+        """
         beat_id = self.beat_id(fresh=True)
         sent = time.monotonic()
         keys = self._keys
-        reply = self._scripts.call(
-            "acquire", [keys.lease, keys.epoch, keys.owner, keys.events],
-            [self._consumer, self._config.ttl_ms, beat_id, self._beat_name, self._host,
-             os.getpid(), EVENTS_MAXLEN],
-        )
-        if int(reply[0]) == 1:
-            return Lease(reply[2].decode(), int(reply[1]), self._config, sent)
-        return Holder(reply[1].decode(), int(reply[2]), reply[3].decode(), reply[4].decode())
+        script_keys = [keys.lease, keys.epoch, keys.owner, keys.events]
+        args: list[Encodable] = [self._consumer, self._config.ttl_ms, beat_id, self._beat_name,
+                                 self._host, os.getpid(), EVENTS_MAXLEN, secrets.token_hex(6)]
+        acked: int | None = None
+        if self._config.wait_replicas > 0:
+            reply, acked = self._acquire_and_wait(script_keys, args)
+        else:
+            reply = self._scripts.call("acquire", script_keys, args)
+        if int(reply[0]) != 1:
+            return Holder(reply[1].decode(), int(reply[2]), reply[3].decode(),
+                          reply[4].decode())
+        lease = Lease(reply[2].decode(), int(reply[1]), self._config, sent,
+                      server_changed=int(reply[3]) == 1)
+        if acked is not None and acked < self._config.wait_replicas:
+            required = self._config.wait_replicas
+            timeout_ms = self._config.effective_wait_timeout_ms
+            self.end_term(lease.token, "released",
+                          f"only {acked} of {required} replicas acknowledged the term")
+            raise ReplicasNotAcknowledged(lease.epoch, acked, required, timeout_ms)
+        return lease
+
+    def _acquire_and_wait(self, keys: Sequence[str], args: Sequence[Encodable]
+                          ) -> tuple[Any, int | None]:
+        """The acquire script and, when it granted the lease, ``WAIT n timeout`` on the same
+        connection (WAIT counts replicas that acknowledged this connection's writes; on another
+        connection it would count the wrong ones).  Returns (script reply, replicas or None)."""
+        if self._waiter is None:
+            timeout_s = self._config.effective_wait_timeout_ms / 1000.0 + 5.0
+            self._waiter = clone_client(self._beat, name=f"{self._beat_name}:acquire",
+                                        socket_timeout_s=timeout_s)
+        pool = self._waiter.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            sha = self._scripts.sha("acquire")
+            conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+            try:
+                reply = conn.read_response()
+            except redis.exceptions.NoScriptError:  # flushed between the load and the call
+                conn.send_command("EVALSHA", self._scripts.sha("acquire"), len(keys), *keys,
+                                  *args)
+                reply = conn.read_response()
+            if int(reply[0]) != 1:
+                return reply, None
+            conn.send_command("WAIT", self._config.wait_replicas,
+                              self._config.effective_wait_timeout_ms)
+            return reply, int(conn.read_response())
+        except BaseException:
+            conn.disconnect()  # never reuse a connection whose reply may still be on the way
+            raise
+        finally:
+            pool.release(conn)
 
     def renew(self, lease: Lease) -> bool:
         """One compare-and-PEXPIRE on the heartbeat connection."""
@@ -152,6 +227,8 @@ class LeaseManager:
 
     def close(self) -> None:
         self._beat.close()
+        if self._waiter is not None:
+            self._waiter.close()
 
 
 class Renewer(threading.Thread):
