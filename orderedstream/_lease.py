@@ -119,6 +119,7 @@ class LeaseManager:
         self._beat_id: int | None = None
         self._host = socket.gethostname()
         self._waiter: redis.Redis | None = None  # wait_replicas: acquire + WAIT on one connection
+        self._acquire_sha: str | None = None
 
     def beat_id(self, *, fresh: bool = False) -> int:
         """The heartbeat connection's server-side id (it changes when it reconnects).
@@ -177,13 +178,14 @@ class LeaseManager:
         pool = self._waiter.connection_pool
         conn: Any = pool.get_connection()
         try:
-            sha = self._scripts.sha("acquire")
-            conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+            if self._acquire_sha is None:
+                self._acquire_sha = self._scripts.sha("acquire")
+            conn.send_command("EVALSHA", self._acquire_sha, len(keys), *keys, *args)
             try:
                 reply = conn.read_response()
-            except redis.exceptions.NoScriptError:  # flushed between the load and the call
-                conn.send_command("EVALSHA", self._scripts.sha("acquire"), len(keys), *keys,
-                                  *args)
+            except redis.exceptions.NoScriptError:  # script cache flushed, or a new server
+                self._acquire_sha = self._scripts.sha("acquire")
+                conn.send_command("EVALSHA", self._acquire_sha, len(keys), *keys, *args)
                 reply = conn.read_response()
             if int(reply[0]) != 1:
                 return reply, None

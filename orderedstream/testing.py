@@ -247,7 +247,8 @@ class ReplicatedServers:
     """
 
     def __init__(self, binary: str | None = None) -> None:
-        self.primary = ServerProcess(binary)
+        # no 5 s wait for more replicas before a full sync (the default diskless-sync delay)
+        self.primary = ServerProcess(binary, extra_args=["--repl-diskless-sync-delay", "0"])
         self.relay = Relay(self.primary.port)
         self.replica = ServerProcess(binary, extra_args=[
             "--replicaof", "127.0.0.1", str(self.relay.port)])

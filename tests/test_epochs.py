@@ -140,6 +140,28 @@ def test_server_changed_only_when_another_server_granted_the_last_term(
     client.close()
 
 
+def test_acquire_works_for_a_user_denied_info(server: ServerProcess, stream: str) -> None:
+    """An ACL user without @dangerous (no INFO) still acquires; the server's identity is then
+    unknown, so a later term counts as server_changed (replays flagged: the safe side)."""
+    if EXTERNAL_URL:
+        pytest.skip("creates an ACL user")
+    admin = server.client()
+    user = f"u{uuid.uuid4().hex[:6]}"
+    admin.acl_setuser(user, enabled=True, nopass=True, keys=["*"], channels=["*"],
+                      commands=["+@all", "-@dangerous"])
+    limited = server.client(username=user)
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.info("server")
+        first, second = terms(manager(limited, stream, "a"), 2)
+        assert second.epoch > first.epoch
+        assert (first.server_changed, second.server_changed) == (False, True)
+    finally:
+        limited.close()
+        admin.acl_deluser(user)
+        admin.close()
+
+
 def test_lease_config_validates_wait_replicas() -> None:
     """wait_replicas >= 0; its timeout defaults to ttl/3 and must fit in half the TTL."""
     assert LeaseConfig(ttl_ms=3000).effective_wait_timeout_ms == 1000

@@ -15,7 +15,8 @@
 -- Epochs stay below 2^53 (exact in Lua's doubles and in JSON) until the year 2255.
 -- The token "consumer:epoch:nonce" is unique per acquisition even if an epoch ever repeated.
 -- server_changed is 1 when the previous term was granted by another server process (run_id
--- recorded in the owner hash: a restart, or a promoted replica): its acks may be lost.
+-- recorded in the owner hash: a restart, or a promoted replica), so its acks may be lost; also
+-- when that cannot be told (INFO denied by an ACL, no owner record).  0 for a first term.
 -- A lease without expiry (SET without PX, PERSIST) is given the configured TTL here, so it is
 -- held for at most one TTL more and standbys wait instead of spinning.
 local holder = redis.call('GET', KEYS[1])
@@ -39,10 +40,11 @@ if last >= 9007199254740991 then
     'clock carries the next epoch past every earlier one)')
 end
 local epoch = string.format('%d', math.max(last + 1, now_us))
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+local info = redis.pcall('INFO', 'server')  -- an ACL without @dangerous denies INFO
+local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local before = redis.call('HGET', KEYS[3], 'run_id')
 local changed = 0
-if (before and before ~= run_id) or (not before and last > 0) then changed = 1 end
+if last > 0 and (run_id == '' or before ~= run_id) then changed = 1 end  -- unknown: changed
 local token = ARGV[1] .. ':' .. epoch .. ':' .. ARGV[8]
 redis.call('SET', KEYS[2], epoch)
 redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
