@@ -34,12 +34,14 @@ end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if last >= 9007199254740991 then
-  return redis.error_reply('EPOCHRANGE the epoch counter ' .. KEYS[2] .. ' holds ' ..
-    string.format('%.0f', last) .. ', beyond 2^53: it was set by hand; delete it (the server ' ..
-    'clock carries the next epoch past every earlier one)')
+local next_epoch = math.max(last + 1, now_us)
+if next_epoch > 9007199254740991 then  -- 2^53 - 1: past it, doubles skip integers
+  return redis.error_reply('EPOCHRANGE the next epoch would pass 2^53 (counter ' .. KEYS[2] ..
+    ' = ' .. string.format('%.0f', last) .. ', server clock ' .. string.format('%.0f', now_us) ..
+    ' us): a counter set by hand can be deleted (the clock carries the next epoch past every ' ..
+    'earlier one); a server clock that far ahead must be corrected')
 end
-local epoch = string.format('%d', math.max(last + 1, now_us))
+local epoch = string.format('%d', next_epoch)
 local info = redis.pcall('INFO', 'server')  -- an ACL without @dangerous denies INFO
 local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local before = redis.call('HGET', KEYS[3], 'run_id')
