@@ -10,6 +10,7 @@ from ._coordinator import Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
 from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
 from ._events import (
+    AcquireRefused,
     BatchHandled,
     EntriesTrimmed,
     EntryHeld,
@@ -46,6 +47,7 @@ from .exceptions import (
     MalformedRecord,
     NotOwner,
     OrderedStreamError,
+    ReplicasNotAcknowledged,
     Undecodable,
     Unrepairable,
     UnsupportedServer,
@@ -57,6 +59,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AcquireRefused",
     "BatchHandled",
     "ConfigError",
     "ConnectionFailed",
@@ -96,6 +99,7 @@ __all__ = [
     "Repair",
     "RepairFailed",
     "ReplayCompleted",
+    "ReplicasNotAcknowledged",
     "RetryPolicy",
     "Role",
     "ServerRecovered",

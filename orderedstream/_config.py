@@ -99,12 +99,20 @@ class LeaseConfig:
     ``ttl_ms`` bounds how long a silent (paused, partitioned) owner blocks failover.  The owner
     renews every ``ttl_ms / 3`` and counts its lease valid only until the send time of its last
     successful renew + ``ttl_ms`` - ``margin_ms`` on its monotonic clock.
+
+    ``wait_replicas`` (opt-in): after acquiring, ``WAIT`` for that many replicas to acknowledge
+    the new term, on the connection that acquired it, for up to ``wait_replicas_timeout_ms``
+    (default ``ttl_ms / 3``); fewer acknowledged: the term is ended again and acquiring raises
+    :class:`~orderedstream.exceptions.ReplicasNotAcknowledged`.  A replica that acknowledged
+    carries the epoch past a promotion with no assumption about clocks.
     """
 
     ttl_ms: int = attrs.field(default=3_000, validator=_positive)
     margin_ms: int | None = attrs.field(default=None)
     watch_connection: bool = True
     watch_interval_ms: int = attrs.field(default=25, validator=_positive)
+    wait_replicas: int = attrs.field(default=0)
+    wait_replicas_timeout_ms: int | None = attrs.field(default=None)
 
     @ttl_ms.validator
     def _check_ttl(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -115,6 +123,24 @@ class LeaseConfig:
     def _check_margin(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
         if value is not None and not 0 <= value < self.ttl_ms // 2:
             raise ConfigError(f"margin_ms must be in [0, ttl_ms/2), got {value}")
+
+    @wait_replicas.validator
+    def _check_wait_replicas(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < 0:
+            raise ConfigError(f"wait_replicas must be >= 0, got {value}")
+
+    @wait_replicas_timeout_ms.validator
+    def _check_wait_timeout(self, attribute: attrs.Attribute[int | None],
+                            value: int | None) -> None:
+        if value is not None and not 0 < value <= self.ttl_ms // 2:
+            raise ConfigError(f"wait_replicas_timeout_ms must be in (0, ttl_ms/2] (the wait "
+                              f"spends the new term's validity), got {value}")
+
+    @property
+    def effective_wait_timeout_ms(self) -> int:
+        if self.wait_replicas_timeout_ms is not None:
+            return self.wait_replicas_timeout_ms
+        return max(self.ttl_ms // 3, 1)
 
     @property
     def effective_margin_ms(self) -> int:

@@ -202,8 +202,9 @@ class Coordinator(Background):
             self._take_over(lease)                                             # 2.
             started = time.monotonic()
             replayed = 0
-            min_count = 2 if getattr(lease, "server_changed", False) else 1
-            for page in reader.replay(min_count=min_count):                    # 3.
+            if lease.server_changed:  # acks the previous server took may be gone
+                reader.suspect_up_to(self._cmd.xrevrange(self.config.stream, count=1))
+            for page in reader.replay():                                       # 3.
                 handle(lease, page, reader)
                 replayed += len(page.rows)
             self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,

@@ -54,6 +54,16 @@ class LeaseAcquired(Event):
 
 
 @attrs.frozen(kw_only=True)
+class AcquireRefused(Event):
+    """This consumer acquired the lease but did not take ownership (e.g. too few replicas
+    acknowledged the new term); it ended the term and retries after a pause."""
+
+    reason: str
+    name = "acquire_refused"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
 class OwnerConnectionGone(Event):
     """A standby saw the owner's heartbeat connection vanish and ended its term at once."""
 

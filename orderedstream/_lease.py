@@ -1,9 +1,15 @@
 """The lease: acquire under a new epoch, renew from a thread, release, and watch an owner's
-heartbeat connection (DESIGN.md §4)."""
+heartbeat connection (DESIGN.md §4).
+
+A term's token is ``consumer:epoch:nonce``: the epoch is a plain integer that only grows (see
+``lua/acquire.lua``), the nonce is random per acquisition, so two terms never share a token even
+if an epoch were handed out twice.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -14,9 +20,21 @@ import redis
 
 from ._config import LeaseConfig
 from ._keys import GroupKeys
-from ._scripts import EVENTS_MAXLEN, Scripts
+from ._recovery import CONNECTION_ERRORS
+from ._scripts import AcquireReply, Scripts
+from ._server import clone_client
+from .exceptions import ReplicasNotAcknowledged
 
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+def parse_token(token: str) -> tuple[str, int, str]:
+    """``consumer:epoch:nonce`` -> (consumer, epoch, nonce).  A token of an older release
+    (``consumer:epoch``) has nonce ''; a value that is no token (set by hand) gives
+    (value, 0, '')."""
+    consumer, _, rest = token.partition(":")
+    epoch_text, _, nonce = rest.partition(":")
+    if not epoch_text.isdigit():
+        return token, 0, ""
+    return consumer, int(epoch_text), nonce
 
 
 @attrs.frozen
@@ -30,11 +48,11 @@ class Holder:
 
     @property
     def consumer(self) -> str:
-        return self.token.rpartition(":")[0]
+        return parse_token(self.token)[0]
 
     @property
     def epoch(self) -> int:
-        return int(self.token.rpartition(":")[2])
+        return parse_token(self.token)[1]
 
 
 class Lease:
@@ -43,11 +61,17 @@ class Lease:
 
     ``valid_until`` is that deadline (``time.monotonic()`` seconds; minus infinity once the
     lease is lost), for hot loops: ``time.monotonic() < lease.valid_until`` is ``valid()``.
+
+    ``server_changed``: the previous term was granted by another server process (a restart, a
+    promoted replica), so acks taken there may be lost: entries replayed in this term must be
+    flagged redelivered.
     """
 
-    def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float) -> None:
+    def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float,
+                 *, server_changed: bool = False) -> None:
         self.token = token
         self.epoch = epoch
+        self.server_changed = server_changed
         self._config = config
         self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
         self.valid_until = sent_at + self._span
@@ -92,6 +116,7 @@ class LeaseManager:
         self._beat_name = beat_name
         self._beat_id: int | None = None
         self._host = socket.gethostname()
+        self._waiter: redis.Redis | None = None  # wait_replicas: acquire + WAIT on one connection
 
     def beat_id(self, *, fresh: bool = False) -> int:
         """The heartbeat connection's server-side id (it changes when it reconnects).
@@ -109,38 +134,78 @@ class LeaseManager:
         return self._beat_id
 
     def try_acquire(self) -> Lease | Holder:
+        """Take the lease if it is free (a :class:`Lease`), else learn who holds it.
+
+        With ``wait_replicas`` set, a term that too few replicas acknowledged is ended again
+        and :class:`~orderedstream.exceptions.ReplicasNotAcknowledged` is raised.
+        """
         beat_id = self.beat_id(fresh=True)
         sent = time.monotonic()
-        keys = self._keys
-        reply = self._scripts.call(
-            "acquire", [keys.lease, keys.epoch, keys.owner, keys.events],
-            [self._consumer, self._config.ttl_ms, beat_id, self._beat_name, self._host,
-             os.getpid(), EVENTS_MAXLEN],
-        )
-        if int(reply[0]) == 1:
-            return Lease(reply[2].decode(), int(reply[1]), self._config, sent)
-        return Holder(reply[1].decode(), int(reply[2]), reply[3].decode(), reply[4].decode())
+        args = (self._keys, self._consumer, self._config.ttl_ms, beat_id, self._beat_name,
+                self._host, os.getpid(), secrets.token_hex(6))
+        acked: int | None = None
+        if self._config.wait_replicas > 0:
+            reply, acked = self._acquire_and_wait(self._scripts.acquire_command(*args))
+        else:
+            reply = self._scripts.acquire(*args)
+        if not reply.granted:
+            return Holder(reply.holder, reply.pttl_ms, reply.conn_id, reply.conn_name)
+        lease = Lease(reply.token, reply.epoch, self._config, sent,
+                      server_changed=reply.server_changed)
+        if acked is not None and acked < self._config.wait_replicas:
+            required = self._config.wait_replicas
+            timeout_ms = self._config.effective_wait_timeout_ms
+            self.end_term(lease.token, "released",
+                          f"only {acked} of {required} replicas acknowledged the term")
+            raise ReplicasNotAcknowledged(lease.epoch, acked, required, timeout_ms)
+        return lease
+
+    def _acquire_and_wait(self, command: tuple[Any, ...]) -> tuple[AcquireReply, int | None]:
+        """The acquire script and, when it granted the lease, ``WAIT n timeout`` on the same
+        connection (WAIT counts replicas that acknowledged this connection's writes; on another
+        connection it would count the wrong ones).  Returns (script reply, replicas or None)."""
+        if self._waiter is None:
+            timeout_s = self._config.effective_wait_timeout_ms / 1000.0 + 5.0
+            self._waiter = clone_client(self._beat, name=f"{self._beat_name}:acquire",
+                                        socket_timeout_s=timeout_s)
+        pool = self._waiter.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            conn.send_command(*command)
+            try:
+                reply = AcquireReply.parse(conn.read_response())
+            except redis.exceptions.NoScriptError:  # script cache flushed, or a new server
+                self._scripts.sha("acquire")
+                conn.send_command(*command)
+                reply = AcquireReply.parse(conn.read_response())
+            if not reply.granted:
+                return reply, None
+            conn.send_command("WAIT", self._config.wait_replicas,
+                              self._config.effective_wait_timeout_ms)
+            return reply, int(conn.read_response())
+        except BaseException:
+            conn.disconnect()  # never reuse a connection whose reply may still be on the way
+            raise
+        finally:
+            pool.release(conn)
 
     def renew(self, lease: Lease) -> bool:
         """One compare-and-PEXPIRE on the heartbeat connection."""
         sent = time.monotonic()
         try:
-            ok = self._scripts.call("renew", [self._keys.lease, self._keys.owner],
-                                    [lease.token, self._config.ttl_ms, self.beat_id()],
-                                    client=self._beat)
+            ok = self._scripts.renew(self._keys, lease.token, self._config.ttl_ms,
+                                     self.beat_id(), client=self._beat)
         except CONNECTION_ERRORS:
             self._beat_id = None
             raise
-        if int(ok) == 1:
+        if ok:
             lease.renewed(sent)
             return True
         return False
 
     def end_term(self, token: str, kind: str, reason: str) -> bool:
         """Compare-and-delete the lease and wake standbys (``kind`` 'released' or 'ended')."""
-        ended = self._scripts.call("end_term", [self._keys.lease, self._keys.events],
-                                   [token, kind, self._consumer, reason, EVENTS_MAXLEN])
-        return int(ended) == 1
+        return self._scripts.end_term(self._keys, token, kind, self._consumer, reason)
 
     def connection_alive(self, client: redis.Redis, holder: Holder) -> bool:
         """Is the holder's heartbeat connection still listed by the server?  The name is checked
@@ -152,6 +217,8 @@ class LeaseManager:
 
     def close(self) -> None:
         self._beat.close()
+        if self._waiter is not None:
+            self._waiter.close()
 
 
 class Renewer(threading.Thread):

@@ -27,7 +27,7 @@ import redis
 
 from ._background import Waiter
 from ._config import CoordinatorConfig
-from ._keys import GroupKeys
+from ._keys import GroupKeys, id_order
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
 from ._scripts import DeliverReply, Scripts, pack_command, translate
@@ -73,6 +73,14 @@ class FencedReader:
         self.acks: list[Any] = []
         self.cursor: bytes | str = "0"
         """The last entry handed out (history reads continue after it)."""
+        self._suspect: tuple[int, int] | None = None
+
+    def suspect_up_to(self, tail: Any) -> None:
+        """The server's identity changed since the last term (a restart, a promoted replica):
+        acks and deliveries the old server took may be gone, so every entry up to the stream's
+        present last one (``tail``: an XREVRANGE COUNT 1 reply) is handed out flagged as
+        redelivered, from the replay or as a new entry."""
+        self._suspect = id_order(tail[0][0].decode()) if tail else None
 
     def _take_acks(self) -> list[Any]:
         acks, self.acks = self.acks, []
@@ -107,10 +115,10 @@ class FencedReader:
             yield Page(got.rows, got.counts, rereading, min_count)
             self.cursor = got.rows[-1][0]
 
-    def replay(self, *, min_count: int = 1) -> Iterator[Page]:
+    def replay(self) -> Iterator[Page]:
         """This consumer's pending entries in id order, with their delivery counts."""
         self.cursor = "0"
-        yield from self._history(0, min_count)
+        yield from self._history(0, 1 if self._suspect is None else 2)
 
     def new_entries(self) -> Iterator[Page]:
         """New entries, read ahead, for as long as the term lasts."""
@@ -139,13 +147,22 @@ class FencedReader:
                 continue
             self._outage.ok()
             if rows:
-                yield Page(rows, None, 0, 1)
+                yield self._new_page(rows)
                 self.cursor = rows[-1][0]
             elif not self.acks:
                 try:
                     self._waiter.newest(cfg.stream, tail, cfg.block_ms)
                 except (redis.RedisError, OSError) as err:
                     self._wait_out(err)
+
+    def _new_page(self, rows: list[Any]) -> Page:
+        suspect = self._suspect
+        if suspect is None:
+            return Page(rows, None, 0, 1)
+        counts = [2 if id_order(row[0].decode()) <= suspect else 1 for row in rows]
+        if counts[-1] == 1:
+            self._suspect = None  # past the old server's last entry
+        return Page(rows, counts, 0, 1)
 
     def _wait_out(self, err: BaseException) -> None:
         """A fault: re-raise what is not passing (NOTOWNER, NOGROUP, a bug), else back off."""

