@@ -308,3 +308,32 @@ def test_a_restart_that_lost_the_data_heals_by_itself(tmp_path: Path) -> None:
         finally:
             group.stop_all()
             client.close()
+
+
+def test_after_the_server_changed_entries_up_to_its_tail_are_flagged(
+        own_server: ServerProcess) -> None:
+    """After the server's identity changed (here a restart; likewise a promoted replica), acks
+    and deliveries the old server took may be gone: the new owner hands out every entry up to
+    the stream's last one at its acquisition flagged as redelivered, and later ones unflagged."""
+    client = own_server.client()
+    stream = "changed"
+    fill(client, stream, 10)
+    seen: list[tuple[int, bool]] = []
+    first = coordinator(client, stream, "a", lambda m: seen.append(
+        (int(m.fields["seq"]), m.redelivered)))
+    first.start()
+    wait_until(lambda: len(seen) >= 10, 10, message="10 handled")
+    first.stop(5)
+    fill(client, stream, 5, start=11)  # produced while nobody consumes
+    own_server.restart()  # SIGKILL, then start again from the AOF: a new run_id
+    client = own_server.client()
+    second = coordinator(client, stream, "b", lambda m: seen.append(
+        (int(m.fields["seq"]), m.redelivered)))
+    second.start()
+    wait_until(lambda: len(seen) >= 15, 10, message="11..15 handled")
+    fill(client, stream, 5, start=16)
+    wait_until(lambda: len(seen) >= 20, 10, message="16..20 handled")
+    second.stop(5)
+    client.close()
+    assert seen[:10] == [(s, False) for s in range(1, 11)]
+    assert seen[10:] == [(s, s <= 15) for s in range(11, 21)]
