@@ -18,11 +18,7 @@ connection, OOM, LOADING, a missing group) are waited out and healed, and said o
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import json
-import os
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +33,6 @@ from ._events import (
     EntriesTrimmed,
     Event,
     GroupRecreated,
-    HandlerStalled,
     Hook,
     LeaseAcquired,
     LeaseLostEvent,
@@ -49,16 +44,14 @@ from ._handling import Handler, Handling, StallWatch
 from ._holdkey import HoldGate
 from ._keys import GroupKeys
 from ._lease import Lease, LeaseManager, Renewer
-from ._reader import FencedReader, check_lease
-from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
-from ._scripts import EVENTS_MAXLEN, Scripts
+from ._reader import FencedReader
+from ._recovery import Outage, passing_fault
+from ._scripts import Scripts
 from ._server import client_from_url, client_name, clone_client, connect_check
 from ._standby import StandbyWaiter
-from ._takeover import take_over
-from ._wire import Timeline as T
+from ._status import record_member
+from ._takeover import ensure_group, take_over
 from .exceptions import BudgetSpent, GroupMissing, LeaseLost, NotOwner, StopRequested
-
-_HOST = socket.gethostname()
 
 __all__ = ["Coordinator", "Handler", "Role"]
 
@@ -149,11 +142,6 @@ class Coordinator(Background):
         self._handling.budget = max_messages
         self._main()
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Ask the loop to stop, hand the lease over, and wait up to ``timeout`` seconds.
-        Idempotent; returns True once the loop has ended."""
-        return super().stop(timeout)
-
     # -- the protocol ---------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -193,10 +181,11 @@ class Coordinator(Background):
         renewer = Renewer(self._lease_mgr, lease, self.config.lease)
         renewer.start()
         watch = StallWatch(self._handling, lease, self.config.handler_timeout_ms,
-                           lambda entry, ms: self._stalled(lease, renewer, entry, ms))
+                           self._lease_mgr, renewer, self._event)
         watch.start()
         reader = FencedReader(self._scripts, self._cmd, self._keys, self.config, lease,
-                              self._waiters[0], self._stop, self._outage, self._trimmed)
+                              self._waiters[0], self._stop, self._outage,
+                              lambda ids: self._event(EntriesTrimmed, ids=tuple(ids)))
         handle = self._handling.batch
         try:
             self._take_over(lease)                                             # 2.
@@ -221,7 +210,8 @@ class Coordinator(Background):
             watch.halt()
             renewer.halt()
             reader.close()
-            self._release(lease)
+            if self._lease_mgr.release(lease):  # handed over at once: standbys woken
+                self._event(LeaseReleased, epoch=lease.epoch)
             self._lease = None
             if self._role is Role.OWNER:
                 self._set_role(Role.STANDBY)
@@ -229,72 +219,26 @@ class Coordinator(Background):
     def _take_over(self, lease: Lease) -> None:
         if self._gate is not None:
             self._gate.refresh(self._cmd)
-        done = take_over(self._scripts, self._cmd, self._keys, self.config, lease,
-                         lambda: check_lease(lease))
+        done = take_over(self._scripts, self._cmd, self._keys, self.config, lease)
         if done.trimmed:
             self._event(EntriesTrimmed, ids=done.trimmed)
         self._event(TakeoverCompleted, epoch=lease.epoch, claimed=done.claimed,
                     consumers_deleted=done.deleted, trimmed=len(done.trimmed),
                     duration_ms=done.duration_ms)
-        with contextlib.suppress(redis.RedisError):
-            self._cmd.xadd(self._keys.events, {
-                T.TYPE: "takeover", T.CONSUMER: self.config.consumer, T.EPOCH: lease.epoch,
-                T.CLAIMED: done.claimed, T.DELETED: ",".join(done.deleted),
-                T.TRIMMED: len(done.trimmed), T.DURATION_MS: f"{done.duration_ms:.1f}"},
-                maxlen=EVENTS_MAXLEN, approximate=True)
-
-    def _release(self, lease: Lease) -> None:
-        """Hand the lease over at once (compare-and-delete, standbys woken), if still ours."""
-        if lease.valid():
-            with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
-                if self._lease_mgr.end_term(lease.token, "released", "clean stop"):
-                    self._event(LeaseReleased, epoch=lease.epoch)
-        lease.lose("released")
-
-    def _stalled(self, lease: Lease, renewer: Renewer, entry_id: str, running_ms: float) -> None:
-        """The handler timeout (from the stall watch's thread): stop renewing, give the lease
-        up so a standby takes over; the stuck call's later writes carry the old epoch."""
-        reason = (f"handler stalled: running {running_ms:.0f} ms on entry {entry_id} (handler "
-                  f"timeout {self.config.handler_timeout_ms} ms)")
-        self._event(HandlerStalled, epoch=lease.epoch, entry_id=entry_id,
-                    running_ms=round(running_ms, 1))
-        renewer.halt()
-        lease.lose(reason)
-        with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
-            self._lease_mgr.end_term(lease.token, "stalled", reason)
 
     # -- healing and reporting ------------------------------------------------------------
 
     def _ensure_group(self) -> None:
-        """Create the group (and the stream) if missing.  Found missing after the start (a
-        restart that lost the data, ``XGROUP DESTROY``): created again and said so, after the
-        last entry this process handed out when the stream still has entries."""
-        cfg = self.config
-        start = cfg.create_group_from
-        if self._cursor is not None and self._cmd.xlen(cfg.stream):
-            start = self._cursor
-        try:
-            self._cmd.xgroup_create(cfg.stream, cfg.group, id=start, mkstream=True)
-        except redis.ResponseError as err:
-            if "BUSYGROUP" not in str(err):
-                raise
-            return
-        if self._role is not Role.STARTING:
+        """Create the group if missing; found missing after the start, say so."""
+        start = ensure_group(self._cmd, self.config, self._cursor)
+        if start is not None and self._role is not Role.STARTING:
             self._event(GroupRecreated, start_id=start)
-
-    def _trimmed(self, ids: list[str]) -> None:
-        self._event(EntriesTrimmed, ids=tuple(ids))
 
     def _set_role(self, role: Role) -> None:
         """Record the new role, and tell operators (members hash; best effort)."""
         self._role = role
-        with contextlib.suppress(redis.RedisError, OSError):
-            if role is Role.STOPPED:
-                self._cmd.hdel(self._keys.members, self.config.consumer)
-                return
-            self._cmd.hset(self._keys.members, self.config.consumer, json.dumps({
-                "role": role.value, "pid": os.getpid(), "host": _HOST,
-                "conn_name": self._cmd_name, "since": time.time()}))
+        record_member(self._cmd, self._keys, self.config.consumer,
+                      None if role is Role.STOPPED else role.value, self._cmd_name)
 
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emitter(cls(stream=self.config.stream, group=self.config.group,

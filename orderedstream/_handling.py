@@ -14,18 +14,22 @@ The per-entry loop is one function on purpose: it is the hot path (one check, on
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from . import _wire as wire
 from ._config import CoordinatorConfig
 from ._deadletter import Parker
-from ._events import BatchHandled, Emit, EntryParked, HandlerError
-from ._lease import Lease
+from ._events import BatchHandled, Emit, EntryParked, HandlerError, HandlerStalled
+from ._lease import Lease, LeaseManager, Renewer
 from ._message import Message, Term
 from ._reader import FencedReader, Page, check_lease
+from ._recovery import CONNECTION_ERRORS
 from .exceptions import BudgetSpent, Defer, HandlerFailed, LeaseLost, StopRequested
 
 if TYPE_CHECKING:
@@ -193,17 +197,22 @@ class Handling:
 
 
 class StallWatch(threading.Thread):
-    """The handler timeout: while a batch is being handled, a handler call that neither returns
-    nor raises for ``timeout_ms`` (retry backoffs do not count) calls ``on_stall`` once, with the
-    entry id and how long it has run."""
+    """The handler timeout (Kafka's ``max.poll.interval.ms``): while a batch is being handled, a
+    handler call that neither returns nor raises for ``timeout_ms`` (retry backoffs do not
+    count) makes the owner step down once: it says so (:class:`HandlerStalled`), stops renewing
+    and gives the lease up, so a standby takes over; the stuck call's later writes carry the old
+    epoch, and the handling loop hands out nothing more of the term (its lease is lost)."""
 
     def __init__(self, handling: Handling, lease: Lease, timeout_ms: int,
-                 on_stall: Callable[[str, float], None]) -> None:
+                 manager: LeaseManager, renewer: Renewer, emit: Emit) -> None:
         super().__init__(name="orderedstream-stallwatch", daemon=True)
         self._handling = handling
         self._lease = lease
+        self._timeout_ms = timeout_ms
         self._timeout = timeout_ms / 1000.0
-        self._on_stall = on_stall
+        self._manager = manager
+        self._renewer = renewer
+        self._emit = emit
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -220,8 +229,19 @@ class StallWatch(threading.Thread):
                 last, since = progress, now
                 continue
             if now - since >= self._timeout:
-                self._on_stall(handling.current_entry(), (now - since) * 1000.0)
+                self._step_down(handling.current_entry(), (now - since) * 1000.0)
                 return
+
+    def _step_down(self, entry_id: str, running_ms: float) -> None:
+        lease = self._lease
+        reason = (f"handler stalled: running {running_ms:.0f} ms on entry {entry_id} (handler "
+                  f"timeout {self._timeout_ms} ms)")
+        self._emit(HandlerStalled, epoch=lease.epoch, entry_id=entry_id,
+                   running_ms=round(running_ms, 1))
+        self._renewer.halt()
+        lease.lose(reason)
+        with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
+            self._manager.end_term(lease.token, "stalled", reason)
 
     def halt(self) -> None:
         self._halt.set()

@@ -8,6 +8,7 @@ if an epoch were handed out twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -206,6 +207,16 @@ class LeaseManager:
     def end_term(self, token: str, kind: str, reason: str) -> bool:
         """Compare-and-delete the lease and wake standbys (``kind`` 'released' or 'ended')."""
         return self._scripts.end_term(self._keys, token, kind, self._consumer, reason)
+
+    def release(self, lease: Lease) -> bool:
+        """End ``lease`` on a clean stop if it is still valid (compare-and-delete; standbys are
+        woken at once); True when this call handed it over.  The lease is lost afterwards."""
+        released = False
+        if lease.valid():
+            with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
+                released = self.end_term(lease.token, "released", "clean stop")
+        lease.lose("released")
+        return released
 
     def connection_alive(self, client: redis.Redis, holder: Holder) -> bool:
         """Is the holder's heartbeat connection still listed by the server?  The name is checked

@@ -1,9 +1,14 @@
 """What an operator sees of one (stream, group): owner and lease, every consumer's state, lag,
-oldest pending entry, the dead-letter counts and the failover timeline.  Read-only."""
+oldest pending entry, the dead-letter counts and the failover timeline.  Read-only, but for
+:func:`record_member`: the one record a coordinator keeps for operators."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import time
 from typing import Any
 
 import attrs
@@ -64,6 +69,22 @@ class GroupStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+_HOST = socket.gethostname()
+
+
+def record_member(client: redis.Redis, keys: GroupKeys, consumer: str, role: str | None,
+                  conn_name: str) -> None:
+    """Tell operators who is there (the members hash; best effort): ``role`` None removes
+    ``consumer``.  Liveness is never read from it (``CLIENT LIST`` names are)."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        if role is None:
+            client.hdel(keys.members, consumer)
+            return
+        client.hset(keys.members, consumer, json.dumps({
+            "role": role, "pid": os.getpid(), "host": _HOST, "conn_name": conn_name,
+            "since": time.time()}))
 
 
 def _text(value: Any) -> str:

@@ -9,8 +9,8 @@ entries are then replayed by the reader, in id order, before anything new.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -19,7 +19,9 @@ import redis
 from ._config import CoordinatorConfig
 from ._keys import GroupKeys
 from ._lease import Lease
-from ._scripts import Scripts
+from ._reader import check_lease
+from ._scripts import EVENTS_MAXLEN, Scripts
+from ._wire import Timeline as T
 from .exceptions import GroupMissing
 
 
@@ -48,23 +50,47 @@ def other_consumers(client: redis.Redis, stream: str, group: str, me: str) -> li
     return [n for n in names if n != me]
 
 
+def ensure_group(client: redis.Redis, config: CoordinatorConfig, after: str | None) -> str | None:
+    """Create the group (and the stream) unless it exists; returns the id it was created at, or
+    None.  A group found missing after the start (a restart that lost the data, ``XGROUP
+    DESTROY``) is created after ``after`` (the last entry this process handed out) when the
+    stream still has entries, else at ``config.create_group_from``."""
+    start = config.create_group_from
+    if after is not None and client.xlen(config.stream):
+        start = after
+    try:
+        client.xgroup_create(config.stream, config.group, id=start, mkstream=True)
+    except redis.ResponseError as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+        return None
+    return start
+
+
 def take_over(scripts: Scripts, client: redis.Redis, keys: GroupKeys, config: CoordinatorConfig,
-              lease: Lease, check: Callable[[], None]) -> Takeover:
+              lease: Lease) -> Takeover:
     """Claim every other consumer's pending entries for ``config.consumer`` under ``lease``,
-    deleting each consumer once its pending list is empty.  ``check`` raises once the lease is
-    no longer valid (checked before every page)."""
+    deleting each consumer once its pending list is empty (the lease is checked before every
+    page), and add the takeover to the group's timeline."""
     started = time.monotonic()
     claimed = 0
     deleted: list[str] = []
     trimmed: list[str] = []
     for name in other_consumers(client, config.stream, config.group, config.consumer):
         while True:
-            check()
+            check_lease(lease)
             page = scripts.claim(keys, lease.token, config.consumer, name, config.claim_page)
             claimed += page.claimed
             trimmed += page.trimmed
             if page.deleted:
                 deleted.append(name)
                 break
-    return Takeover(claimed, tuple(deleted), tuple(trimmed),
+    done = Takeover(claimed, tuple(deleted), tuple(trimmed),
                     (time.monotonic() - started) * 1000.0)
+    with contextlib.suppress(redis.RedisError):
+        client.xadd(keys.events, {
+            T.TYPE: "takeover", T.CONSUMER: config.consumer, T.EPOCH: lease.epoch,
+            T.CLAIMED: done.claimed, T.DELETED: ",".join(done.deleted),
+            T.TRIMMED: len(done.trimmed), T.DURATION_MS: f"{done.duration_ms:.1f}"},
+            maxlen=EVENTS_MAXLEN, approximate=True)
+    return done
