@@ -213,7 +213,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch,
                           wait_replicas=args.wait_replicas),
         retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
-                          max_deliveries=args.max_deliveries or None),
+                          max_deliveries=args.max_deliveries or None,
+                          min_park_delay_ms=args.min_park_delay_ms),
         handler_timeout_ms=args.handler_timeout_ms,
         hold_key_field=args.hold_key_field,
     )
@@ -240,7 +241,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
     config = FixerConfig(stream=args.stream, group=args.group,
                          **({"name": args.name} if args.name else {}),
                          batch_size=args.batch, visibility_ms=args.visibility_ms,
-                         max_attempts=args.max_attempts)
+                         max_attempts=args.max_attempts, max_parks=args.max_parks)
     hooks = [] if args.quiet else [print_event]
     fixer = Fixer(config, repair, client_from_url(args.redis_url), hooks=hooks)
     _Signals(lambda: fixer.stop(timeout=30))
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="park an entry the server delivered more often than this without "
                               "an ack, e.g. one that crashes the process (0: no limit; "
                               "default %(default)s)")
+    consume.add_argument("--min-park-delay-ms", type=int, default=100,
+                         help="floor on every park delay, Defer(delay_ms=0) included "
+                              "(default %(default)s)")
     consume.add_argument("--handler-timeout-ms", type=int, default=300_000,
                          help="a handler call running longer than this makes the owner step "
                               "down so a standby takes over (default %(default)s)")
@@ -442,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a claimed entry is offered again after this if the fixer dies")
     fix.add_argument("--max-attempts", type=int, default=5,
                      help="failed repairs before an entry goes to the graveyard")
+    fix.add_argument("--max-parks", type=int, default=10,
+                     help="an entry parked more often than this (it fails again after every "
+                          "repair) goes to the graveyard (default %(default)s)")
     fix.add_argument("--quiet", action="store_true", help="no event output")
     fix.set_defaults(func=cmd_fix)
 
