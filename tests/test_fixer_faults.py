@@ -39,19 +39,13 @@ from orderedstream._demo import demo_repair
 from orderedstream._scripts import Scripts
 from orderedstream.testing import ServerProcess, park_directly, wait_until
 
+from .test_deadletter import restreamed_origins
+
 BIG = 10_000  # fields: 20,000 values, far past a script's ~8000
 
 
 def big_fields(tag: str = "x") -> dict[str, str]:
     return {f"f{i:05d}": f"{tag}{i}" for i in range(BIG)}
-
-
-def restreamed_origins(client: redis.Redis, stream: str) -> Counter[str]:
-    origins: Counter[str] = Counter()
-    for _, fields in client.xrange(stream):
-        if b"os-origin-id" in fields:
-            origins[fields[b"os-origin-id"].decode()] += 1
-    return origins
 
 
 def settled_parked(client: redis.Redis, stream: str) -> bool:
