@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +75,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: ask Linux to SIGTERM it when the thread that
+    started it dies (a SIGKILLed test run, a closed terminal), so no server is left behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     """A throw-away server on 127.0.0.1.  ``appendonly=True`` with ``appendfsync always`` makes
     :meth:`restart` keep every acknowledged write."""
@@ -100,7 +111,8 @@ class ServerProcess:
                 "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         client = self.client(socket_timeout=1)
         try:
             def ready() -> bool:
