@@ -24,8 +24,6 @@ from ._keys import GroupKeys
 from ._lease import Holder, Lease, LeaseManager
 from .exceptions import ReplicasNotAcknowledged
 
-_NO_EXPIRY_WAIT_MS = 1_000  # a lease without expiry (PTTL -1): look again this often
-
 
 class StandbyWaiter:
     """Waits for the lease of one (stream, group) on behalf of one consumer."""
@@ -72,8 +70,9 @@ class StandbyWaiter:
     def _until_free(self, holder: Holder, last_signal: str) -> str | None:
         """Wait while ``holder`` may still hold the lease: until its TTL runs out, a wake-up on
         the events stream (returned: the newest signal id), or its connection is gone."""
-        ttl_ms = holder.pttl_ms if holder.pttl_ms > 0 else _NO_EXPIRY_WAIT_MS
-        deadline = time.monotonic() + ttl_ms / 1000.0
+        # the acquire script gives a lease without expiry one (never -1 here); 0 means it ends
+        # within this millisecond: look again at once
+        deadline = time.monotonic() + max(holder.pttl_ms, 1) / 1000.0
         watching = self.watch and bool(holder.conn_id)
         while not self._stop.is_set():
             if watching and not self._alive(holder):
@@ -83,7 +82,13 @@ class StandbyWaiter:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return None
-            block = min(left_ms, self._config.watch_interval_ms) if watching else left_ms
+            if watching:
+                block = min(left_ms, self._config.watch_interval_ms)
+            elif left_ms > 120:
+                block = left_ms - 100  # a server-side BLOCK times out up to ~100 ms late
+            else:
+                self._stop.wait(left_ms / 1000.0)  # (its cron): the last stretch is slept here
+                return None
             entries = self._waiter.newest(self._keys.events, last_signal, block)
             if entries:
                 return str(entries[-1][0].decode())
