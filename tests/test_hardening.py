@@ -31,9 +31,16 @@ from orderedstream import (
     ServerUnavailable,
 )
 from orderedstream._deadletter import ParkedEntry
-from orderedstream.testing import ServerProcess, park_directly, read_records, verdict, wait_until
+from orderedstream.testing import (
+    ReplicatedServers,
+    ServerProcess,
+    park_directly,
+    read_records,
+    verdict,
+    wait_until,
+)
 
-from .conftest import Consumers
+from .conftest import EXTERNAL_URL, Consumers
 
 
 def fill(client: redis.Redis, stream: str, n: int, start: int = 1) -> list[str]:
@@ -337,3 +344,39 @@ def test_after_the_server_changed_entries_up_to_its_tail_are_flagged(
     client.close()
     assert seen[:10] == [(s, False) for s in range(1, 11)]
     assert seen[10:] == [(s, s <= 15) for s in range(11, 21)]
+
+
+@pytest.mark.slow
+def test_a_read_only_replica_is_waited_out_until_promoted() -> None:
+    """A coordinator pointed at a replica (as after a failover whose promotion has not happened
+    yet) gets READONLY on every write: it says so once and waits; once the replica is promoted
+    it owns and hands out every entry the primary had, in order."""
+    if EXTERNAL_URL:
+        pytest.skip("starts its own primary and replica")
+    with ReplicatedServers() as servers:
+        primary = servers.primary.client()
+        fill(primary, "ro", 20)
+        primary.xgroup_create("ro", "g", id="0")
+        servers.wait_link_up()
+        replica = servers.replica.client()
+        wait_until(lambda: replica.xlen("ro") == 20, 5, message="replica has the entries")
+        events: list[Event] = []
+        seen: list[int] = []
+        c = coordinator(replica, "ro", "a", lambda m: seen.append(int(m.fields["seq"])), events)
+        c.start()
+        try:
+            wait_until(lambda: any(isinstance(e, ServerUnavailable) for e in events), 5,
+                       message="ServerUnavailable")
+            assert "READONLY" in next(e for e in events
+                                      if isinstance(e, ServerUnavailable)).reason
+            assert seen == [] and c.role is not Role.OWNER
+            servers.kill_primary()
+            servers.promote_replica()
+            wait_until(lambda: len(seen) >= 20, 10, message="20 handled after the promotion")
+        finally:
+            c.stop(5)
+            primary.close()
+            replica.close()
+        assert seen == list(range(1, 21))
+        assert sum(isinstance(e, ServerUnavailable) for e in events) == 1
+        assert sum(isinstance(e, ServerRecovered) for e in events) == 1
