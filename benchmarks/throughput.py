@@ -7,6 +7,7 @@ loops, in the same run, on the same server and pre-filled stream.
 * naive:       XREADGROUP COUNT 1 + XACK per entry (run on --naive-entries only: it is slow)
 * coordinator: Coordinator(batch_size=500), no-op handler; it also decodes fields to str,
   checks its lease per entry and fences every read/ack
+* batch handler: Coordinator.batched(batch_size=500), one no-op call per batch
 
 Each contender reads the whole stream through a fresh consumer group (created at 0) and is timed
 from its first read to its last ack; the runs alternate (raw, coordinator, raw, ...) --rounds
@@ -24,6 +25,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -79,6 +81,24 @@ def coordinator(client: redis.Redis, group: str, total: int) -> float:
     return total / elapsed
 
 
+def coordinator_batched(client: redis.Redis, group: str, total: int) -> float:
+    """The batch handler: one call per batch of up to 500 entries (what a handler that writes a
+    batch to a database in one statement gets)."""
+    seen = [0]
+    first = [0.0]
+
+    def noop_batch(messages: Sequence[Message]) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += len(messages)
+
+    config = CoordinatorConfig(stream=STREAM, group=group, consumer="batch", batch_size=500)
+    Coordinator.batched(config, noop_batch, client).run(max_messages=total)
+    elapsed = time.perf_counter() - first[0]
+    client.delete(*GroupKeys(STREAM, group).all())
+    return total / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,12 +118,15 @@ def main() -> int:
             if i % 1000 == 999:
                 pipe.execute()
         pipe.execute()
-        rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": []}
+        rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": [],
+                                         "batch handler": []}
         for r in range(args.rounds):
             rates["raw"].append(raw_batched(client, f"raw{r}", args.entries))
             rates["coordinator"].append(coordinator(client, f"coord{r}", args.entries))
             rates["raw, no handler"].append(
                 raw_batched(client, f"bare{r}", args.entries, call_handler=False))
+            rates["batch handler"].append(
+                coordinator_batched(client, f"batch{r}", args.entries))
         naive_rate = naive(client, "naive", args.naive_entries)
     print(f"throughput on {label}, redis-py {redis.__version__}, one Python process, "
           f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
@@ -119,6 +142,9 @@ def main() -> int:
     paired = [c / r for c, r in zip(rates["coordinator"], rates["raw"], strict=True)]
     print(f"  coordinator / raw batched, per round: "
           f"{', '.join(f'{p:.2f}' for p in paired)}  (median {statistics.median(paired):.2f}x)")
+    batch = [b / r for b, r in zip(rates["batch handler"], rates["raw"], strict=True)]
+    print(f"  batch handler / raw batched, per round: "
+          f"{', '.join(f'{p:.2f}' for p in batch)}  (median {statistics.median(batch):.2f}x)")
     return 0
 
 

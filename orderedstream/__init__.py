@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
-from ._coordinator import Coordinator, Handler, Role
+from ._coordinator import BatchHandler, Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
 from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
 from ._events import (
@@ -61,6 +61,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "AcquireRefused",
     "BatchHandled",
+    "BatchHandler",
     "ConfigError",
     "ConnectionFailed",
     "Coordinator",

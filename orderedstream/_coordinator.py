@@ -40,7 +40,7 @@ from ._events import (
     ReplayCompleted,
     TakeoverCompleted,
 )
-from ._handling import Handler, Handling, StallWatch
+from ._handling import BatchHandler, Handler, Handling, StallWatch
 from ._holdkey import HoldGate
 from ._keys import GroupKeys
 from ._lease import Lease, LeaseManager, Renewer
@@ -53,7 +53,7 @@ from ._status import record_member
 from ._takeover import ensure_group, take_over
 from .exceptions import BudgetSpent, GroupMissing, LeaseLost, NotOwner, StopRequested
 
-__all__ = ["Coordinator", "Handler", "Role"]
+__all__ = ["BatchHandler", "Coordinator", "Handler", "Role"]
 
 
 class Role(enum.Enum):
@@ -115,6 +115,17 @@ class Coordinator(Background):
                  *, hooks: Sequence[Hook] = ()) -> Coordinator:
         """Build with a client for ``url`` (redis://, rediss:// or unix://)."""
         return cls(config, handler, client_from_url(url), hooks=hooks)
+
+    @classmethod
+    def batched(cls, config: CoordinatorConfig, handler: BatchHandler, client: redis.Redis,
+                *, hooks: Sequence[Hook] = ()) -> Coordinator:
+        """A coordinator whose handler receives each batch (a sequence of :class:`Message`, in
+        order, up to ``config.batch_size``), acknowledged together when it returns.  If it
+        raises, the batch's entries are handed to it again one by one (a batch of one each),
+        in order, under the retry policy: ``Defer`` parks that entry, order is kept."""
+        coordinator = cls(config, lambda message: handler((message,)), client, hooks=hooks)
+        coordinator._handling.batch_handler = handler
+        return coordinator
 
     @property
     def role(self) -> Role:

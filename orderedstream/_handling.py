@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._holdkey import HoldGate
 
 Handler = Callable[[Message], object]
+BatchHandler = Callable[[Sequence[Message]], object]
 
 _NO_LIMIT = 1 << 62
 
@@ -66,6 +67,8 @@ class Handling:
         """The rows of the batch being handled (None between batches); with ``handled`` and
         ``busy_from`` it tells a watchdog which entry the handler is on."""
         self.busy_from = 0
+        self.batch_handler: BatchHandler | None = None
+        """Batch mode: the handler gets each page's entries in one call (see :meth:`_whole`)."""
 
     def progress(self) -> int:
         """Grows with every handler call that returned or raised."""
@@ -82,6 +85,9 @@ class Handling:
     def batch(self, lease: Lease, page: Page, reader: FencedReader) -> None:
         """Handle one page; the ids to acknowledge are appended to ``reader.acks`` (they ride
         on the next read)."""
+        if self.batch_handler is not None:
+            self._whole(lease, page, reader.acks, self.batch_handler)
+            return
         rows, counts, rereading, min_count = page
         acks = reader.acks
         cfg = self._config
@@ -142,12 +148,88 @@ class Handling:
             self.busy = None
         if self.budget is not None:
             self.budget = left
-        last_id = rows[-1][0]
         self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
-                   last_id=last_id.decode() if isinstance(last_id, bytes) else last_id,
-                   redelivered=redelivered)
+                   last_id=_text(rows[-1][0]), redelivered=redelivered)
 
-    def _recover(self, lease: Lease, message: Message, error: Exception) -> bool:
+    def _whole(self, lease: Lease, page: Page, acks: list[Any], handler: BatchHandler) -> None:
+        """Batch mode: the page's entries in one handler call, acknowledged together when it
+        returns.  If it raises, the entries are handed out again one by one, in order, each as a
+        batch of one under the retry policy (so parking and order keep their meaning).  The same
+        entries are passed over as in :meth:`batch`: copies for another group, entries held
+        behind their key, entries past ``max_deliveries`` (parked)."""
+        rows, counts, rereading, min_count = page
+        cfg = self._config
+        term = Term(cfg.stream, cfg.group, lease.epoch)
+        limit = cfg.retry.max_deliveries or _NO_LIMIT
+        gate = self._gate
+        messages: list[Message] = []
+        ids: list[Any] = []
+        redelivered = 0
+        if counts is None and gate is None and all(f[0] != wire.FOR for _, f in rows):
+            rows_ = rows  # the common case: new entries, nothing to pass over
+            ids = [entry_id for entry_id, _ in rows_]
+            messages = [Message(entry_id, flat, term) for entry_id, flat in rows_]
+            rows_ = []
+        else:
+            rows_ = rows
+        for index, (entry_id, flat) in enumerate(rows_):
+            if flat[0] == wire.FOR and flat[1] != self._own_group:
+                acks.append(entry_id)
+                continue
+            if gate is not None and not gate.admit(lease, entry_id, flat):
+                continue
+            count = max(int(counts[index]) - rereading, min_count) if counts is not None else 1
+            redelivered += count > 1
+            if count > limit:
+                self._park(lease, Message(entry_id, flat, term, count),
+                           f"delivered {count} times without an ack (max_deliveries {limit}): "
+                           "the process handling it may crash on it", cfg.retry.park_delay_ms)
+                continue
+            messages.append(Message(entry_id, flat, term, count))
+            ids.append(entry_id)
+        if self.budget is not None:
+            messages = messages[:self.budget]
+            ids = ids[:self.budget]
+        self.busy_from = self.handled
+        self.busy = [(entry_id, None) for entry_id in ids]
+        try:
+            self._halt_check(lease)
+            try:
+                if messages:
+                    handler(messages)
+                acks.extend(ids)
+                self.handled += len(messages)
+            except Exception as error:
+                self.retries += 1
+                self._emit(HandlerError, entry_id=messages[0].id, attempt=1, error=repr(error),
+                           action="split", backoff_ms=0)
+                for entry_id, message in zip(ids, messages, strict=True):  # one by one, in
+                    self._halt_check(lease)                              # order, under the
+                    again = message.retry()                              # retry policy
+                    try:
+                        handler((again,))
+                        acks.append(entry_id)
+                    except Exception as err:
+                        if self._recover(lease, again, err, lambda m: handler((m,))):
+                            acks.append(entry_id)
+                    self.handled += 1
+        finally:
+            self.busy = None
+        if self.budget is not None:
+            self.budget -= len(messages)
+            if self.budget <= 0:
+                raise BudgetSpent
+        if rows:
+            self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
+                       last_id=_text(rows[-1][0]), redelivered=redelivered)
+
+    def _halt_check(self, lease: Lease) -> None:
+        if self._life._halting:
+            raise StopRequested
+        check_lease(lease)
+
+    def _recover(self, lease: Lease, message: Message, error: Exception,
+                 handler: Handler | None = None) -> bool:
         """The handler raised on ``message``: park it (Defer), or retry it in place per the retry
         policy.  True: it was handled in the end, ack it; False: it was parked (and acked by the
         park script)."""
@@ -178,7 +260,7 @@ class Handling:
             check_lease(lease)
             message = message.retry()
             try:
-                self._handler(message)
+                (handler or self._handler)(message)
                 return True
             except Exception as err:
                 error = err
@@ -194,6 +276,10 @@ class Handling:
         if gate is not None and hold_key is not None:
             gate.parked(hold_key)
         self._emit_event(event)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StallWatch(threading.Thread):

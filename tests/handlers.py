@@ -21,3 +21,9 @@ def crash_on_poison(message: Message) -> None:
 def interrupt(message: Message) -> None:
     """Raises KeyboardInterrupt from inside the handler."""
     raise KeyboardInterrupt
+
+
+def record_batch(messages: list[Message]) -> None:
+    """A batch handler: records each entry like ``record_handler``, in one call per batch."""
+    for message in messages:
+        record_handler(message)

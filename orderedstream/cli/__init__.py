@@ -219,7 +219,12 @@ def cmd_consume(args: argparse.Namespace) -> int:
         hold_key_field=args.hold_key_field,
     )
     hooks = [] if args.quiet else [print_event]
-    coordinator = Coordinator(config, handler, client_from_url(args.redis_url), hooks=hooks)
+    client = client_from_url(args.redis_url)
+    if args.batch_handler:
+        coordinator = Coordinator.batched(config, load_callable(args.batch_handler), client,
+                                          hooks=hooks)
+    else:
+        coordinator = Coordinator(config, handler, client, hooks=hooks)
     _Signals(lambda: coordinator.stop(timeout=30))
     err_console.print(f"[bold]{config.consumer}[/] consuming {args.stream}/{args.group} "
                       f"at {args.redis_url} (lease {args.lease_ttl_ms} ms)")
@@ -411,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="consumer name (default: host-pid-random)")
     consume.add_argument("--handler", default=None,
                          help="module:function to import as the handler (default: print)")
+    consume.add_argument("--batch-handler", default=None, metavar="MODULE:FUNCTION",
+                         help="a function of a list of messages, called once per batch (up to "
+                              "--batch entries) and acknowledged together when it returns")
     consume.add_argument("--max-messages", type=int, default=None,
                          help="exit (handing the lease over) after N handled")
     consume.add_argument("--lease-ttl-ms", type=int, default=3000)
