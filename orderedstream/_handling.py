@@ -165,14 +165,7 @@ class Handling:
         messages: list[Message] = []
         ids: list[Any] = []
         redelivered = 0
-        if counts is None and gate is None and all(f[0] != wire.FOR for _, f in rows):
-            rows_ = rows  # the common case: new entries, nothing to pass over
-            ids = [entry_id for entry_id, _ in rows_]
-            messages = [Message(entry_id, flat, term) for entry_id, flat in rows_]
-            rows_ = []
-        else:
-            rows_ = rows
-        for index, (entry_id, flat) in enumerate(rows_):
+        for index, (entry_id, flat) in enumerate(rows):
             if flat[0] == wire.FOR and flat[1] != self._own_group:
                 acks.append(entry_id)
                 continue
@@ -203,9 +196,10 @@ class Handling:
                 self.retries += 1
                 self._emit(HandlerError, entry_id=messages[0].id, attempt=1, error=repr(error),
                            action="split", backoff_ms=0)
-                for entry_id, message in zip(ids, messages, strict=True):  # one by one, in
-                    self._halt_check(lease)                              # order, under the
-                    again = message.retry()                              # retry policy
+                # one by one, in order, each under the retry policy
+                for entry_id, message in zip(ids, messages, strict=True):
+                    self._halt_check(lease)
+                    again = message.retry()
                     try:
                         handler((again,))
                         acks.append(entry_id)
