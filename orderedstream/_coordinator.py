@@ -19,7 +19,6 @@ connection, OOM, LOADING, a missing group) are waited out and healed, and said o
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,30 +27,26 @@ import redis
 from ._background import Background, Waiter
 from ._config import CoordinatorConfig
 from ._deadletter import Parker
+from ._engine import SyncDriver
 from ._events import (
     Emitter,
-    EntriesTrimmed,
     Event,
     GroupRecreated,
     Hook,
     LeaseAcquired,
-    LeaseLostEvent,
-    LeaseReleased,
-    ReplayCompleted,
-    TakeoverCompleted,
 )
 from ._handling import BatchHandler, Handler, Handling, StallWatch
 from ._holdkey import HoldGate
 from ._keys import GroupKeys
 from ._lease import Lease, LeaseManager, Renewer
-from ._reader import FencedReader
+from ._owner import Owner
 from ._recovery import Outage, passing_fault
 from ._scripts import Scripts
 from ._server import client_from_url, client_name, clone_client, connect_check
 from ._standby import StandbyWaiter
 from ._status import record_member
-from ._takeover import ensure_group, take_over
-from .exceptions import BudgetSpent, GroupMissing, LeaseLost, NotOwner, StopRequested
+from ._takeover import ensure_group
+from .exceptions import BudgetSpent, GroupMissing
 
 __all__ = ["BatchHandler", "Coordinator", "Handler", "Role"]
 
@@ -106,9 +101,11 @@ class Coordinator(Background):
                       if config.hold_key_field is not None else None)
         self._handling = Handling(self, handler, config, parker, self._gate, self._event,
                                   self._emitter, self._stop)
+        self._owner = Owner(self._scripts, keys, config, self._handling, self._gate,
+                            self._outage, self._stop, self._event)
+        self._driver = SyncDriver(self._scripts, self._cmd, waiter, self._stop)
         self._role = Role.STARTING
         self._lease: Lease | None = None
-        self._cursor: str | None = None  # the last entry handed out, for re-creating a group
 
     @classmethod
     def from_url(cls, url: str, config: CoordinatorConfig, handler: Handler,
@@ -185,7 +182,8 @@ class Coordinator(Background):
             self._stopped.set()
 
     def _serve(self, lease: Lease) -> None:
-        """One term: takeover, replay, new entries; then hand the lease over if still ours."""
+        """One term (2-4: :meth:`Owner.serve`, driven here), with the lease renewed and the
+        handler timeout watched from threads of their own."""
         self._lease = lease
         self._set_role(Role.OWNER)
         self._event(LeaseAcquired, epoch=lease.epoch)
@@ -194,54 +192,20 @@ class Coordinator(Background):
         watch = StallWatch(self._handling, lease, self.config.handler_timeout_ms,
                            self._lease_mgr, renewer, self._event)
         watch.start()
-        reader = FencedReader(self._scripts, self._cmd, self._keys, self.config, lease,
-                              self._waiters[0], self._stop, self._outage,
-                              lambda ids: self._event(EntriesTrimmed, ids=tuple(ids)))
-        handle = self._handling.batch
         try:
-            self._take_over(lease)                                             # 2.
-            started = time.monotonic()
-            replayed = 0
-            if lease.server_changed:  # acks the previous server took may be gone
-                reader.suspect_up_to(self._cmd.xrevrange(self.config.stream, count=1))
-            for page in reader.replay():                                       # 3.
-                handle(lease, page, reader)
-                replayed += len(page.rows)
-            self._event(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
-                        duration_ms=(time.monotonic() - started) * 1000.0)
-            for page in reader.new_entries():                                  # 4.
-                handle(lease, page, reader)
-                self._cursor = page.rows[-1][0].decode()
-        except (LeaseLost, NotOwner) as err:
-            lease.lose(str(err))
-            self._event(LeaseLostEvent, epoch=lease.epoch, reason=lease.lost_reason)
-        except StopRequested:
-            pass
+            self._driver.run(self._owner.serve(lease))
         finally:
             watch.halt()
             renewer.halt()
-            reader.close()
-            if self._lease_mgr.release(lease):  # handed over at once: standbys woken
-                self._event(LeaseReleased, epoch=lease.epoch)
             self._lease = None
             if self._role is Role.OWNER:
                 self._set_role(Role.STANDBY)
-
-    def _take_over(self, lease: Lease) -> None:
-        if self._gate is not None:
-            self._gate.refresh(self._cmd)
-        done = take_over(self._scripts, self._cmd, self._keys, self.config, lease)
-        if done.trimmed:
-            self._event(EntriesTrimmed, ids=done.trimmed)
-        self._event(TakeoverCompleted, epoch=lease.epoch, claimed=done.claimed,
-                    consumers_deleted=done.deleted, trimmed=len(done.trimmed),
-                    duration_ms=done.duration_ms)
 
     # -- healing and reporting ------------------------------------------------------------
 
     def _ensure_group(self) -> None:
         """Create the group if missing; found missing after the start, say so."""
-        start = ensure_group(self._cmd, self.config, self._cursor)
+        start = ensure_group(self._cmd, self.config, self._owner.cursor)
         if start is not None and self._role is not Role.STARTING:
             self._event(GroupRecreated, start_id=start)
 

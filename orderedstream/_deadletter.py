@@ -21,7 +21,7 @@ from . import _wire as wire
 from ._config import MIN_PARK_DELAY_MS
 from ._events import EntryParked
 from ._keys import GroupKeys
-from ._scripts import Scripts
+from ._scripts import ScriptOp, Scripts, defer_op
 from .exceptions import MalformedRecord
 
 
@@ -179,15 +179,22 @@ class Parker:
 
     def park(self, token: str, epoch: int, consumer: str, entry_id: str,
              raw: Mapping[bytes, bytes], reason: str, delay_ms: int, attempts: int,
-             stream: str, hold_key: str | None = None) -> EntryParked:
+             stream: str, hold_key: str | None = None) -> ScriptOp[EntryParked]:
+        """The fenced ``defer`` call that parks the entry and acks it (run it with a driver or
+        :meth:`Scripts.do`); its reply is the :class:`EntryParked` event to emit."""
         record = self.record(entry_id, raw, reason, attempts, epoch, consumer, hold_key,
                              "holder" if hold_key is not None else "plain")
-        keys = self._keys
-        got = self._scripts.defer(keys, token, entry_id, record.to_json(),
-                                  max(delay_ms, self._min_delay_ms), hold_key, record.origin_id)
-        return EntryParked(stream=stream, group=self._group, consumer=consumer,
-                           entry_id=entry_id, reason=reason, due_ms=got.due_ms,
-                           held_key=hold_key, role=got.role)
+        op = defer_op(self._keys, token, entry_id, record.to_json(),
+                      max(delay_ms, self._min_delay_ms), hold_key, record.origin_id)
+
+        def parked(reply: Any) -> EntryParked:
+            got = op_parse(reply)
+            return EntryParked(stream=stream, group=self._group, consumer=consumer,
+                               entry_id=entry_id, reason=reason, due_ms=got.due_ms,
+                               held_key=hold_key, role=got.role)
+
+        op_parse = op.parse
+        return ScriptOp(op.name, op.keys, op.args, parked)
 
 
 def claim_is_ours(pipe: Any, keys: GroupKeys, entry_id: str, token: str) -> bool:

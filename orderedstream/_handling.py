@@ -25,10 +25,11 @@ import redis
 from . import _wire as wire
 from ._config import CoordinatorConfig
 from ._deadletter import Parker
+from ._engine import Handle, HandleBatch, Pause, Step
 from ._events import BatchHandled, Emit, EntryParked, HandlerError, HandlerStalled
 from ._lease import Lease, LeaseManager, Renewer
 from ._message import Message, Term
-from ._reader import FencedReader, Page, check_lease
+from ._reader import Page, check_lease
 from ._recovery import CONNECTION_ERRORS
 from .exceptions import BudgetSpent, Defer, HandlerFailed, LeaseLost, StopRequested
 
@@ -69,6 +70,8 @@ class Handling:
         self.busy_from = 0
         self.batch_handler: BatchHandler | None = None
         """Batch mode: the handler gets each page's entries in one call (see :meth:`_whole`)."""
+        self.is_async = False
+        """The handler is an ``async def``: each call is yielded to the driver."""
 
     def progress(self) -> int:
         """Grows with every handler call that returned or raised."""
@@ -82,16 +85,16 @@ class Handling:
         entry_id = rows[index][0]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    def batch(self, lease: Lease, page: Page, reader: FencedReader) -> None:
-        """Handle one page; the ids to acknowledge are appended to ``reader.acks`` (they ride
-        on the next read)."""
+    def batch(self, lease: Lease, page: Page, acks: list[Any]) -> Step[None]:
+        """Handle one page; the ids to acknowledge are appended to ``acks`` (they ride on the
+        next read).  A step (:mod:`._engine`): a plain handler is called right here, with no
+        yield per entry; an ``async def`` one is yielded to the driver (:class:`Handle`)."""
         if self.batch_handler is not None:
-            self._whole(lease, page, reader.acks, self.batch_handler)
+            yield from self._whole(lease, page, acks, self.batch_handler)
             return
         rows, counts, rereading, min_count = page
-        acks = reader.acks
         cfg = self._config
-        handler = self._handler
+        call = self._handler if not self.is_async else None
         life = self._life
         term = Term(cfg.stream, cfg.group, lease.epoch)
         ack = acks.append
@@ -117,7 +120,7 @@ class Handling:
                     ack(entry_id)  # re-streamed for another group: ours handled the original
                     self.handled += 1
                     continue
-                if gate is not None and not gate.admit(lease, entry_id, flat):
+                if gate is not None and not (yield from gate.admit(lease, entry_id, flat)):
                     self.handled += 1
                     continue  # parked behind its key's holder, or moved behind it (acked)
                 if counts is not None:
@@ -126,18 +129,23 @@ class Handling:
                         count = min_count
                     redelivered += count > 1
                     if count > limit:
-                        self._park(lease, Message(entry_id, flat, term, count),
-                                   f"delivered {count} times without an ack (max_deliveries "
-                                   f"{limit}): the process handling it may crash on it",
-                                   cfg.retry.park_delay_ms)
+                        yield from self._park(
+                            lease, Message(entry_id, flat, term, count),
+                            f"delivered {count} times without an ack (max_deliveries {limit}): "
+                            "the process handling it may crash on it", cfg.retry.park_delay_ms)
                         self.handled += 1
                         continue
                 message = Message(entry_id, flat, term, count)
-                try:
-                    handler(message)
-                    ack(entry_id)
-                except Exception as err:
-                    if self._recover(lease, message, err):
+                if call is not None:
+                    try:
+                        call(message)
+                        ack(entry_id)
+                    except Exception as err:
+                        if (yield from self._recover(lease, message, err)):
+                            ack(entry_id)
+                else:
+                    error = yield Handle(message)
+                    if error is None or (yield from self._recover(lease, message, error)):
                         ack(entry_id)
                 self.handled += 1
                 left -= 1
@@ -151,7 +159,8 @@ class Handling:
         self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
                    last_id=_text(rows[-1][0]), redelivered=redelivered)
 
-    def _whole(self, lease: Lease, page: Page, acks: list[Any], handler: BatchHandler) -> None:
+    def _whole(self, lease: Lease, page: Page, acks: list[Any],
+               handler: BatchHandler) -> Step[None]:
         """Batch mode: the page's entries in one handler call, acknowledged together when it
         returns.  If it raises, the entries are handed out again one by one, in order, each as a
         batch of one under the retry policy (so parking and order keep their meaning).  The same
@@ -169,14 +178,15 @@ class Handling:
             if flat[0] == wire.FOR and flat[1] != self._own_group:
                 acks.append(entry_id)
                 continue
-            if gate is not None and not gate.admit(lease, entry_id, flat):
+            if gate is not None and not (yield from gate.admit(lease, entry_id, flat)):
                 continue
             count = max(int(counts[index]) - rereading, min_count) if counts is not None else 1
             redelivered += count > 1
             if count > limit:
-                self._park(lease, Message(entry_id, flat, term, count),
-                           f"delivered {count} times without an ack (max_deliveries {limit}): "
-                           "the process handling it may crash on it", cfg.retry.park_delay_ms)
+                yield from self._park(
+                    lease, Message(entry_id, flat, term, count),
+                    f"delivered {count} times without an ack (max_deliveries {limit}): the "
+                    "process handling it may crash on it", cfg.retry.park_delay_ms)
                 continue
             messages.append(Message(entry_id, flat, term, count))
             ids.append(entry_id)
@@ -187,12 +197,11 @@ class Handling:
         self.busy = [(entry_id, None) for entry_id in ids]
         try:
             self._halt_check(lease)
-            try:
-                if messages:
-                    handler(messages)
+            error = (yield from self._call(messages, handler)) if messages else None
+            if error is None:
                 acks.extend(ids)
                 self.handled += len(messages)
-            except Exception as error:
+            else:
                 self.retries += 1
                 self._emit(HandlerError, entry_id=messages[0].id, attempt=1, error=repr(error),
                            action="split", backoff_ms=0)
@@ -200,12 +209,9 @@ class Handling:
                 for entry_id, message in zip(ids, messages, strict=True):
                     self._halt_check(lease)
                     again = message.retry()
-                    try:
-                        handler((again,))
+                    error = yield from self._call((again,), handler)
+                    if error is None or (yield from self._recover(lease, again, error, handler)):
                         acks.append(entry_id)
-                    except Exception as err:
-                        if self._recover(lease, again, err, lambda m: handler((m,))):
-                            acks.append(entry_id)
                     self.handled += 1
         finally:
             self.busy = None
@@ -217,21 +223,32 @@ class Handling:
             self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
                        last_id=_text(rows[-1][0]), redelivered=redelivered)
 
+    def _call(self, messages: Sequence[Message], handler: BatchHandler
+              ) -> Step[Exception | None]:
+        """One call of the batch handler: the exception it raised, or None."""
+        if self.is_async:
+            return (yield HandleBatch(messages))  # type: ignore[no-any-return]
+        try:
+            handler(messages)
+        except Exception as err:
+            return err
+        return None
+
     def _halt_check(self, lease: Lease) -> None:
         if self._life._halting:
             raise StopRequested
         check_lease(lease)
 
     def _recover(self, lease: Lease, message: Message, error: Exception,
-                 handler: Handler | None = None) -> bool:
+                 batch_handler: BatchHandler | None = None) -> Step[bool]:
         """The handler raised on ``message``: park it (Defer), or retry it in place per the retry
         policy.  True: it was handled in the end, ack it; False: it was parked (and acked by the
-        park script)."""
+        park script).  ``batch_handler``: retry by calling it with ``message`` alone."""
         policy = self._config.retry
         while True:
             self.retries += 1
             if isinstance(error, Defer):
-                self._park(lease, message, error.reason, error.delay_ms)
+                yield from self._park(lease, message, error.reason, error.delay_ms)
                 return False
             attempt = message.attempt
             spent = policy.max_attempts is not None and attempt >= policy.max_attempts
@@ -240,33 +257,41 @@ class Handling:
             self._emit(HandlerError, entry_id=message.id, attempt=attempt, error=repr(error),
                        action=action, backoff_ms=backoff)
             if action == "park":
-                self._park(lease, message, f"handler failed {attempt} times: {error!r}",
-                           policy.park_delay_ms)
+                yield from self._park(lease, message, f"handler failed {attempt} times: "
+                                      f"{error!r}", policy.park_delay_ms)
                 return False
             if action == "stop":
                 raise HandlerFailed(message.id, attempt, error) from error
             self.pausing = True
             try:
-                if self._stop.wait(backoff / 1000.0):
+                if (yield Pause(backoff / 1000.0)):
                     raise StopRequested from None
             finally:
                 self.pausing = False
             check_lease(lease)
             message = message.retry()
-            try:
-                (handler or self._handler)(message)
+            if batch_handler is not None:
+                failed = yield from self._call((message,), batch_handler)
+            elif self.is_async:
+                failed = yield Handle(message)
+            else:
+                try:
+                    self._handler(message)
+                    failed = None
+                except Exception as err:
+                    failed = err
+            if failed is None:
                 return True
-            except Exception as err:
-                error = err
+            error = failed
 
-    def _park(self, lease: Lease, message: Message, reason: str, delay_ms: int) -> None:
+    def _park(self, lease: Lease, message: Message, reason: str, delay_ms: int) -> Step[None]:
         check_lease(lease)
         cfg = self._config
         gate = self._gate
         hold_key = gate.key_of(message.raw) if gate is not None else None
-        event = self._parker.park(lease.token, lease.epoch, cfg.consumer, message.id,
-                                  message.raw, reason, delay_ms, message.attempt, cfg.stream,
-                                  hold_key=hold_key)
+        event = yield self._parker.park(lease.token, lease.epoch, cfg.consumer, message.id,
+                                        message.raw, reason, delay_ms, message.attempt,
+                                        cfg.stream, hold_key=hold_key)
         if gate is not None and hold_key is not None:
             gate.parked(hold_key)
         self._emit_event(event)

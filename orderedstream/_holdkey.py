@@ -17,11 +17,12 @@ import redis
 
 from . import _wire as wire
 from ._deadletter import ParkedEntry, Parker, claim_is_ours
+from ._engine import Step
 from ._events import Emit, EntryHeld
 from ._keys import GroupKeys, id_order
 from ._lease import Lease
 from ._reader import check_lease
-from ._scripts import SCRIPT_MAX_VALUES, Follower, Scripts
+from ._scripts import SCRIPT_MAX_VALUES, Follower, Scripts, hold_op
 from ._wire import Graveyard
 from .exceptions import MalformedRecord, OrderedStreamError
 
@@ -46,9 +47,8 @@ class HoldGate:
         self._emit = emit
         self._held: set[str] = set()  # keys that may be held (a superset)
 
-    def refresh(self, client: redis.Redis) -> None:
-        """Learn which keys are held now (at the start of a term)."""
-        held: list[Any] = client.hkeys(self._keys.held)
+    def refresh(self, held: list[Any]) -> None:
+        """Learn which keys are held now (at the start of a term): ``HKEYS`` of the held hash."""
         self._held = {k.decode("utf-8", "replace") for k in held}
 
     def parked(self, key: str) -> None:
@@ -59,7 +59,7 @@ class HoldGate:
         value = raw.get(self.field)
         return value.decode("utf-8", "replace") if value is not None else None
 
-    def admit(self, lease: Lease, entry_id: bytes, flat: list[bytes]) -> bool:
+    def admit(self, lease: Lease, entry_id: bytes, flat: list[bytes]) -> Step[bool]:
         """May this entry go to the handler?  Entries whose key is (or may be) held are decided
         by the fenced ``hold`` script: parked behind the holder, moved behind the holder's
         re-streamed copy (both acked by the script), or let through."""
@@ -89,8 +89,8 @@ class HoldGate:
                                      f"of key {key!r}", 0, lease.epoch, self._consumer, key,
                                      "follower")
         check_lease(lease)
-        got = self._scripts.hold(keys, lease.token, entry_id, key, generation, record.to_json(),
-                                 origin, user_fields)
+        got = yield hold_op(keys, lease.token, entry_id, key, generation, record.to_json(),
+                            origin, user_fields)
         if got.action == "free":
             if got.released:
                 self._held.discard(key)

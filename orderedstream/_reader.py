@@ -1,12 +1,13 @@
 """The fenced reader: what one owner term hands to the handler, in order (DESIGN.md §5).
 
-Two loops, one after the other:
+Two loops, one after the other, each a step of the engine (:mod:`._engine`: they yield their
+I/O to a driver) that returns one page at a time:
 
-* :meth:`FencedReader.replay` pages through this consumer's own pending list by last-seen id
+* :meth:`FencedReader.replay_page` pages through this consumer's own pending list by last-seen id
   (what a takeover claimed, and what it had itself), with each entry's delivery count.  It ends
   on a page with neither entries nor trimmed ids: a page of only trimmed ids (a capped stream
   trims the oldest pending entries first) is not the end.
-* :meth:`FencedReader.new_entries` reads new entries ahead: the fenced ``deliver`` script (ack
+* :meth:`FencedReader.new_page` reads new entries ahead: the fenced ``deliver`` script (ack
   the previous batch, deliver the next one, reply with ids only) and a plain ``XRANGE`` for the
   bodies, pipelined and sent before the handler works on the current batch.  When the bodies do
   not match what was delivered, or a reply was lost, it *resyncs*: it reads what was delivered
@@ -14,23 +15,24 @@ Two loops, one after the other:
 
 Acks collect in :attr:`FencedReader.acks` (the handling loop appends to it) and ride on the next
 read; XACK is idempotent, so acks whose fate is unknown after a lost reply are simply sent again.
+The caller says when a page has been handled (:meth:`FencedReader.handed`): history reads go on
+after the last entry handed out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis
 
-from ._background import Waiter
 from ._config import CoordinatorConfig
+from ._engine import PIPE_RELEASE, Block, Pause, PipeRecv, PipeSend, Plain, Step
 from ._keys import GroupKeys, id_order
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
-from ._scripts import DeliverReply, Scripts, pack_command, translate
+from ._scripts import DeliverReply, Scripts, ack_op, read_op, translate
 from .exceptions import LeaseLost, NotOwner, ResyncNeeded, StopRequested
 
 
@@ -57,23 +59,22 @@ class Page(NamedTuple):
 class FencedReader:
     """Reads for one owner term; every read and ack is fenced by the term's token."""
 
-    def __init__(self, scripts: Scripts, client: redis.Redis, keys: GroupKeys,
-                 config: CoordinatorConfig, lease: Lease, waiter: Waiter, stop: threading.Event,
-                 outage: Outage, on_trimmed: Callable[[list[str]], None]) -> None:
-        self._scripts = scripts
+    def __init__(self, scripts: Scripts, keys: GroupKeys, config: CoordinatorConfig,
+                 lease: Lease, stop: threading.Event, outage: Outage,
+                 on_trimmed: Callable[[list[str]], None]) -> None:
         self._keys = keys
         self._config = config
         self._lease = lease
-        self._waiter = waiter
         self._stop = stop
         self._outage = outage
         self._on_trimmed = on_trimmed
-        self._ahead = _ReadAhead(scripts, client, keys, lease.token, config.consumer,
-                                 config.batch_size)
+        self._ahead = _ReadAhead(scripts, keys, lease.token, config.consumer, config.batch_size)
         self.acks: list[Any] = []
         self.cursor: bytes | str = "0"
         """The last entry handed out (history reads continue after it)."""
         self._suspect: tuple[int, int] | None = None
+        self._resyncing = False
+        self._min_count = 1
 
     def suspect_up_to(self, tail: Any) -> None:
         """The server's identity changed since the last term (a restart, a promoted replica):
@@ -81,6 +82,11 @@ class FencedReader:
         present last one (``tail``: an XREVRANGE COUNT 1 reply) is handed out flagged as
         redelivered, from the replay or as a new entry."""
         self._suspect = id_order(tail[0][0].decode()) if tail else None
+        self._min_count = 1 if self._suspect is None else 2
+
+    def handed(self, page: Page) -> None:
+        """``page`` has been handled: history reads go on after its last entry."""
+        self.cursor = page.rows[-1][0]
 
     def _take_acks(self) -> list[Any]:
         acks, self.acks = self.acks, []
@@ -91,69 +97,73 @@ class FencedReader:
             raise StopRequested
         check_lease(self._lease)
 
-    def _history(self, rereading: int, min_count: int) -> Iterator[Page]:
-        """Own pending entries after :attr:`cursor`, page by page, until a page with neither
-        entries nor trimmed ids."""
+    def _history_page(self, rereading: int, min_count: int) -> Step[Page | None]:
+        """The next page of own pending entries after :attr:`cursor`; None at the end (a page
+        with neither entries nor trimmed ids)."""
         cfg = self._config
         while True:
             self._halt()
             acks = self._take_acks()
             try:
-                got = self._scripts.read(self._keys, self._lease.token, cfg.consumer,
-                                         cfg.batch_size, self.cursor, acks)
+                got = yield read_op(self._keys, self._lease.token, cfg.consumer,
+                                    cfg.batch_size, self.cursor, acks)
             except (redis.RedisError, OSError) as err:
                 self.acks = acks + self.acks  # their fate is unknown: send them again
-                self._wait_out(err)
+                yield from self._wait_out(err)
                 continue
             self._outage.ok()
             if got.trimmed:
                 self._on_trimmed(got.trimmed)
-            if not got.rows:
-                if got.trimmed:
-                    continue  # only trimmed ids on this page: more may follow
-                return
-            yield Page(got.rows, got.counts, rereading, min_count)
-            self.cursor = got.rows[-1][0]
+            if got.rows:
+                return Page(got.rows, got.counts, rereading, min_count)
+            if not got.trimmed:
+                return None
+            # only trimmed ids on this page: more may follow
 
-    def replay(self) -> Iterator[Page]:
-        """This consumer's pending entries in id order, with their delivery counts."""
-        self.cursor = "0"
-        yield from self._history(0, 1 if self._suspect is None else 2)
+    def replay_page(self) -> Step[Page | None]:
+        """The next page of this consumer's pending entries, in id order, with their delivery
+        counts; None once they are all handed out (start with :attr:`cursor` at "0")."""
+        return (yield from self._history_page(0, self._min_count))
 
-    def new_entries(self) -> Iterator[Page]:
-        """New entries, read ahead, for as long as the term lasts."""
+    def new_page(self) -> Step[Page]:
+        """The next page of new entries (waiting for them while there are none)."""
         ahead = self._ahead
         cfg = self._config
         while True:
             self._halt()
+            if self._resyncing:  # read what was delivered to us back from our pending list
+                page = yield from self._history_page(1, 1)
+                if page is not None:
+                    return page
+                self._resyncing = False
+                continue
             try:
                 if not ahead.in_flight:
-                    ahead.send(self._take_acks(), self.cursor)
-                rows, tail = ahead.receive()
+                    yield from ahead.send(self._take_acks(), self.cursor)
+                rows, tail = yield from ahead.receive()
                 if rows:
                     # ask for the next batch now, so the server prepares it while the handler
                     # works on this one (this batch's acks ride on the request after)
-                    ahead.send(self._take_acks(), rows[-1][0])
+                    yield from ahead.send(self._take_acks(), rows[-1][0])
             except ResyncNeeded:
-                self.acks = ahead.reset() + self.acks
-                yield from self._history(1, 1)
+                self.acks = ahead.forget() + self.acks
+                self._resyncing = True
                 continue
             except (redis.RedisError, OSError) as err:
                 # A '>' read whose reply was lost still delivered its entries to us: find them
                 # again in our own history, after the last entry we handed out.
-                self.acks = ahead.reset() + self.acks
-                self._wait_out(err)
-                yield from self._history(1, 1)
+                self.acks = ahead.forget() + self.acks
+                yield from self._wait_out(err)
+                self._resyncing = True
                 continue
             self._outage.ok()
             if rows:
-                yield self._new_page(rows)
-                self.cursor = rows[-1][0]
-            elif not self.acks:
+                return self._new_page(rows)
+            if not self.acks:
                 try:
-                    self._waiter.newest(cfg.stream, tail, cfg.block_ms)
+                    yield Block(cfg.stream, tail, cfg.block_ms)
                 except (redis.RedisError, OSError) as err:
-                    self._wait_out(err)
+                    yield from self._wait_out(err)
 
     def _new_page(self, rows: list[Any]) -> Page:
         suspect = self._suspect
@@ -164,7 +174,7 @@ class FencedReader:
             self._suspect = None  # past the old server's last entry
         return Page(rows, counts, 0, 1)
 
-    def _wait_out(self, err: BaseException) -> None:
+    def _wait_out(self, err: BaseException) -> Step[None]:
         """A fault: re-raise what is not passing (NOTOWNER, NOGROUP, a bug), else back off."""
         mapped = translate(err) if isinstance(err, redis.ResponseError) else None
         if mapped is not None:
@@ -172,26 +182,20 @@ class FencedReader:
         reason = passing_fault(err)
         if reason is None:
             raise err
-        if self._stop.wait(self._outage.failed(reason)):
+        if (yield Pause(self._outage.failed(reason))):
             raise StopRequested from None
 
-    def flush_acks(self) -> None:
-        """Acknowledge what is held now, in one fenced call (NotOwner once the term is over;
-        after a connection fault they are kept, to ride on the next read)."""
-        check_lease(self._lease)
+    def close(self) -> Step[None]:
+        """Collect an unanswered read, and send the acks still held while the term is valid
+        (best effort: the next owner replays what is not acknowledged)."""
+        yield from self._ahead.close()
         acks = self.acks
-        try:
-            self._scripts.ack(self._keys, self._lease.token, acks)
-        except (redis.RedisError, OSError):
-            return
-        del acks[:]
-
-    def close(self) -> None:
-        """Collect an unanswered read, and send the acks still held while the term is valid."""
-        self._ahead.close()
-        if self.acks and self._lease.valid():
-            with contextlib.suppress(NotOwner, LeaseLost):
-                self.flush_acks()
+        if acks and self._lease.valid():
+            try:
+                yield ack_op(self._keys, self._lease.token, acks)
+                del acks[:]
+            except (redis.RedisError, OSError, NotOwner):
+                pass
 
 
 class _ReadAhead:
@@ -200,55 +204,33 @@ class _ReadAhead:
     connection of its own and sent without waiting, so the server works on batch N+1 while the
     handler works on batch N.  XRANGE changes nothing; the fence is the script's."""
 
-    def __init__(self, scripts: Scripts, client: redis.Redis, keys: GroupKeys, token: str,
-                 consumer: str, batch: int) -> None:
+    def __init__(self, scripts: Scripts, keys: GroupKeys, token: str, consumer: str,
+                 batch: int) -> None:
         self._scripts = scripts
-        self._pool = client.connection_pool
-        self._conn: Any = None
         self._keys = keys
         self._token = token
         self._consumer = consumer
         self._batch = batch
         self._sent_acks: list[Any] = []
         self.in_flight = False
-        scripts.sha("deliver")  # loaded before the first pipelined EVALSHA
 
-    def send(self, acks: list[Any], after: bytes | str) -> None:
+    def send(self, acks: list[Any], after: bytes | str) -> Step[None]:
         """Ask for the entries after ``after`` (the last new entry delivered to us)."""
-        if self._conn is None:
-            self._conn = self._pool.get_connection()
         start = after.decode() if isinstance(after, bytes) else after
-        commands = [self._scripts.deliver_command(self._keys, self._token, self._consumer,
-                                                  self._batch, acks),
-                    ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)]
         self._sent_acks = acks
         self.in_flight = True
-        try:
-            if pack_command is not None:  # hiredis, without redis-py's per-argument checks
-                self._conn.send_packed_command([pack_command(c) for c in commands])
-            else:
-                self._conn.send_packed_command(self._conn.pack_commands(commands))
-        except BaseException:
-            self._drop()
-            raise
+        yield PipeSend([self._scripts.deliver_command(self._keys, self._token, self._consumer,
+                                                      self._batch, acks),
+                        ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)])
 
-    def receive(self) -> tuple[list[Any], str]:
+    def receive(self) -> Step[tuple[list[Any], str]]:
         """(rows, tail): the delivered entries in id order; ``tail`` when there were none.
         Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered."""
-        head: Any
-        try:
-            try:
-                head = self._conn.read_response()
-            except redis.ResponseError as err:
-                head = err
-            rows = self._conn.read_response()
-        except BaseException:
-            self._drop()
-            raise
+        head, rows = yield PipeRecv(2)
         self.in_flight = False
         self._sent_acks = []
         if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
-            self._scripts.sha("deliver")
+            yield Plain(*self._scripts.load_command("deliver"))
             raise ResyncNeeded
         got = DeliverReply.parse(self._scripts.reply(head))
         if not got.count:
@@ -261,33 +243,22 @@ class _ReadAhead:
             raise ResyncNeeded
         return rows, ""
 
-    def reset(self) -> list[Any]:
-        """After a fault: forget the request; return the acks it carried."""
+    def forget(self) -> list[Any]:
+        """After a fault: the request is forgotten (the driver closed its connection); the
+        acks it carried, to send again."""
         acks = self._sent_acks
         self._sent_acks = []
-        self._drop()
+        self.in_flight = False
         return acks
 
-    def _drop(self) -> None:
-        """Close the connection (never reuse one interrupted mid-command) and give it back."""
-        self.in_flight = False
-        if self._conn is not None:
-            self._conn.disconnect()
-            self._pool.release(self._conn)
-            self._conn = None
-
-    def close(self) -> None:
+    def close(self) -> Step[None]:
         """Collect an unanswered request (its entries stay pending: the next owner, or our own
         replay, gets them) and give the connection back."""
-        if self._conn is None:
-            return
         if self.in_flight:
             try:
-                self._conn.read_response()
-                self._conn.read_response()
+                yield PipeRecv(2)
                 self.in_flight = False
             except (redis.RedisError, OSError):
-                self._drop()
+                self.in_flight = False
                 return
-        self._pool.release(self._conn)
-        self._conn = None
+        yield PIPE_RELEASE

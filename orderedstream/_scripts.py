@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import redis
@@ -206,6 +206,93 @@ class AcquireReply:
                    conn_id=_text(reply[3]), conn_name=_text(reply[4]))
 
 
+T = TypeVar("T")
+
+
+@attrs.frozen
+class ScriptOp(Generic[T]):
+    """One script call, built but not run: :meth:`Scripts.do` runs it here and now; the
+    protocol's generators (:mod:`._engine`) yield it to a sync or an asyncio driver."""
+
+    name: str
+    keys: list[str]
+    args: list[Any]
+    parse: Callable[[Any], T]
+
+
+def _int(reply: Any) -> int:
+    return int(reply)
+
+
+def _is_one(reply: Any) -> bool:
+    return int(reply) == 1
+
+
+def end_term_op(keys: GroupKeys, token: str, kind: str, by: str,
+                reason: str) -> ScriptOp[bool]:
+    return ScriptOp("end_term", [keys.lease, keys.events],
+                    [token, kind, by, reason, EVENTS_MAXLEN], _is_one)
+
+
+def _read_reply(reply: Any) -> ReadReply:
+    rows, counts, trimmed, tail = reply
+    return ReadReply(rows, counts, [_text(t) for t in trimmed], _text(tail))
+
+
+def read_op(keys: GroupKeys, token: str, consumer: str, count: int, start: str | bytes,
+            acks: Sequence[Any]) -> ScriptOp[ReadReply]:
+    return ScriptOp("read", [keys.stream, keys.lease],
+                    [token, keys.group, consumer, count, start, *acks], _read_reply)
+
+
+def ack_op(keys: GroupKeys, token: str, ids: Sequence[Any]) -> ScriptOp[int]:
+    return ScriptOp("ack", [keys.stream, keys.lease], [token, keys.group, *ids], _int)
+
+
+def _claim_reply(reply: Any) -> ClaimReply:
+    claimed, trimmed, deleted = reply
+    return ClaimReply(int(claimed), [_text(t) for t in trimmed], bool(int(deleted)))
+
+
+def claim_op(keys: GroupKeys, token: str, consumer: str, dead: str,
+             page: int) -> ScriptOp[ClaimReply]:
+    return ScriptOp("claim", [keys.stream, keys.lease],
+                    [token, keys.group, consumer, dead, page], _claim_reply)
+
+
+def _defer_reply(reply: Any) -> DeferReply:
+    due, role = reply
+    return DeferReply(int(due), _text(role))
+
+
+def defer_op(keys: GroupKeys, token: str, entry_id: str, record: str, delay_ms: int,
+             hold_key: str | None, origin_id: str) -> ScriptOp[DeferReply]:
+    return ScriptOp(
+        "defer", [keys.stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
+                  keys.followers(hold_key or "")],
+        [token, keys.group, entry_id, record, delay_ms, hold_key or "", origin_id],
+        _defer_reply)
+
+
+def _hold_reply(reply: Any) -> HoldReply:
+    action = _text(reply[0])
+    if action == "free":
+        return HoldReply(action, released=bool(int(reply[1])))
+    if action == "forwarded":
+        return HoldReply(action, new_id=_text(reply[1]))
+    return HoldReply(action)
+
+
+def hold_op(keys: GroupKeys, token: str, entry_id: bytes | str, hold_key: str,
+            generation: bytes, record: str, origin_id: bytes | str,
+            fields: Sequence[bytes]) -> ScriptOp[HoldReply]:
+    return ScriptOp(
+        "hold", [keys.stream, keys.lease, keys.parked, keys.held, keys.followers(hold_key),
+                 keys.delay, keys.signal],
+        [token, keys.group, entry_id, hold_key, generation, record, origin_id, *fields],
+        _hold_reply)
+
+
 class Scripts:
     """The package's scripts for one client; run them on that client or another one."""
 
@@ -221,6 +308,10 @@ class Scripts:
         """The script's SHA1, loading it into the server's cache first."""
         self._client.script_load(self._texts[name])
         return self._shas[name]
+
+    def load_command(self, name: str) -> tuple[Any, ...]:
+        """``SCRIPT LOAD`` of script ``name``, for sending by hand."""
+        return ("SCRIPT", "LOAD", self._texts[name])
 
     def command(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
         """The EVALSHA command for pipelining by hand (its reply: :meth:`reply`)."""
@@ -298,17 +389,13 @@ class Scripts:
 
     def end_term(self, keys: GroupKeys, token: str, kind: str, by: str, reason: str) -> bool:
         """Compare-and-delete the lease, and append ``kind`` to the timeline (wakes standbys)."""
-        return int(self.run("end_term", [keys.lease, keys.events],
-                            [token, kind, by, reason, EVENTS_MAXLEN])) == 1
+        return self.do(end_term_op(keys, token, kind, by, reason))
+
+    def do(self, op: ScriptOp[T], client: redis.Redis | None = None) -> T:
+        """Run a script call built by one of the ``*_op`` functions, here and now."""
+        return op.parse(self.run(op.name, op.keys, op.args, client))
 
     # -- the owner's reads and acks -----------------------------------------------------------
-
-    def read(self, keys: GroupKeys, token: str, consumer: str, count: int,
-             start: str | bytes, acks: Sequence[Any]) -> ReadReply:
-        rows, counts, trimmed, tail = self.run(
-            "read", [keys.stream, keys.lease],
-            [token, keys.group, consumer, count, start, *acks])
-        return ReadReply(rows, counts, [_text(t) for t in trimmed], _text(tail))
 
     def deliver_command(self, keys: GroupKeys, token: str, consumer: str, count: int,
                         acks: Sequence[Any]) -> tuple[Any, ...]:
@@ -316,38 +403,6 @@ class Scripts:
         return self.command("deliver", [keys.stream, keys.lease],
                             [token, keys.group, consumer, count, *acks])
 
-    def ack(self, keys: GroupKeys, token: str, ids: Sequence[Any]) -> int:
-        return int(self.run("ack", [keys.stream, keys.lease], [token, keys.group, *ids]))
-
-    def claim(self, keys: GroupKeys, token: str, consumer: str, dead: str,
-              page: int) -> ClaimReply:
-        claimed, trimmed, deleted = self.run(
-            "claim", [keys.stream, keys.lease], [token, keys.group, consumer, dead, page])
-        return ClaimReply(int(claimed), [_text(t) for t in trimmed], bool(int(deleted)))
-
-    # -- parking ---------------------------------------------------------------------------------
-
-    def defer(self, keys: GroupKeys, token: str, entry_id: str, record: str, delay_ms: int,
-              hold_key: str | None, origin_id: str) -> DeferReply:
-        due, role = self.run(
-            "defer", [keys.stream, keys.lease, keys.delay, keys.parked, keys.signal, keys.held,
-                      keys.followers(hold_key or "")],
-            [token, keys.group, entry_id, record, delay_ms, hold_key or "", origin_id])
-        return DeferReply(int(due), _text(role))
-
-    def hold(self, keys: GroupKeys, token: str, entry_id: bytes | str, hold_key: str,
-             generation: bytes, record: str, origin_id: bytes | str,
-             fields: Sequence[bytes]) -> HoldReply:
-        reply = self.run(
-            "hold", [keys.stream, keys.lease, keys.parked, keys.held, keys.followers(hold_key),
-                     keys.delay, keys.signal],
-            [token, keys.group, entry_id, hold_key, generation, record, origin_id, *fields])
-        action = _text(reply[0])
-        if action == "free":
-            return HoldReply(action, released=bool(int(reply[1])))
-        if action == "forwarded":
-            return HoldReply(action, new_id=_text(reply[1]))
-        return HoldReply(action)
 
     # -- the fixer -------------------------------------------------------------------------------
 

@@ -17,10 +17,11 @@ import attrs
 import redis
 
 from ._config import CoordinatorConfig
+from ._engine import Plain, Step
 from ._keys import GroupKeys
 from ._lease import Lease
 from ._reader import check_lease
-from ._scripts import EVENTS_MAXLEN, Scripts
+from ._scripts import EVENTS_MAXLEN, claim_op
 from ._wire import Timeline as T
 from .exceptions import GroupMissing
 
@@ -36,11 +37,11 @@ class Takeover:
     duration_ms: float
 
 
-def other_consumers(client: redis.Redis, stream: str, group: str, me: str) -> list[str]:
+def other_consumers(stream: str, group: str, me: str) -> Step[list[str]]:
     """The group's consumers other than ``me``; :class:`GroupMissing` when the stream or the
     group does not exist."""
     try:
-        infos: Any = client.xinfo_consumers(stream, group)
+        infos: Any = yield Plain("XINFO CONSUMERS", stream, group)
     except redis.ResponseError as err:
         text = str(err)
         if text.startswith("NOGROUP") or "no such key" in text.lower():
@@ -67,8 +68,7 @@ def ensure_group(client: redis.Redis, config: CoordinatorConfig, after: str | No
     return start
 
 
-def take_over(scripts: Scripts, client: redis.Redis, keys: GroupKeys, config: CoordinatorConfig,
-              lease: Lease) -> Takeover:
+def take_over(keys: GroupKeys, config: CoordinatorConfig, lease: Lease) -> Step[Takeover]:
     """Claim every other consumer's pending entries for ``config.consumer`` under ``lease``,
     deleting each consumer once its pending list is empty (the lease is checked before every
     page), and add the takeover to the group's timeline."""
@@ -76,10 +76,10 @@ def take_over(scripts: Scripts, client: redis.Redis, keys: GroupKeys, config: Co
     claimed = 0
     deleted: list[str] = []
     trimmed: list[str] = []
-    for name in other_consumers(client, config.stream, config.group, config.consumer):
+    for name in (yield from other_consumers(config.stream, config.group, config.consumer)):
         while True:
             check_lease(lease)
-            page = scripts.claim(keys, lease.token, config.consumer, name, config.claim_page)
+            page = yield claim_op(keys, lease.token, config.consumer, name, config.claim_page)
             claimed += page.claimed
             trimmed += page.trimmed
             if page.deleted:
@@ -87,10 +87,9 @@ def take_over(scripts: Scripts, client: redis.Redis, keys: GroupKeys, config: Co
                 break
     done = Takeover(claimed, tuple(deleted), tuple(trimmed),
                     (time.monotonic() - started) * 1000.0)
-    with contextlib.suppress(redis.RedisError):
-        client.xadd(keys.events, {
-            T.TYPE: "takeover", T.CONSUMER: config.consumer, T.EPOCH: lease.epoch,
-            T.CLAIMED: done.claimed, T.DELETED: ",".join(done.deleted),
-            T.TRIMMED: len(done.trimmed), T.DURATION_MS: f"{done.duration_ms:.1f}"},
-            maxlen=EVENTS_MAXLEN, approximate=True)
+    with contextlib.suppress(redis.RedisError):  # the timeline is for operators: best effort
+        yield Plain("XADD", keys.events, "MAXLEN", "~", EVENTS_MAXLEN, "*",
+                    T.TYPE, "takeover", T.CONSUMER, config.consumer, T.EPOCH, lease.epoch,
+                    T.CLAIMED, done.claimed, T.DELETED, ",".join(done.deleted),
+                    T.TRIMMED, len(done.trimmed), T.DURATION_MS, f"{done.duration_ms:.1f}")
     return done

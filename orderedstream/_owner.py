@@ -1,0 +1,115 @@
+"""One owner term, as one step of the engine (:mod:`._engine`): takeover, replay, new entries,
+then hand the lease over if it is still ours.  The sync :class:`~orderedstream.Coordinator`
+and the :class:`~orderedstream.AsyncCoordinator` both run exactly this; only their drivers
+differ.  The lease's renewal and the handler timeout watch run beside it on threads of their
+own (:class:`~orderedstream._lease.Renewer`, :class:`~orderedstream._handling.StallWatch`), so a
+handler that blocks an event loop cannot starve them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+
+from ._config import CoordinatorConfig
+from ._engine import Plain, Step
+from ._events import (
+    Emit,
+    EntriesTrimmed,
+    LeaseLostEvent,
+    LeaseReleased,
+    ReplayCompleted,
+    TakeoverCompleted,
+)
+from ._handling import Handling
+from ._holdkey import HoldGate
+from ._keys import GroupKeys
+from ._lease import Lease
+from ._reader import FencedReader
+from ._recovery import CONNECTION_ERRORS, Outage
+from ._scripts import Scripts, end_term_op
+from ._takeover import take_over
+from .exceptions import LeaseLost, NotOwner, StopRequested
+
+
+class Owner:
+    """What a coordinator does while it holds the lease."""
+
+    def __init__(self, scripts: Scripts, keys: GroupKeys, config: CoordinatorConfig,
+                 handling: Handling, gate: HoldGate | None, outage: Outage,
+                 stop: threading.Event, emit: Emit) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self._config = config
+        self._handling = handling
+        self._gate = gate
+        self._outage = outage
+        self._stop = stop
+        self._emit = emit
+        self.cursor: str | None = None
+        """The last entry handed out (a group found missing is created again after it)."""
+
+    def serve(self, lease: Lease) -> Step[None]:
+        """One term: takeover, replay, new entries, until it ends (stop, lease lost); then the
+        acks still held are sent and the lease handed over at once if it is still ours.
+        Anything else (a handler's ``HandlerFailed``, a missing group, a server fault) is
+        raised after that."""
+        keys, cfg = self._keys, self._config
+        reader = FencedReader(self._scripts, keys, cfg, lease, self._stop, self._outage,
+                              lambda ids: self._emit(EntriesTrimmed, ids=tuple(ids)))
+        handle = self._handling.batch
+        try:
+            if self._gate is not None:
+                self._gate.refresh((yield Plain("HKEYS", keys.held)))
+            done = yield from take_over(keys, cfg, lease)                          # 2.
+            if done.trimmed:
+                self._emit(EntriesTrimmed, ids=done.trimmed)
+            self._emit(TakeoverCompleted, epoch=lease.epoch, claimed=done.claimed,
+                       consumers_deleted=done.deleted, trimmed=len(done.trimmed),
+                       duration_ms=done.duration_ms)
+            if lease.server_changed:  # acks the previous server took may be gone
+                reader.suspect_up_to((yield Plain("XREVRANGE", cfg.stream, "+", "-",
+                                                  "COUNT", 1)))
+            started = time.monotonic()
+            replayed = 0
+            while (page := (yield from reader.replay_page())) is not None:          # 3.
+                yield from handle(lease, page, reader.acks)
+                reader.handed(page)
+                replayed += len(page.rows)
+            self._emit(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
+                       duration_ms=(time.monotonic() - started) * 1000.0)
+            while True:                                                             # 4.
+                page = yield from reader.new_page()
+                yield from handle(lease, page, reader.acks)
+                reader.handed(page)
+                self.cursor = _text(page.rows[-1][0])
+        except (LeaseLost, NotOwner) as err:
+            lease.lose(str(err))
+            self._emit(LeaseLostEvent, epoch=lease.epoch, reason=lease.lost_reason)
+        except StopRequested:
+            pass
+        finally:
+            yield from reader.close()
+            if (yield from self._release(lease)):  # handed over at once: standbys woken
+                self._emit(LeaseReleased, epoch=lease.epoch)
+
+    def _release(self, lease: Lease) -> Step[bool]:
+        """End ``lease`` if it is still valid (compare-and-delete; wakes the standbys); True
+        when this handed it over.  The lease is lost afterwards."""
+        released = False
+        if lease.valid():
+            try:
+                released = yield end_term_op(self._keys, lease.token, "released",
+                                             self._config.consumer, "clean stop")
+            except (*CONNECTION_ERRORS, redis.ResponseError):
+                pass  # it expires on the server after its TTL
+        lease.lose("released")
+        return released
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
