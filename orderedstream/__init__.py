@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._aio import AsyncBatchHandler, AsyncCoordinator, AsyncHandler, AsyncProducer
 from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from ._coordinator import BatchHandler, Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
@@ -60,6 +61,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AcquireRefused",
+    "AsyncBatchHandler",
+    "AsyncCoordinator",
+    "AsyncHandler",
+    "AsyncProducer",
     "BatchHandled",
     "BatchHandler",
     "ConfigError",

@@ -100,7 +100,7 @@ class Coordinator(Background):
                                config.consumer, self._event)
                       if config.hold_key_field is not None else None)
         self._handling = Handling(self, handler, config, parker, self._gate, self._event,
-                                  self._emitter, self._stop)
+                                  self._emitter)
         self._owner = Owner(self._scripts, keys, config, self._handling, self._gate,
                             self._outage, self._stop, self._event)
         self._driver = SyncDriver(self._scripts, self._cmd, waiter, self._stop)

@@ -18,7 +18,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
@@ -34,8 +34,14 @@ from ._recovery import CONNECTION_ERRORS
 from .exceptions import BudgetSpent, Defer, HandlerFailed, LeaseLost, StopRequested
 
 if TYPE_CHECKING:
-    from ._background import Background
     from ._holdkey import HoldGate
+
+
+class Halting(Protocol):
+    """The owner of a handling loop: ``_halting`` turns True when ``stop()`` is asked (read
+    once per entry, without a call)."""
+
+    _halting: bool
 
 Handler = Callable[[Message], object]
 BatchHandler = Callable[[Sequence[Message]], object]
@@ -46,9 +52,9 @@ _NO_LIMIT = 1 << 62
 class Handling:
     """Hands entries to the handler for one coordinator (across its terms)."""
 
-    def __init__(self, life: Background, handler: Handler, config: CoordinatorConfig,
+    def __init__(self, life: Halting, handler: Handler, config: CoordinatorConfig,
                  parker: Parker, gate: HoldGate | None, emit: Emit,
-                 emit_event: Callable[[EntryParked], None], stop: threading.Event) -> None:
+                 emit_event: Callable[[EntryParked], None]) -> None:
         self._life = life
         self._handler = handler
         self._config = config
@@ -56,7 +62,6 @@ class Handling:
         self._gate = gate
         self._emit = emit
         self._emit_event = emit_event
-        self._stop = stop
         self._own_group = config.group.encode()
         self.budget: int | None = None
         """Entries still to handle before the coordinator ends (None: no limit)."""
@@ -348,7 +353,8 @@ class StallWatch(threading.Thread):
         with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
             self._manager.end_term(lease.token, "stalled", reason)
 
-    def halt(self) -> None:
+    def halt(self, *, wait: bool = True) -> None:
+        """Stop the thread (it ends within one interval); ``wait``: join it (up to 5 s)."""
         self._halt.set()
-        if self.is_alive() and threading.current_thread() is not self:
+        if wait and self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5.0)

@@ -259,7 +259,8 @@ class Renewer(threading.Thread):
             except CONNECTION_ERRORS:
                 wait = min(self._interval, 0.1)
 
-    def halt(self) -> None:
+    def halt(self, *, wait: bool = True) -> None:
+        """Stop the thread (it ends within one interval); ``wait``: join it (up to 5 s)."""
         self._halt.set()
-        if self.is_alive() and threading.current_thread() is not self:
+        if wait and self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5.0)

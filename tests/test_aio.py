@@ -1,0 +1,191 @@
+"""AsyncCoordinator and AsyncProducer on a real server: the same protocol as the sync
+Coordinator (one engine), so an async and a sync consumer of one group hand over to each other;
+cancelling never acknowledges the entry in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+import redis
+import redis.asyncio
+
+from orderedstream import (
+    AsyncCoordinator,
+    AsyncProducer,
+    ConfigError,
+    Coordinator,
+    CoordinatorConfig,
+    LeaseConfig,
+    Message,
+    Role,
+)
+from orderedstream.testing import ServerProcess, wait_until
+
+from .conftest import External
+
+
+def config(stream: str, name: str, **overrides: object) -> CoordinatorConfig:
+    return CoordinatorConfig(stream=stream, group="g", consumer=name,
+                             lease=LeaseConfig(ttl_ms=1000), **overrides)  # type: ignore[arg-type]
+
+
+async def until(predicate: object, timeout: float = 10.0, message: str = "condition") -> None:
+    """``wait_until`` for coroutines: poll without blocking the loop."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.01)
+
+
+def aclient(server: ServerProcess | External) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(server.url)
+
+
+def test_async_owner_hands_out_every_entry_in_order(server: ServerProcess | External,
+                                                    client: redis.Redis, stream: str) -> None:
+    """An AsyncCoordinator awaits its handler on every entry once, in stream order, and acks
+    them; AsyncProducer appends them."""
+
+    async def main() -> list[int]:
+        seen: list[int] = []
+
+        async def handle(message: Message) -> None:
+            await asyncio.sleep(0)
+            seen.append(int(message.fields["seq"]))
+
+        producer = AsyncProducer(aclient(server), stream)
+        await producer.send_many({"seq": s} for s in range(1, 501))
+        async with AsyncCoordinator(config(stream, "a", batch_size=50), handle,
+                                    aclient(server)) as c:
+            await until(lambda: len(seen) >= 500, message="500 handled")
+            await producer.send({"seq": 501})
+            await until(lambda: len(seen) >= 501, message="the late one handled")
+            assert c.role == "owner"
+        await producer.aclose()
+        return seen
+
+    assert asyncio.run(main()) == list(range(1, 502))
+    wait_until(lambda: client.xpending(stream, "g")["pending"] == 0, 5, message="all acked")
+
+
+def test_async_and_sync_consumers_hand_over_to_each_other(server: ServerProcess | External,
+                                                          client: redis.Redis,
+                                                          stream: str) -> None:
+    """A sync owner's clean stop hands the group to an async standby at once, and the async
+    owner's clean stop hands it back to a new sync standby; every entry is handled once, in
+    order, across the three terms, with strictly growing epochs."""
+    seen: list[tuple[str, int, int]] = []
+
+    def sync_handle(message: Message) -> None:
+        seen.append(("sync", int(message.fields["seq"]), message.epoch))
+
+    async def async_handle(message: Message) -> None:
+        seen.append(("async", int(message.fields["seq"]), message.epoch))
+
+    def fill(start: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for s in range(start, start + 100):
+            pipe.xadd(stream, {"seq": s})
+        pipe.execute()
+
+    async def main() -> None:
+        first = Coordinator(config(stream, "s1"), sync_handle, client)
+        first.start()
+        fill(1)
+        await until(lambda: len(seen) >= 100, message="sync owner handled 100")
+        second = AsyncCoordinator(config(stream, "a1"), async_handle, aclient(server))
+        await second.start()
+        await until(lambda: second.role == "standby", message="async standby")
+        await asyncio.to_thread(first.stop, 5)
+        fill(101)
+        await until(lambda: len(seen) >= 200, message="async owner handled 100 more")
+        third = Coordinator(config(stream, "s2"), sync_handle, client)
+        third.start()
+        await until(lambda: third.role is Role.STANDBY, message="sync standby")
+        assert await second.stop(5)
+        await second.aclose()
+        fill(201)
+        await until(lambda: len(seen) >= 300, message="sync owner handled 100 more")
+        await asyncio.to_thread(third.stop, 5)
+
+    asyncio.run(main())
+    assert [s for _, s, _ in seen] == list(range(1, 301))
+    assert [w for w, _, _ in seen] == ["sync"] * 100 + ["async"] * 100 + ["sync"] * 100
+    epochs = [seen[0][2], seen[100][2], seen[200][2]]
+    assert epochs == sorted(set(epochs))
+
+
+def test_cancelling_run_never_acks_the_entry_in_flight(server: ServerProcess | External,
+                                                       client: redis.Redis,
+                                                       stream: str) -> None:
+    """Cancelling the task that runs an AsyncCoordinator while its handler awaits: the entries
+    handled before are acknowledged, the one in flight stays pending and the lease is handed
+    over, so a sync standby takes over at once and hands that entry out again, flagged."""
+    pipe = client.pipeline(transaction=False)
+    for s in range(1, 11):
+        pipe.xadd(stream, {"seq": s})
+    pipe.execute()
+    done: list[int] = []
+    again: list[tuple[int, bool]] = []
+
+    async def slow(message: Message) -> None:
+        seq = int(message.fields["seq"])
+        if seq == 5:
+            await asyncio.sleep(60)
+        done.append(seq)
+
+    async def main() -> None:
+        c = AsyncCoordinator(config(stream, "a", batch_size=10), slow, aclient(server))
+        task = asyncio.get_running_loop().create_task(c.run())
+        await until(lambda: len(done) >= 4, message="4 handled")
+        await asyncio.sleep(0.05)  # let it enter the handler of entry 5 (nothing to assert)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await c.aclose()
+
+    asyncio.run(main())
+    assert done == [1, 2, 3, 4]
+    pending = client.xpending_range(stream, "g", "-", "+", 100)
+    assert [int(client.xrange(stream, p["message_id"], p["message_id"])[0][1][b"seq"])
+            for p in pending][:1] == [5]
+    standby = Coordinator(config(stream, "b"), lambda m: again.append(
+        (int(m.fields["seq"]), m.redelivered)), client)
+    standby.start()
+    wait_until(lambda: len(again) >= 6, 5, message="the standby handled 5..10")
+    standby.stop(5)
+    assert again[0] == (5, True) and [s for s, _ in again] == list(range(5, 11))
+
+
+def test_async_batch_handler(server: ServerProcess | External, client: redis.Redis,
+                             stream: str) -> None:
+    """AsyncCoordinator.batched awaits its handler once per batch, in order."""
+    pipe = client.pipeline(transaction=False)
+    for s in range(1, 301):
+        pipe.xadd(stream, {"seq": s})
+    pipe.execute()
+    seen: list[int] = []
+    sizes: list[int] = []
+
+    async def handle(messages: Sequence[Message]) -> None:
+        sizes.append(len(messages))
+        seen.extend(int(m.fields["seq"]) for m in messages)
+
+    async def main() -> None:
+        async with AsyncCoordinator.batched(config(stream, "a", batch_size=100), handle,
+                                            aclient(server)):
+            await until(lambda: len(seen) >= 300, message="300 handled")
+
+    asyncio.run(main())
+    assert seen == list(range(1, 301)) and max(sizes) <= 100
+
+
+def test_a_plain_function_is_refused_with_what_to_pass(server: ServerProcess | External,
+                                                       stream: str) -> None:
+    """AsyncCoordinator awaits its handler: a plain function is refused, saying what to pass."""
+    with pytest.raises(ConfigError, match="async def"):
+        AsyncCoordinator(config(stream, "a"), lambda m: None,  # type: ignore[arg-type,return-value]
+                         aclient(server))
