@@ -8,6 +8,9 @@ loops, in the same run, on the same server and pre-filled stream.
 * coordinator: Coordinator(batch_size=500), no-op handler; it also decodes fields to str,
   checks its lease per entry and fences every read/ack
 * batch handler: Coordinator.batched(batch_size=500), one no-op call per batch
+* raw asyncio:   the raw batched loop with redis.asyncio and an awaited no-op handler
+* async coordinator / async batch: AsyncCoordinator(batch_size=500), awaited no-op handler /
+  batch handler
 
 Each contender reads the whole stream through a fresh consumer group (created at 0) and is timed
 from its first read to its last ack; the runs alternate (raw, coordinator, raw, ...) --rounds
@@ -22,14 +25,16 @@ figure on a shared machine).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 
 import redis
+import redis.asyncio
 
-from orderedstream import Coordinator, CoordinatorConfig, GroupKeys, Message
+from orderedstream import AsyncCoordinator, Coordinator, CoordinatorConfig, GroupKeys, Message
 from orderedstream._server import clone_client
 from orderedstream.testing import ServerProcess
 
@@ -99,6 +104,66 @@ def coordinator_batched(client: redis.Redis, group: str, total: int) -> float:
     return total / elapsed
 
 
+def raw_async(url: str, group: str, total: int) -> float:
+    """The hand-written asyncio loop: XREADGROUP COUNT 500, an awaited no-op handler per entry,
+    one XACK per batch (redis.asyncio)."""
+
+    async def handler(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        pass
+
+    async def run() -> float:
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=30)
+        await client.xgroup_create(STREAM, group, id="0")
+        done = 0
+        t0 = time.perf_counter()
+        while done < total:
+            reply = await client.xreadgroup(group, "raw", {STREAM: ">"}, count=500)
+            entries = reply[0][1]
+            for entry_id, fields in entries:
+                await handler(entry_id, fields)
+            await client.xack(STREAM, group, *[e[0] for e in entries])
+            done += len(entries)
+        rate = total / (time.perf_counter() - t0)
+        await client.aclose()
+        return rate
+
+    return asyncio.run(run())
+
+
+def coordinator_async(url: str, group: str, total: int, batched: bool = False) -> float:
+    """AsyncCoordinator (batch_size 500) with an awaited no-op handler (or batch handler)."""
+    seen = [0]
+    first = [0.0]
+
+    async def noop(message: Message) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += 1
+
+    async def noop_batch(messages: Sequence[Message]) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += len(messages)
+
+    async def run() -> float:
+        config = CoordinatorConfig(stream=STREAM, group=group, consumer="acoord",
+                                   batch_size=500)
+        client = redis.asyncio.Redis.from_url(url)
+        c = (AsyncCoordinator.batched(config, noop_batch, client) if batched
+             else AsyncCoordinator(config, noop, client))
+        await c.run(max_messages=total)
+        elapsed = time.perf_counter() - first[0]
+        await c.aclose()
+        await client.aclose()
+        return total / elapsed
+
+    rate = asyncio.run(run())
+    cleanup = redis.Redis.from_url(url)
+    cleanup.delete(*GroupKeys(STREAM, group).all())
+    cleanup.close()
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +184,8 @@ def main() -> int:
                 pipe.execute()
         pipe.execute()
         rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": [],
-                                         "batch handler": []}
+                                         "batch handler": [], "raw asyncio": [],
+                                         "async coordinator": [], "async batch": []}
         for r in range(args.rounds):
             rates["raw"].append(raw_batched(client, f"raw{r}", args.entries))
             rates["coordinator"].append(coordinator(client, f"coord{r}", args.entries))
@@ -127,6 +193,11 @@ def main() -> int:
                 raw_batched(client, f"bare{r}", args.entries, call_handler=False))
             rates["batch handler"].append(
                 coordinator_batched(client, f"batch{r}", args.entries))
+            rates["raw asyncio"].append(raw_async(server.url, f"araw{r}", args.entries))
+            rates["async coordinator"].append(
+                coordinator_async(server.url, f"acoord{r}", args.entries))
+            rates["async batch"].append(
+                coordinator_async(server.url, f"abatch{r}", args.entries, batched=True))
         naive_rate = naive(client, "naive", args.naive_entries)
     print(f"throughput on {label}, redis-py {redis.__version__}, one Python process, "
           f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
@@ -142,9 +213,11 @@ def main() -> int:
     paired = [c / r for c, r in zip(rates["coordinator"], rates["raw"], strict=True)]
     print(f"  coordinator / raw batched, per round: "
           f"{', '.join(f'{p:.2f}' for p in paired)}  (median {statistics.median(paired):.2f}x)")
-    batch = [b / r for b, r in zip(rates["batch handler"], rates["raw"], strict=True)]
-    print(f"  batch handler / raw batched, per round: "
-          f"{', '.join(f'{p:.2f}' for p in batch)}  (median {statistics.median(batch):.2f}x)")
+    for name, over in (("batch handler", "raw"), ("async coordinator", "raw asyncio"),
+                       ("async batch", "raw")):
+        ratios = [b / r for b, r in zip(rates[name], rates[over], strict=True)]
+        print(f"  {name} / {over}, per round: {', '.join(f'{p:.2f}' for p in ratios)}  "
+              f"(median {statistics.median(ratios):.2f}x)")
     return 0
 
 

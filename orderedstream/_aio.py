@@ -131,6 +131,7 @@ class AsyncDriver:
         """Drive ``step`` to its end; its value (or its exception).  A cancellation is thrown
         into the step too, so its clean-up runs before ``CancelledError`` goes on."""
         do = self._do
+        handler = self._handler
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -140,7 +141,13 @@ class AsyncDriver:
                 return done.value  # type: ignore[no-any-return]
             value = error = None
             try:
-                value = await do[type(op)](op)
+                if type(op) is Handle:  # the per-entry call, without a dispatch
+                    try:
+                        await handler(op.message)
+                    except Exception as err:
+                        value = err
+                else:
+                    value = await do[type(op)](op)
             except BaseException as err:
                 error = err
 
