@@ -121,6 +121,7 @@ class AsyncDriver:
         self._stop = stop
         self._handler = handler
         self._pipe: Any = None
+        self._pending = 0  # replies the read-ahead connection owes: it is reused only at 0
         self._do: dict[type, Callable[[Any], Awaitable[Any]]] = {
             ScriptOp: self._script, Plain: self._plain, Block: self._block,
             Pause: self._pause, PipeSend: self._send, PipeRecv: self._recv,
@@ -132,6 +133,8 @@ class AsyncDriver:
         into the step too, so its clean-up runs before ``CancelledError`` goes on."""
         do = self._do
         handler = self._handler
+        task = asyncio.current_task()
+        cancelled = False  # a cancellation was thrown into the step already
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -150,6 +153,13 @@ class AsyncDriver:
                     value = await do[type(op)](op)
             except BaseException as err:
                 error = err
+            if isinstance(error, asyncio.CancelledError):
+                cancelled = True
+            elif not cancelled and task is not None and _cancelling(task):
+                # redis-py writes under asyncio.wait_for, which on Python 3.11 can swallow a
+                # cancellation that arrives as the write completes: deliver it here
+                cancelled = True
+                error = asyncio.CancelledError()
 
     async def _script(self, op: ScriptOp[Any]) -> Any:
         command = self._scripts.command(op.name, op.keys, op.args)
@@ -181,13 +191,21 @@ class AsyncDriver:
         return list(reply[0][1]) if reply else []
 
     async def _pause(self, op: Pause) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), op.seconds)
+        if self._stop.is_set():
+            return True
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+        # arrives as its timeout fires, and the task would go on as if never cancelled
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({stopped}, timeout=op.seconds)
+        finally:
+            stopped.cancel()
         return self._stop.is_set()
 
     async def _send(self, op: PipeSend) -> None:
         if self._pipe is None:
             self._pipe = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        self._pending += len(op.commands)
         try:
             if pack_command is not None:
                 await self._pipe.send_packed_command(
@@ -200,24 +218,31 @@ class AsyncDriver:
 
     async def _recv(self, op: PipeRecv) -> list[Any]:
         replies: list[Any] = []
+        if self._pipe is None:
+            raise redis.ConnectionError("the read-ahead has no request in flight")
         try:
             for _ in range(op.count):
                 try:
                     replies.append(await self._pipe.read_response())
                 except redis.ResponseError as err:
                     replies.append(err)
+                self._pending -= 1
         except BaseException:
             await self._drop(op)
             raise
         return replies
 
     async def _drop(self, op: object) -> None:
+        self._pending = 0
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             await pipe.disconnect()
             await self._client.connection_pool.release(pipe)
 
     async def _release(self, op: PipeRelease) -> None:
+        if self._pending:  # replies still on their way: never hand it to another command
+            await self._drop(op)
+            return
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             await self._client.connection_pool.release(pipe)
@@ -443,6 +468,12 @@ class AsyncCoordinator:
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emitter(cls(stream=self.config.stream, group=self.config.group,
                           consumer=self.config.consumer, **fields))
+
+
+def _cancelling(task: asyncio.Task[Any]) -> bool:
+    """Has cancellation of ``task`` been requested (Python 3.11+; False before)?"""
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _not_called(message: Message) -> None:  # pragma: no cover - async handlers are yielded

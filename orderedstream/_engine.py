@@ -128,6 +128,7 @@ class SyncDriver:
         self._waiter = waiter
         self._stop = stop
         self._pipe: Any = None
+        self._pending = 0  # replies the read-ahead connection owes: it is reused only at 0
         self._do: dict[type, Callable[[Any], Any]] = {
             ScriptOp: self._script, Plain: self._plain, Block: self._block,
             Pause: self._pause, PipeSend: self._send, PipeRecv: self._recv,
@@ -164,6 +165,7 @@ class SyncDriver:
     def _send(self, op: PipeSend) -> None:
         if self._pipe is None:
             self._pipe = self._pool.get_connection()
+        self._pending += len(op.commands)
         try:
             if pack_command is not None:  # hiredis, without redis-py's per-argument checks
                 self._pipe.send_packed_command([pack_command(c) for c in op.commands])
@@ -175,24 +177,30 @@ class SyncDriver:
 
     def _recv(self, op: PipeRecv) -> list[Any]:
         replies: list[Any] = []
+        if self._pipe is None:
+            raise redis.ConnectionError("the read-ahead has no request in flight")
         try:
             for _ in range(op.count):
                 try:
                     replies.append(self._pipe.read_response())
                 except redis.ResponseError as err:
                     replies.append(err)
+                self._pending -= 1
         except BaseException:
             self._drop(PIPE_DROP)
             raise
         return replies
 
     def _drop(self, op: PipeDrop) -> None:
+        self._pending = 0
         if self._pipe is not None:
             self._pipe.disconnect()
             self._pool.release(self._pipe)
             self._pipe = None
 
     def _release(self, op: PipeRelease) -> None:
-        if self._pipe is not None:
+        if self._pending:  # replies still on their way: never hand it to another command
+            self._drop(PIPE_DROP)
+        elif self._pipe is not None:
             self._pool.release(self._pipe)
             self._pipe = None

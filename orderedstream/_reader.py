@@ -217,17 +217,17 @@ class _ReadAhead:
     def send(self, acks: list[Any], after: bytes | str) -> Step[None]:
         """Ask for the entries after ``after`` (the last new entry delivered to us)."""
         start = after.decode() if isinstance(after, bytes) else after
-        self._sent_acks = acks
-        self.in_flight = True
+        self._sent_acks = acks  # to send again if this request's fate turns out unknown
         yield PipeSend([self._scripts.deliver_command(self._keys, self._token, self._consumer,
                                                       self._batch, acks),
                         ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)])
+        self.in_flight = True  # only once sent: a send that failed left nothing to collect
 
     def receive(self) -> Step[tuple[list[Any], str]]:
         """(rows, tail): the delivered entries in id order; ``tail`` when there were none.
         Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered."""
+        self.in_flight = False  # read now, or its connection is dropped: nothing left either way
         head, rows = yield PipeRecv(2)
-        self.in_flight = False
         self._sent_acks = []
         if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
             yield Plain(*self._scripts.load_command("deliver"))
@@ -255,10 +255,9 @@ class _ReadAhead:
         """Collect an unanswered request (its entries stay pending: the next owner, or our own
         replay, gets them) and give the connection back."""
         if self.in_flight:
+            self.in_flight = False
             try:
                 yield PipeRecv(2)
-                self.in_flight = False
             except (redis.RedisError, OSError):
-                self.in_flight = False
-                return
+                return  # the driver dropped the connection
         yield PIPE_RELEASE
