@@ -11,9 +11,11 @@ Modes (``--modes``, comma-separated):
 * ``graceful``: SIGTERM under load (the owner hands the lease over);
 * ``idle-push`` / ``idle-poll``: an idle stream: the owner is killed with no producer running,
   and one entry is produced ``--idle-delay-ms`` later; time = that entry's XADD -> its handling
-  (with push, that XADD is what tells the standby: the poll runs every 250 ms only);
-* ``floor``: SIGKILL of an idle consumer process -> its connection closed on the server (busy
-  ``CLIENT LIST ID``): the kernel's teardown of a Python process, which no failover can beat.
+  (with push, that XADD is what tells the standby: the poll runs every 250 ms only).
+
+Beside each kill it also records when the killed process was reaped (``waitpid`` returns only
+after the kernel closed its sockets): "teardown" is kill -> reaped, the part of a crash failover
+that happens before any server or standby can know (the kernel freeing a Python process).
 
 For each loaded mode it starts a producer thread (steady ``--rate`` entries/s), ``--consumers``
 consumer processes with the recording handler, and then ``--kills`` times: finds the owner (from
@@ -52,7 +54,7 @@ from orderedstream.testing import ServerProcess, verdict, wait_until
 
 LOADED = ("push", "poll", "ttl-only", "graceful")
 IDLE = ("idle-push", "idle-poll")
-ALL = (*LOADED, *IDLE, "floor")
+ALL = (*LOADED, *IDLE)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -137,7 +139,8 @@ class Group:
         self.client.delete(self.stream, *self.keys.all())
 
 
-def summary(mode: str, times: list[float], group: Group, total: int) -> dict[str, Any]:
+def summary(mode: str, times: list[float], group: Group, total: int,
+            teardown: list[float]) -> dict[str, Any]:
     wait_until(lambda: len({r["seq"] for r in group.record.read()}) >= total, 60,
                message="everything handled")
     recs = group.record.read()
@@ -145,7 +148,9 @@ def summary(mode: str, times: list[float], group: Group, total: int) -> dict[str
     return {
         "mode": mode, "kills": len(times), "produced": total, "handled_records": len(recs),
         "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),
-        "max_ms": round(max(times), 1), "lost": len(v.lost), "out_of_order": len(v.out_of_order),
+        "max_ms": round(max(times), 1),
+        "teardown_p50_ms": round(statistics.median(teardown), 1) if teardown else None,
+        "lost": len(v.lost), "out_of_order": len(v.out_of_order),
         "duplicates": v.duplicates, "unflagged_duplicates": v.unflagged_duplicates,
     }
 
@@ -156,6 +161,16 @@ def flags_for(mode: str) -> list[str]:
     if mode == "ttl-only":
         return ["--no-watch"]
     return []
+
+
+def reap_time(victim: subprocess.Popen[bytes], into: list[float], t_kill: float) -> None:
+    """Record kill -> reaped (its sockets are closed by then) from a thread of its own."""
+
+    def wait() -> None:
+        victim.wait()
+        into.append((time.time() - t_kill) * 1000.0)
+
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
@@ -179,6 +194,7 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     times: list[float] = []
+    teardown: list[float] = []
     try:
         for _ in range(kills):
             pid = wait_until(group.owner_pid, 30, message="an owner")
@@ -190,6 +206,8 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
             start = len(group.record.read())
             t_kill = time.time()
             victim.send_signal(signal.SIGTERM if mode == "graceful" else signal.SIGKILL)
+            if mode != "graceful":
+                reap_time(victim, teardown, t_kill)
             t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
                                  interval=0.001, message="failover")
             times.append((t_first - t_kill) * 1000.0)
@@ -199,7 +217,7 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
         stop.set()
         producer.join()
     try:
-        return summary(mode, times, group, produced[0])
+        return summary(mode, times, group, produced[0], teardown)
     finally:
         group.close()
 
@@ -211,6 +229,7 @@ def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumer
     client.delete(group.stream, *group.keys.all())
     seq = 0
     times: list[float] = []
+    teardown: list[float] = []
 
     def produce_one() -> float:
         nonlocal seq
@@ -231,6 +250,7 @@ def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumer
             victim = group.by_pid.pop(pid)
             start = len(group.record.read())
             victim.send_signal(signal.SIGKILL)
+            reap_time(victim, teardown, time.time())
             time.sleep(delay_ms / 1000.0)
             t_add = produce_one()
             t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
@@ -238,33 +258,9 @@ def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumer
             times.append((t_first - t_add) * 1000.0)
             victim.wait(30)
             group.spawn()
-        return summary(mode, times, group, seq)
+        return summary(mode, times, group, seq, teardown)
     finally:
         group.close()
-
-
-def run_floor(server: ServerProcess, kills: int) -> dict[str, Any]:
-    """SIGKILL of an idle consumer process (a standby) -> its connection closed on the server."""
-    client = server.client()
-    group = Group(server, client, "bench-failover-floor", [], 1000)
-    times: list[float] = []
-    try:
-        group.spawn()  # the owner, left alone
-        for _ in range(kills):
-            p = group.spawn()
-            beat = f"os:c{group.next_name - 1}:beat"
-            conn_id = next(c["id"] for c in client.client_list() if c.get("name") == beat)
-            time.sleep(0.1)
-            t_kill = time.perf_counter()
-            p.send_signal(signal.SIGKILL)
-            while client.execute_command("CLIENT", "LIST", "ID", conn_id):  # type: ignore[no-untyped-call]
-                pass
-            times.append((time.perf_counter() - t_kill) * 1000.0)
-            p.wait(30)
-    finally:
-        group.close()
-    return {"mode": "floor", "kills": len(times), "p50_ms": round(statistics.median(times), 1),
-            "p95_ms": round(pct(times, 0.95), 1), "max_ms": round(max(times), 1)}
 
 
 def cpu_ticks(pid: int) -> int:
@@ -317,8 +313,6 @@ def main() -> int:
             elif mode in IDLE:
                 results.append(run_idle(server, mode, args.kills, args.ttl_ms, args.consumers,
                                         args.idle_delay_ms))
-            elif mode == "floor":
-                results.append(run_floor(server, args.kills))
             else:
                 parser.error(f"unknown mode {mode!r} (modes: {', '.join(ALL)})")
         if args.cpu_seconds > 0:
@@ -331,15 +325,16 @@ def main() -> int:
     print(f"failover benchmark on {label}; lease TTL {args.ttl_ms} ms; {args.consumers} "
           f"consumer processes; producer {args.rate:.0f} entries/s; time = kill signal -> first "
           "entry handled by another process (handler's own record); idle modes: the entry's "
-          f"XADD ({args.idle_delay_ms} ms after the kill) -> its handling; floor: kill -> the "
-          "killed process's connection closed on the server")
-    print(f"{'mode':<10} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'produced':>9} "
+          f"XADD ({args.idle_delay_ms} ms after the kill) -> its handling; teardown: kill -> the "
+          "killed process reaped (its sockets closed)")
+    print(f"{'mode':<10} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'teardown':>9} "
+          f"{'produced':>9} "
           f"{'lost':>5} {'reord':>6} {'dups':>5} {'unflagged':>9}")
     for r in results:
         print(f"{r['mode']:<10} {r['kills']:>5} {r['p50_ms']:>8} {r['p95_ms']:>8} "
-              f"{r['max_ms']:>8} {r.get('produced', '-'):>9} {r.get('lost', '-'):>5} "
-              f"{r.get('out_of_order', '-'):>6} {r.get('duplicates', '-'):>5} "
-              f"{r.get('unflagged_duplicates', '-'):>9}")
+              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} {r['produced']:>9} "
+              f"{r['lost']:>5} {r['out_of_order']:>6} {r['duplicates']:>5} "
+              f"{r['unflagged_duplicates']:>9}")
     if cpu:
         print(f"standby CPU beside a live owner, idle stream ({args.cpu_seconds:.0f} s each): "
               f"push {cpu['push']} s/min, poll only {cpu['poll']} s/min")

@@ -75,6 +75,10 @@ class StandbyWaiter:
         self._taken: Lease | None = None  # the lease a push got us (the watcher's thread)
         self._push_retry_at = 0.0
         self._next_poll = 0.0
+        # a BLOCK must end before the waiting connection's socket timeout
+        timeout_s = waiter.client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._max_block_ms = (max(int((timeout_s - 1.0) * 1000), 100) if timeout_s
+                              else 1 << 30)
 
     def wait(self) -> Lease | None:
         """Block until this consumer holds the lease (returned), or ``stop`` is set (None)."""
@@ -149,7 +153,8 @@ class StandbyWaiter:
             else:
                 self._stop.wait(left_ms / 1000.0)  # (its cron): the last stretch is slept here
                 return None
-            entries = self._waiter.newest(self._keys.events, last_signal, block)
+            entries = self._waiter.newest(self._keys.events, last_signal,
+                                          min(block, self._max_block_ms))
             if entries:
                 return str(entries[-1][0].decode())
             if pushed and not self._armed(holder):  # its connection was lost: arm again
