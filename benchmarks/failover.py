@@ -1,17 +1,34 @@
 """Failover benchmark: real consumer processes (the CLI) under load, the owner killed again and
-again.
+again; all modes in one run, on one server.
 
-For each mode it starts a producer thread (steady --rate entries/s), --consumers consumer
-processes with the recording handler, and then --kills times: finds the owner (from the group's
-owner hash), kills it (SIGKILL; SIGTERM for 'graceful'), starts a replacement standby, and
-measures kill -> first entry handled by another process (from the handlers' own record file,
-wall clock on this machine).  Each kill waits until the replacement standby is connected, so it
-measures failover from a steady state rather than against a Python process still starting.
-At the end it stops the producer, waits for everything to be
-handled, and judges the whole record: lost, out of order, duplicates (and whether all were
-flagged redeliveries).
+Modes (``--modes``, comma-separated):
 
-    python benchmarks/failover.py                    # embedded valkey-server, all three modes
+* ``push``: SIGKILL under load; standbys learn of the dead owner by the server's push
+  (``CLIENT TRACKING ... REDIRECT``, the default);
+* ``poll``: the same with ``--no-push``: the ``CLIENT LIST`` poll every 25 ms only (the code
+  before push detection);
+* ``ttl-only``: the same with ``--no-watch``: the lease TTL only;
+* ``graceful``: SIGTERM under load (the owner hands the lease over);
+* ``idle-push`` / ``idle-poll``: an idle stream: the owner is killed with no producer running,
+  and one entry is produced ``--idle-delay-ms`` later; time = that entry's XADD -> its handling
+  (with push, that XADD is what tells the standby: the poll runs every 250 ms only).
+
+Beside each kill it also records when the killed process was reaped (``waitpid`` returns only
+after the kernel closed its sockets): "teardown" is kill -> reaped, the part of a crash failover
+that happens before any server or standby can know (the kernel freeing a Python process).
+
+For each loaded mode it starts a producer thread (steady ``--rate`` entries/s), ``--consumers``
+consumer processes with the recording handler, and then ``--kills`` times: finds the owner (from
+the group's owner hash), kills it, starts a replacement standby, and measures kill -> first entry
+handled by another process (from the handlers' own record file, wall clock on this machine).
+Each kill waits until the replacement standby is connected, so it measures failover from a
+steady state.  At the end it waits for everything to be handled and judges the whole record:
+lost, out of order, duplicates (and whether all were flagged redeliveries).
+
+``--cpu-seconds N`` (0: skip) also measures a standby's CPU time over N seconds (from
+``/proc/<pid>/stat``) beside a live owner, idle stream, with push and with the poll only.
+
+    python benchmarks/failover.py                    # embedded valkey-server, every mode
     python benchmarks/failover.py --server-bin /usr/bin/redis-server --kills 30
 """
 
@@ -28,9 +45,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from orderedstream import GroupKeys, Producer
-from orderedstream.testing import ServerProcess, read_records, verdict, wait_until
+from orderedstream.testing import ServerProcess, verdict, wait_until
+
+LOADED = ("push", "poll", "ttl-only", "graceful")
+IDLE = ("idle-push", "idle-poll")
+ALL = (*LOADED, *IDLE)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -38,103 +62,227 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_mode(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
-             consumers: int) -> dict[str, object]:
-    stream = f"bench-failover-{mode}"
-    client = server.client()
-    client.delete(stream, *GroupKeys(stream, "g").all())
-    workdir = Path(tempfile.mkdtemp(prefix=f"failover-{mode}-"))
-    record = workdir / "record.jsonl"
-    env = dict(os.environ, ORDEREDSTREAM_RECORD=str(record), ORDEREDSTREAM_WORK_MS="0")
-    procs: list[subprocess.Popen[bytes]] = []
+class Record:
+    """The handlers' record file, read incrementally (re-parsing the whole file every 2 ms
+    would load the machine the failover runs on)."""
 
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "orderedstream", "consume", "--redis-url", server.url,
-                "--stream", stream, "--group", "g", "--name", f"c{i}", "--quiet",
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.rows: list[dict[str, Any]] = []
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return self.rows
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # complete lines only
+        self.offset += end
+        self.rows += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return self.rows
+
+
+class Group:
+    """Consumer processes of one benchmark stream."""
+
+    def __init__(self, server: ServerProcess, client: redis.Redis, stream: str,
+                 flags: list[str], ttl_ms: int) -> None:
+        self.server = server
+        self.client = client
+        self.stream = stream
+        self.keys = GroupKeys(stream, "g")
+        self.flags = flags
+        self.ttl_ms = ttl_ms
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"failover-{stream}-"))
+        self.record = Record(self.workdir / "record.jsonl")
+        self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record.path),
+                        ORDEREDSTREAM_WORK_MS="0")
+        self.by_pid: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.next_name = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start one more consumer; returns once its heartbeat connection is listed."""
+        name = f"c{self.next_name}"
+        self.next_name += 1
+        args = [sys.executable, "-m", "orderedstream", "consume", "--redis-url", self.server.url,
+                "--stream", self.stream, "--group", "g", "--name", name, "--quiet",
                 "--handler", "orderedstream.testing:record_handler",
-                "--lease-ttl-ms", str(ttl_ms), "--batch", "50"]
-        if mode == "ttl-only":
-            args.append("--no-watch")
-        log = open(workdir / f"c{i}.log", "wb")  # noqa: SIM115
-        p = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-        procs.append(p)
+                "--lease-ttl-ms", str(self.ttl_ms), "--batch", "50", *self.flags]
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen(args, env=self.env, stdout=log, stderr=log)
+        self.procs.append(p)
+        self.by_pid[p.pid] = p
+        beat = f"os:{name}:beat"
+        wait_until(lambda: any(c.get("name") == beat for c in self.client.client_list()), 30,
+                   message=f"{beat} connected")
         return p
 
+    def owner_pid(self) -> int | None:
+        if not self.client.exists(self.keys.lease):
+            return None
+        pid = self.client.hget(self.keys.owner, "pid")
+        return int(pid) if pid else None
+
+    def first_after(self, pid: int, start: int) -> float | None:
+        for r in self.record.read()[start:]:
+            if r["pid"] != pid:
+                return float(r["t"])
+        return None
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.client.delete(self.stream, *self.keys.all())
+
+
+def summary(mode: str, times: list[float], group: Group, total: int,
+            teardown: list[float]) -> dict[str, Any]:
+    wait_until(lambda: len({r["seq"] for r in group.record.read()}) >= total, 60,
+               message="everything handled")
+    recs = group.record.read()
+    v = verdict(((int(r["seq"]), bool(r["red"])) for r in recs), total)
+    return {
+        "mode": mode, "kills": len(times), "produced": total, "handled_records": len(recs),
+        "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),
+        "max_ms": round(max(times), 1),
+        "teardown_p50_ms": round(statistics.median(teardown), 1) if teardown else None,
+        "lost": len(v.lost), "out_of_order": len(v.out_of_order),
+        "duplicates": v.duplicates, "unflagged_duplicates": v.unflagged_duplicates,
+    }
+
+
+def flags_for(mode: str) -> list[str]:
+    if mode in ("poll", "idle-poll"):
+        return ["--no-push"]
+    if mode == "ttl-only":
+        return ["--no-watch"]
+    return []
+
+
+def reap_time(victim: subprocess.Popen[bytes], into: list[float], t_kill: float) -> None:
+    """Record kill -> reaped (its sockets are closed by then) from a thread of its own."""
+
+    def wait() -> None:
+        victim.wait()
+        into.append((time.time() - t_kill) * 1000.0)
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
+               consumers: int) -> dict[str, Any]:
+    client = server.client()
+    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms)
+    client.delete(group.stream, *group.keys.all())
     produced = [0]
     stop = threading.Event()
 
     def produce() -> None:
-        producer = Producer(client, stream)
+        producer = Producer(server.client(), group.stream)
         started = time.monotonic()
         while not stop.is_set():
             produced[0] += 1
             producer.send({"seq": produced[0]})
             stop.wait(max(0.0, started + produced[0] / rate - time.monotonic()))
 
-    def owner_pid() -> int | None:
-        if not client.exists(GroupKeys(stream, "g").lease):
-            return None
-        pid = client.hget(GroupKeys(stream, "g").owner, "pid")
-        return int(pid) if pid else None
-
-    by_pid: dict[int, subprocess.Popen[bytes]] = {}
-    for i in range(consumers):
-        p = spawn(i)
-        by_pid[p.pid] = p
-    for i in range(consumers):
-        wait_until(lambda i=i: any(c.get("name") == f"os:c{i}:beat"
-                                   for c in client.client_list()), 30, message="consumers up")
+    for _ in range(consumers):
+        group.spawn()
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     times: list[float] = []
-    next_name = consumers
+    teardown: list[float] = []
     try:
         for _ in range(kills):
-            pid = wait_until(owner_pid, 30, message="an owner")
+            pid = wait_until(group.owner_pid, 30, message="an owner")
             # let the owner work a little, so each kill lands mid-stream
-            seen = len(read_records(record))
-            wait_until(lambda s=seen: len(read_records(record)) > s + int(rate * 0.2), 30,
+            seen = len(group.record.read())
+            wait_until(lambda s=seen: len(group.record.read()) > s + int(rate * 0.2), 30,
                        message="owner handling")
-            victim = by_pid.pop(pid)
+            victim = group.by_pid.pop(pid)
+            start = len(group.record.read())
             t_kill = time.time()
             victim.send_signal(signal.SIGTERM if mode == "graceful" else signal.SIGKILL)
-
-            def first_after(pid: int = pid, t_kill: float = t_kill) -> float | None:
-                for r in read_records(record):
-                    if r["pid"] != pid and r["t"] >= t_kill:
-                        return float(r["t"])
-                return None
-
-            t_first = wait_until(first_after, 30, interval=0.002, message="failover")
+            if mode != "graceful":
+                reap_time(victim, teardown, t_kill)
+            t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
+                                 interval=0.001, message="failover")
             times.append((t_first - t_kill) * 1000.0)
             victim.wait(30)
-            p = spawn(next_name)
-            by_pid[p.pid] = p
-            # measure each kill from a steady state: the replacement is up and waiting as a
-            # standby (its heartbeat connection is listed), not still importing Python
-            beat = f"os:c{next_name}:beat"
-            wait_until(lambda beat=beat: any(c.get("name") == beat for c in client.client_list()),
-                       30, message=f"{beat} connected")
-            next_name += 1
+            group.spawn()  # a replacement standby, up before the next kill
     finally:
         stop.set()
         producer.join()
-    total = produced[0]
-    wait_until(lambda: len({r["seq"] for r in read_records(record)}) >= total, 60,
-               message="everything handled")
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    recs = read_records(record)
-    v = verdict(((int(r["seq"]), bool(r["red"])) for r in recs), total)
-    client.delete(stream, *GroupKeys(stream, "g").all())
-    return {
-        "mode": mode, "kills": len(times), "produced": total, "handled_records": len(recs),
-        "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),
-        "max_ms": round(max(times), 1), "lost": len(v.lost), "out_of_order": len(v.out_of_order),
-        "duplicates": v.duplicates, "unflagged_duplicates": v.unflagged_duplicates,
-    }
+    try:
+        return summary(mode, times, group, produced[0], teardown)
+    finally:
+        group.close()
+
+
+def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumers: int,
+             delay_ms: int) -> dict[str, Any]:
+    client = server.client()
+    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms)
+    client.delete(group.stream, *group.keys.all())
+    seq = 0
+    times: list[float] = []
+    teardown: list[float] = []
+
+    def produce_one() -> float:
+        nonlocal seq
+        seq += 1
+        t = time.time()
+        client.xadd(group.stream, {"seq": seq})
+        return t
+
+    for _ in range(consumers):
+        group.spawn()
+    try:
+        for _ in range(kills):
+            pid = wait_until(group.owner_pid, 30, message="an owner")
+            n = len(group.record.read())
+            produce_one()  # the owner is at work, then the stream goes quiet
+            wait_until(lambda n=n: len(group.record.read()) > n, 30, message="handled")
+            time.sleep(0.2)
+            victim = group.by_pid.pop(pid)
+            start = len(group.record.read())
+            victim.send_signal(signal.SIGKILL)
+            reap_time(victim, teardown, time.time())
+            time.sleep(delay_ms / 1000.0)
+            t_add = produce_one()
+            t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
+                                 interval=0.001, message="failover")
+            times.append((t_first - t_add) * 1000.0)
+            victim.wait(30)
+            group.spawn()
+        return summary(mode, times, group, seq, teardown)
+    finally:
+        group.close()
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def standby_cpu(server: ServerProcess, flags: list[str], seconds: float) -> float:
+    """CPU seconds a standby uses per minute beside a live owner on an idle stream."""
+    client = server.client()
+    group = Group(server, client, f"bench-cpu{'-'.join(flags)}", flags, 3000)
+    try:
+        group.spawn()
+        wait_until(group.owner_pid, 30, message="an owner")
+        standby = group.spawn()
+        time.sleep(1.0)  # past its start-up
+        before = cpu_ticks(standby.pid)
+        time.sleep(seconds)
+        used = (cpu_ticks(standby.pid) - before) / os.sysconf("SC_CLK_TCK")
+    finally:
+        group.close()
+    return round(used * 60.0 / seconds, 3)
 
 
 def main() -> int:
@@ -145,29 +293,51 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="produced entries/s")
     parser.add_argument("--ttl-ms", type=int, default=1000)
     parser.add_argument("--consumers", type=int, default=2)
-    parser.add_argument("--modes", default="watch,ttl-only,graceful")
+    parser.add_argument("--idle-delay-ms", type=int, default=100,
+                        help="idle modes: the entry is produced this long after the kill")
+    parser.add_argument("--cpu-seconds", type=float, default=30.0,
+                        help="measure a standby's CPU over this long (0: skip)")
+    parser.add_argument("--modes", default=",".join(ALL))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = []
+    cpu: dict[str, float] = {}
     with ServerProcess(args.server_bin) as server:
         info = server.client().info("server")
         version = info.get("valkey_version") or info["redis_version"]
         label = f"{info.get('server_name') or 'redis'} {version}"
         for mode in args.modes.split(","):
-            results.append(run_mode(server, mode, args.kills, args.rate, args.ttl_ms,
-                                    args.consumers))
+            if mode in LOADED:
+                results.append(run_loaded(server, mode, args.kills, args.rate, args.ttl_ms,
+                                          args.consumers))
+            elif mode in IDLE:
+                results.append(run_idle(server, mode, args.kills, args.ttl_ms, args.consumers,
+                                        args.idle_delay_ms))
+            else:
+                parser.error(f"unknown mode {mode!r} (modes: {', '.join(ALL)})")
+        if args.cpu_seconds > 0:
+            cpu = {"push": standby_cpu(server, [], args.cpu_seconds),
+                   "poll": standby_cpu(server, ["--no-push"], args.cpu_seconds)}
     if args.json:
-        print(json.dumps({"server": label, "results": results}, indent=2))
+        print(json.dumps({"server": label, "results": results, "standby_cpu_s_per_min": cpu},
+                         indent=2))
         return 0
     print(f"failover benchmark on {label}; lease TTL {args.ttl_ms} ms; {args.consumers} "
           f"consumer processes; producer {args.rate:.0f} entries/s; time = kill signal -> first "
-          "entry handled by another process (handler's own record)")
-    print(f"{'mode':<10} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'produced':>9} "
+          "entry handled by another process (handler's own record); idle modes: the entry's "
+          f"XADD ({args.idle_delay_ms} ms after the kill) -> its handling; teardown: kill -> the "
+          "killed process reaped (its sockets closed)")
+    print(f"{'mode':<10} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'teardown':>9} "
+          f"{'produced':>9} "
           f"{'lost':>5} {'reord':>6} {'dups':>5} {'unflagged':>9}")
     for r in results:
         print(f"{r['mode']:<10} {r['kills']:>5} {r['p50_ms']:>8} {r['p95_ms']:>8} "
-              f"{r['max_ms']:>8} {r['produced']:>9} {r['lost']:>5} {r['out_of_order']:>6} "
-              f"{r['duplicates']:>5} {r['unflagged_duplicates']:>9}")
+              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} {r['produced']:>9} "
+              f"{r['lost']:>5} {r['out_of_order']:>6} {r['duplicates']:>5} "
+              f"{r['unflagged_duplicates']:>9}")
+    if cpu:
+        print(f"standby CPU beside a live owner, idle stream ({args.cpu_seconds:.0f} s each): "
+              f"push {cpu['push']} s/min, poll only {cpu['poll']} s/min")
     return 0
 
 

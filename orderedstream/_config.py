@@ -105,12 +105,21 @@ class LeaseConfig:
     (default ``ttl_ms / 3``); fewer acknowledged: the term is ended again and acquiring raises
     :class:`~orderedstream.exceptions.ReplicasNotAcknowledged`.  A replica that acknowledged
     carries the epoch past a promotion with no assumption about clocks.
+
+    ``watch_connection``: standbys watch the owner's heartbeat connection and end its term the
+    moment it is gone (fenced).  With ``watch_push`` (default) the server tells them by push
+    (``CLIENT TRACKING ... REDIRECT``, RESP3) at the first write to the stream after the owner
+    died, and the ``CLIENT LIST`` poll, which then only covers a stream nobody writes to, runs
+    every ``watch_push_interval_ms``; without push (off, or refused by an ACL) it runs every
+    ``watch_interval_ms``.
     """
 
     ttl_ms: int = attrs.field(default=3_000, validator=_positive)
     margin_ms: int | None = attrs.field(default=None)
     watch_connection: bool = True
     watch_interval_ms: int = attrs.field(default=25, validator=_positive)
+    watch_push: bool = True
+    watch_push_interval_ms: int = attrs.field(default=250, validator=_positive)
     wait_replicas: int = attrs.field(default=0)
     wait_replicas_timeout_ms: int | None = attrs.field(default=None)
 

@@ -69,6 +69,9 @@ class OwnerConnectionGone(Event):
 
     owner: str
     epoch: int
+    via: str = "poll"
+    """How it learned: ``"push"`` (the server's ``tracking-redir-broken`` push at the first write
+    after the death) or ``"poll"`` (``CLIENT LIST ID``)."""
     name = "owner_connection_gone"
     level = logging.WARNING
 
@@ -167,6 +170,17 @@ class WatchDisabled(Event):
 
     reason: str
     name = "watch_disabled"
+    level = logging.WARNING
+
+
+@attrs.frozen(kw_only=True)
+class PushWatchDisabled(Event):
+    """Push detection of a dead owner is off (e.g. an ACL forbids ``CLIENT TRACKING`` or
+    ``HELLO 3``): a crashed owner is noticed by the ``CLIENT LIST`` poll instead (every
+    ``watch_interval_ms``), or by the lease TTL where that is denied too."""
+
+    reason: str
+    name = "push_watch_disabled"
     level = logging.WARNING
 
 

@@ -22,7 +22,7 @@ import redis
 from ._config import LeaseConfig
 from ._keys import GroupKeys
 from ._recovery import CONNECTION_ERRORS
-from ._scripts import AcquireReply, Scripts
+from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
 from ._server import clone_client
 from .exceptions import ReplicasNotAcknowledged
 
@@ -207,6 +207,49 @@ class LeaseManager:
     def end_term(self, token: str, kind: str, reason: str) -> bool:
         """Compare-and-delete the lease and wake standbys (``kind`` 'released' or 'ended')."""
         return self._scripts.end_term(self._keys, token, kind, self._consumer, reason)
+
+    def end_and_acquire(self, client: redis.Redis, token: str,
+                        reason: str) -> tuple[bool, Lease | Holder | None]:
+        """End the term ``token`` (its owner's connection is gone) and ask for the lease in the
+        same round trip (both scripts pipelined on one connection of ``client``): (ended, what
+        :meth:`try_acquire` gives; None where it must run on its own: ``wait_replicas``, or no
+        heartbeat id known yet).  The heartbeat id is the one the last :meth:`try_acquire`
+        checked (no ``CLIENT ID`` round trip); the renewer corrects it if it changed since."""
+        beat_id = self._beat_id
+        end = self._scripts.command("end_term", [self._keys.lease, self._keys.events],
+                                    [token, "ended", self._consumer, reason, EVENTS_MAXLEN])
+        if self._config.wait_replicas > 0 or beat_id is None:
+            return self.end_term(token, "ended", reason), None
+        acquire = self._scripts.acquire_command(
+            self._keys, self._consumer, self._config.ttl_ms, beat_id, self._beat_name,
+            self._host, os.getpid(), secrets.token_hex(6))
+        pool = client.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            for _ in range(2):
+                sent = time.monotonic()
+                conn.send_packed_command(conn.pack_commands([end, acquire]))
+                replies: list[Any] = []
+                for _ in range(2):
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as err:
+                        replies.append(err)
+                if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    break
+                self._scripts.sha("end_term")  # script cache flushed, or a new server
+                self._scripts.sha("acquire")
+        except BaseException:
+            conn.disconnect()  # never reuse a connection whose reply may still be on the way
+            raise
+        finally:
+            pool.release(conn)
+        ended = int(Scripts.reply(replies[0])) == 1
+        reply = AcquireReply.parse(Scripts.reply(replies[1]))
+        if not reply.granted:
+            return ended, Holder(reply.holder, reply.pttl_ms, reply.conn_id, reply.conn_name)
+        return ended, Lease(reply.token, reply.epoch, self._config, sent,
+                            server_changed=reply.server_changed)
 
     def release(self, lease: Lease) -> bool:
         """End ``lease`` on a clean stop if it is still valid (compare-and-delete; standbys are

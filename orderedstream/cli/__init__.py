@@ -211,7 +211,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         **({"consumer": args.name} if args.name else {}),
         batch_size=args.batch,
         lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch,
-                          wait_replicas=args.wait_replicas),
+                          watch_push=not args.no_push, wait_replicas=args.wait_replicas),
         retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
                           max_deliveries=args.max_deliveries or None,
                           min_park_delay_ms=args.min_park_delay_ms),
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--batch", type=int, default=100)
     consume.add_argument("--no-watch", action="store_true",
                          help="do not watch the owner's connection; fail over on TTL only")
+    consume.add_argument("--no-push", action="store_true",
+                         help="watch the owner's connection by polling CLIENT LIST only, "
+                              "without the server's push (CLIENT TRACKING)")
     consume.add_argument("--wait-replicas", type=int, default=0, metavar="N",
                          help="own only once N replicas acknowledged the new term (WAIT)")
     consume.add_argument("--max-attempts", type=int, default=5)
