@@ -113,17 +113,26 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
     return clone
 
 
+def _shown(url: str) -> str:
+    """``url`` for an error message: anything between ``://`` and ``@`` (credentials) hidden."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
 def client_from_url(url: str) -> redis.Redis:
     """A client for a ``redis://``, ``rediss://`` or ``unix://`` URL; anything else is refused."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConnectionFailed(
-            f"{url!r} is not a Redis URL: use redis://host:port/db, rediss://... for TLS, or "
-            "unix:///path/to/socket"
+            f"{_shown(url)!r} is not a Redis URL: use redis://host:port/db, rediss://... for TLS, "
+            "or unix:///path/to/socket"
         )
     try:
         return redis.Redis.from_url(url, protocol=2, retry=Retry(NoBackoff(), 0))
     except ValueError as err:
-        raise ConnectionFailed(f"cannot parse Redis URL {url!r}: {err}") from err
+        raise ConnectionFailed(f"cannot parse Redis URL {_shown(url)!r}: "
+                               f"{str(err).replace(url, _shown(url))}") from err
 
 
 def connect_check(client: redis.Redis) -> ServerInfo:
