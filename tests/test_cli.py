@@ -93,7 +93,7 @@ def test_every_command_fails_in_one_line(acl_server: ServerProcess, command: str
     traceback, the password never printed."""
     argv = COMMANDS[command]
     stream = f"cli-{uuid.uuid4().hex[:8]}"
-    base = [*argv, "--stream", stream] if command != "demo" else [*argv, "--stream", stream]
+    base = [*argv, "--stream", stream]
     cases = {
         "down": (f"redis://u:{PASSWORD}@127.0.0.1:{free_port()}/0", r"cannot reach.*running"),
         "password": (_url(acl_server, password="wrong-" + PASSWORD), r"refused the credentials"),
