@@ -511,7 +511,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                       box=None, pad_edge=False, header_style="bold underline")
         # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
         # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
-        rows = []
+        rows: list[list[str]] = []
         for item in items:
             e = item.entry
             due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
@@ -524,18 +524,18 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             rows.append([item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
                          fields])
         heads = ["id", "origin", "due", "role", "reason", "repairs", "fields"]
-        caps = [None, 15, 16, 14, 18, None, None]
+        caps = [0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
         show = [i for i in range(7) if i != 1 or any(r[1] for r in rows)]
-        widths = {}
+        widths: dict[int, int] = {}
         for i in show:
             widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
-            widths[i] = widest if caps[i] is None else min(widest, caps[i])
+            widths[i] = min(widest, caps[i]) if caps[i] else widest
         others = sum(w for i, w in widths.items() if i != 6) + 2 * (len(show) - 1) + 1
         widths[6] = max(10, min(widths[6], console.width - others))
         for i in show:
             table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
-        for row in rows:
-            table.add_row(*(escape(row[i]) for i in show))
+        for cells in rows:
+            table.add_row(*(escape(cells[i]) for i in show))
         console.print(table)
         return 0
     if action == "show":
