@@ -63,7 +63,20 @@ def describe_url(client: redis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"
-    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    scheme = "rediss" if issubclass(client.connection_pool.connection_class,
+                                    redis.SSLConnection) else "redis"
+    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _unreachable(where: str, err: Exception) -> str:
+    """What to say when connecting failed: TLS trouble, or no server there."""
+    text = " ".join(str(err).split())
+    if any(word in text.lower() for word in ("ssl", "certificate", "tls")):
+        return (f"TLS with {where} failed: {text}. Name the CA that signed the server's "
+                "certificate: rediss://host:port/0?ssl_ca_certs=/path/ca.crt (a client "
+                "certificate: &ssl_certfile=...&ssl_keyfile=...).")
+    return (f"cannot reach a Redis server at {where}: {text}. Is it running? Check --redis-url / "
+            f"REDIS_URL (a TLS port needs rediss://), {EMBEDDED_HINT}.")
 
 
 def client_name(text: str) -> str:
@@ -106,9 +119,7 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
         clone = redis.Redis(connection_pool=new_pool, single_connection_client=single)
     except redis.ConnectionError as err:
         new_pool.disconnect()
-        raise ConnectionFailed(f"cannot reach a Redis server at {describe_url(client)}: {err}. "
-                               f"Is it running? Check --redis-url / REDIS_URL, "
-                               f"{EMBEDDED_HINT}.") from err
+        raise ConnectionFailed(_unreachable(describe_url(client), err)) from err
     clone.auto_close_connection_pool = True  # the pool is ours: close() disconnects it
     return clone
 
@@ -143,11 +154,8 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     except redis.AuthenticationError as err:
         raise ConnectionFailed(f"{where} refused the credentials: {err}. "
                                "Put user:password in the URL.") from err
-    except redis.ConnectionError as err:
-        raise ConnectionFailed(
-            f"cannot reach a Redis server at {where}: {err}. Is it running? Check --redis-url / "
-            f"REDIS_URL, {EMBEDDED_HINT}."
-        ) from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ConnectionFailed(_unreachable(where, err)) from err
     except redis.ResponseError as err:
         raise ConnectionFailed(f"{where} answered INFO with an error: {err}") from err
     server = parse_info(info)
