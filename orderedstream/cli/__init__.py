@@ -584,6 +584,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     client = client_from_url(args.redis_url)
     connect_check(client)
+    if args.is_owner is not None:  # a healthcheck: quiet, and the answer in the exit code
+        owner = group_status(client, args.stream, args.group).owner
+        if owner != args.is_owner:
+            err_console.print(f"{args.is_owner} does not own {args.stream}/{args.group} "
+                              f"(owner: {owner or 'nobody'})", soft_wrap=True)
+            return 1
+        return 0
     if args.json or not args.watch:
         check_group(client, args.stream, args.group)
         status = group_status(client, args.stream, args.group)
@@ -739,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
     status.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="print once, as JSON")
+    status.add_argument("--is-owner", metavar="NAME", default=None,
+                        help="print nothing; exit 0 if consumer NAME owns the group, else 1 "
+                             "(for healthchecks)")
     status.set_defaults(func=cmd_status)
 
     dlq = command("dlq", "inspect and act on parked and buried entries")
