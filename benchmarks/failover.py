@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -129,6 +130,7 @@ def run_mode(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: 
     recs = read_records(record)
     v = verdict(((int(r["seq"]), bool(r["red"])) for r in recs), total)
     client.delete(stream, *GroupKeys(stream, "g").all())
+    shutil.rmtree(workdir, ignore_errors=True)
     return {
         "mode": mode, "kills": len(times), "produced": total, "handled_records": len(recs),
         "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),

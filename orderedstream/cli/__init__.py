@@ -608,6 +608,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             try:
                 check_group(client, args.stream, args.group)
             except ConfigError as err:  # not there (yet): say so, and look again
+                if "not a stream" in str(err):
+                    raise  # a key of another type does not become a stream by waiting
                 live.update(render_problem(f"{err}; waiting for it (Ctrl+C ends)",
                                            f"{args.stream} / {args.group}"))
                 stop.wait(args.interval)
