@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -137,6 +138,7 @@ class Group:
                 p.kill()
                 p.wait()
         self.client.delete(self.stream, *self.keys.all())
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def summary(mode: str, times: list[float], group: Group, total: int,

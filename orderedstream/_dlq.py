@@ -1,4 +1,5 @@
-"""Operators' view of the dead-letter path: counts, list, show, retry, purge (DESIGN.md §6)."""
+"""Operators' view of the dead-letter path: counts, list, show, retry, purge, and the graveyard:
+list, requeue, purge (DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,33 @@ from typing import Any
 import attrs
 import redis
 
+from . import _wire as wire
 from ._deadletter import ParkedEntry
 from ._holdkey import follower_member, release
 from ._keys import GroupKeys, id_order
 from ._scripts import Scripts
 from ._server import server_ms
-from .exceptions import MalformedRecord
+from .exceptions import ConfigError, MalformedRecord
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def check_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Raise :class:`ConfigError` naming what is missing when ``stream`` is not a stream or has
+    no group ``group`` (a mistyped ``--group`` or ``--stream``)."""
+    kind = _text(client.type(stream))
+    if kind == "none":
+        raise ConfigError(f"stream {stream!r} does not exist (nothing produced to it yet, or a "
+                          "mistyped --stream?)")
+    if kind != "stream":
+        raise ConfigError(f"key {stream!r} holds a {kind}, not a stream: check --stream")
+    groups: Any = client.xinfo_groups(stream)
+    names = sorted(_text(g["name"]) for g in groups)
+    if group not in names:
+        raise ConfigError(f"group {group!r} does not exist on stream {stream!r}; groups: "
+                          f"{', '.join(names) or 'none'}")
 
 
 @attrs.frozen(kw_only=True)
@@ -131,20 +153,89 @@ class DeadLetters:
                         **{k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}})
         return out
 
+    def exists(self) -> bool:
+        """Whether anything of the dead-letter path exists for this group."""
+        keys = self.keys
+        return bool(self._client.exists(keys.delay, keys.parked, keys.graveyard))
+
     def retry(self, ids: Iterable[str] | None = None) -> int:
-        """Make parked entries due now (all of them when ``ids`` is None) and wake the fixers.
-        Followers are not scheduled on their own: retry their holder."""
+        """Make parked entries due now on the server's clock (all of them when ``ids`` is None)
+        and wake the fixers.  Followers are not scheduled on their own: retry their holder."""
         keys = self.keys
         chosen = list(ids) if ids is not None else [
             m.decode() for m in self._client.zrange(keys.delay, 0, -1)]  # type: ignore[union-attr]
         changed = 0
         for start in range(0, len(chosen), 1000):
             chunk = chosen[start:start + 1000]
+            scores: list[Any] = self._client.zmscore(keys.delay, chunk)
+            now = server_ms(self._client)
+            due = {m: now for m, score in zip(chunk, scores, strict=True)
+                   if score is not None and score > now}
+            changed += sum(1 for m, score in zip(chunk, scores, strict=True)
+                           if score is not None and score <= now)  # due already
+            if not due:
+                continue
             pipe = self._client.pipeline(transaction=True)
-            pipe.zadd(keys.delay, dict.fromkeys(chunk, 0), xx=True, ch=True)
-            pipe.xadd(keys.signal, {"due": 0}, maxlen=100, approximate=True)
+            pipe.zadd(keys.delay, due, xx=True, ch=True)
+            pipe.xadd(keys.signal, {wire.SIGNAL_DUE: now}, maxlen=100, approximate=True)
             changed += int(pipe.execute()[0])
         return changed
+
+    def _buried(self, ids: Iterable[str] | None) -> list[tuple[str, dict[str, str]]]:
+        """(graveyard id, fields) of the chosen buried entries (by graveyard id or entry id),
+        oldest first; all when ``ids`` is None."""
+        rows: Any = self._client.xrange(self.keys.graveyard)
+        wanted = None if ids is None else set(ids)
+        out = []
+        for gid, fields in rows:
+            gid_text = gid.decode()
+            decoded = {_text(k): _text(v) for k, v in fields.items()}
+            if wanted is None or gid_text in wanted or decoded.get(wire.Graveyard.ID) in wanted:
+                out.append((gid_text, decoded))
+        return out
+
+    def requeue(self, ids: Iterable[str] | None = None) -> tuple[int, list[str]]:
+        """Put buried entries (by entry id or graveyard id; all when ``ids`` is None) back into
+        the delay set, due now on the server's clock, with their record: the fixer repairs and
+        re-streams them as usual.  Their repair attempts and park count start again at zero (the
+        history keeps why they were buried); a hold-key entry comes back as a plain one (its
+        key was released when it was buried).  Returns (requeued, problems): entries whose
+        record cannot be read or that are parked again already stay in the graveyard."""
+        keys = self.keys
+        requeued = 0
+        problems: list[str] = []
+        for gid, fields in self._buried(ids):
+            entry_id = fields.get(wire.Graveyard.ID, "")
+            try:
+                entry = ParkedEntry.from_json(entry_id, fields.get(wire.Graveyard.RECORD))
+            except MalformedRecord as err:
+                problems.append(f"{entry_id or gid}: {err}")
+                continue
+            if self._client.hexists(keys.parked, entry_id):
+                problems.append(f"{entry_id}: parked already")
+                continue
+            now = server_ms(self._client)
+            history = (*entry.history, {"ms": now, "requeued": "from the graveyard",
+                                        "buried": fields.get(wire.Graveyard.REASON, "")})
+            back = attrs.evolve(entry, fixer_attempts=0, parked=0, hold_key=None,
+                                role="plain", history=history)
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(keys.parked, entry_id, back.to_json())
+            pipe.zadd(keys.delay, {entry_id: now})
+            pipe.xdel(keys.graveyard, gid)
+            pipe.xadd(keys.signal, {wire.SIGNAL_DUE: now}, maxlen=100, approximate=True)
+            pipe.execute()
+            requeued += 1
+        return requeued, problems
+
+    def purge_graveyard(self, ids: Iterable[str] | None = None) -> int:
+        """Drop buried entries for good (by entry id or graveyard id; all when None)."""
+        if ids is None:
+            count = int(self._client.xlen(self.keys.graveyard))
+            self._client.delete(self.keys.graveyard)
+            return count
+        gids = [gid for gid, _ in self._buried(ids)]
+        return int(self._client.xdel(self.keys.graveyard, *gids)) if gids else 0
 
     def purge(self, ids: Iterable[str] | None = None) -> int:
         """Drop parked entries for good (all when ``ids`` is None).  In hold-key mode, purging a

@@ -32,7 +32,8 @@ class Event:
         fields = attrs.asdict(self)
         for key in ("stream", "group", "consumer"):
             fields.pop(key)
-        return " ".join(f"{k}={v}" for k, v in fields.items())
+        return " ".join(f"{k}={round(v, 1) if isinstance(v, float) else v}"
+                        for k, v in fields.items())
 
 
 @attrs.frozen(kw_only=True)

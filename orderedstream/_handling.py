@@ -295,7 +295,7 @@ class Handling:
         gate = self._gate
         hold_key = gate.key_of(message.raw) if gate is not None else None
         event = yield self._parker.park(lease.token, lease.epoch, cfg.consumer, message.id,
-                                        message.raw, reason, delay_ms, message.attempt,
+                                        message.wire_fields, reason, delay_ms, message.attempt,
                                         cfg.stream, hold_key=hold_key)
         if gate is not None and hold_key is not None:
             gate.parked(hold_key)

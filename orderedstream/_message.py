@@ -25,14 +25,18 @@ class Message:
     ``epoch`` is the owner's fencing epoch: pass it to downstream systems so they can refuse a
     write from a former owner (a higher epoch always wins).  ``delivery_count`` is the server's
     count of deliveries to consumers of the group; ``redelivered`` means this entry may have been
-    seen before (by a consumer that died, or by this one before a reconnect).  ``fields`` are
-    decoded as UTF-8 on first access; ``raw`` has the bytes.
+    seen before (by a consumer that died, or by this one before a reconnect).  ``fields`` (a
+    ``str -> str`` mapping, decoded as UTF-8 on first access) and ``raw`` (the same as
+    ``bytes -> bytes``) are the producer's fields only; the ``os-*`` headers orderedstream puts
+    on a copy it re-streams are in ``headers``, and read through ``repaired`` and ``origin_id``.
     """
 
-    __slots__ = ("_attempt", "_fields", "_flat", "_id", "_raw", "_term", "delivery_count")
+    __slots__ = ("_attempt", "_fields", "_flat", "_headers", "_id", "_raw", "_term",
+                 "delivery_count")
     _attempt: int
     _fields: dict[str, str]
     _raw: dict[bytes, bytes]
+    _headers: dict[bytes, bytes]
 
     def __init__(self, entry_id: bytes | str, flat: list[bytes], term: Term,
                  delivery_count: int = 1) -> None:
@@ -76,17 +80,45 @@ class Message:
         entry_id = self._id
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
+    def _split(self) -> None:
+        """Headers from fields: orderedstream's headers come first in an entry it appended
+        (:mod:`._wire`), so an entry whose first field is not one has none."""
+        flat = self._flat
+        start = 0
+        if flat and flat[0][:3] == wire.HEADER_PREFIX:
+            while start < len(flat) and flat[start][:3] == wire.HEADER_PREFIX:
+                start += 2
+        self._headers = dict(zip(flat[:start:2], flat[1:start:2], strict=True))
+        self._raw = dict(zip(flat[start::2], flat[start + 1::2], strict=True))
+
     @property
     def raw(self) -> Mapping[bytes, bytes]:
+        """The producer's fields as bytes (without orderedstream's headers)."""
         try:
             return self._raw
         except AttributeError:
-            flat = self._flat
-            self._raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            self._split()
             return self._raw
 
     @property
+    def headers(self) -> Mapping[bytes, bytes]:
+        """orderedstream's ``os-*`` headers on a copy it re-streamed (empty on an entry as the
+        producer wrote it): ``os-origin-id``, ``os-parked``, ``os-repaired``, ..."""
+        try:
+            return self._headers
+        except AttributeError:
+            self._split()
+            return self._headers
+
+    @property
+    def wire_fields(self) -> Mapping[bytes, bytes]:
+        """Every field as stored: the headers, then the producer's fields."""
+        return {**self.headers, **self.raw}
+
+    @property
     def fields(self) -> Mapping[str, str]:
+        """The producer's fields, decoded as UTF-8 (:class:`Undecodable` parks an entry that is
+        not)."""
         try:
             return self._fields
         except AttributeError:
@@ -104,13 +136,13 @@ class Message:
     @property
     def repaired(self) -> bool:
         """True for an entry the fixer repaired and re-streamed after it was parked."""
-        return wire.REPAIRED in self.raw
+        return wire.REPAIRED in self.headers
 
     @property
     def origin_id(self) -> str:
         """The stream id this message first had: its own id, unless orderedstream re-streamed
         it (repaired, or held behind a parked entry of its ordering key)."""
-        origin = self.raw.get(wire.ORIGIN_ID)
+        origin = self.headers.get(wire.ORIGIN_ID)
         return origin.decode("utf-8", "replace") if origin is not None else self.id
 
     def retry(self) -> Message:

@@ -63,7 +63,20 @@ def describe_url(client: redis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"
-    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    scheme = "rediss" if issubclass(client.connection_pool.connection_class,
+                                    redis.SSLConnection) else "redis"
+    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _unreachable(where: str, err: Exception) -> str:
+    """What to say when connecting failed: TLS trouble, or no server there."""
+    text = " ".join(str(err).split())
+    if any(word in text.lower() for word in ("ssl", "certificate", "tls")):
+        return (f"TLS with {where} failed: {text}. Name the CA that signed the server's "
+                "certificate: rediss://host:port/0?ssl_ca_certs=/path/ca.crt (a client "
+                "certificate: &ssl_certfile=...&ssl_keyfile=...).")
+    return (f"cannot reach a Redis server at {where}: {text}. Is it running? Check --redis-url / "
+            f"REDIS_URL (a TLS port needs rediss://), {EMBEDDED_HINT}.")
 
 
 def client_name(text: str) -> str:
@@ -106,24 +119,31 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
         clone = redis.Redis(connection_pool=new_pool, single_connection_client=single)
     except redis.ConnectionError as err:
         new_pool.disconnect()
-        raise ConnectionFailed(f"cannot reach a Redis server at {describe_url(client)}: {err}. "
-                               f"Is it running? Check --redis-url / REDIS_URL, "
-                               f"{EMBEDDED_HINT}.") from err
+        raise ConnectionFailed(_unreachable(describe_url(client), err)) from err
     clone.auto_close_connection_pool = True  # the pool is ours: close() disconnects it
     return clone
+
+
+def _shown(url: str) -> str:
+    """``url`` for an error message: anything between ``://`` and ``@`` (credentials) hidden."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def client_from_url(url: str) -> redis.Redis:
     """A client for a ``redis://``, ``rediss://`` or ``unix://`` URL; anything else is refused."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConnectionFailed(
-            f"{url!r} is not a Redis URL: use redis://host:port/db, rediss://... for TLS, or "
-            "unix:///path/to/socket"
+            f"{_shown(url)!r} is not a Redis URL: use redis://host:port/db, rediss://... for TLS, "
+            "or unix:///path/to/socket"
         )
     try:
         return redis.Redis.from_url(url, protocol=2, retry=Retry(NoBackoff(), 0))
     except ValueError as err:
-        raise ConnectionFailed(f"cannot parse Redis URL {url!r}: {err}") from err
+        raise ConnectionFailed(f"cannot parse Redis URL {_shown(url)!r}: "
+                               f"{str(err).replace(url, _shown(url))}") from err
 
 
 def connect_check(client: redis.Redis) -> ServerInfo:
@@ -134,11 +154,8 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     except redis.AuthenticationError as err:
         raise ConnectionFailed(f"{where} refused the credentials: {err}. "
                                "Put user:password in the URL.") from err
-    except redis.ConnectionError as err:
-        raise ConnectionFailed(
-            f"cannot reach a Redis server at {where}: {err}. Is it running? Check --redis-url / "
-            f"REDIS_URL, {EMBEDDED_HINT}."
-        ) from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ConnectionFailed(_unreachable(where, err)) from err
     except redis.ResponseError as err:
         raise ConnectionFailed(f"{where} answered INFO with an error: {err}") from err
     server = parse_info(info)

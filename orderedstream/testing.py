@@ -87,15 +87,20 @@ def _die_with_parent() -> None:
 
 class ServerProcess:
     """A throw-away server on 127.0.0.1.  ``appendonly=True`` with ``appendfsync always`` makes
-    :meth:`restart` keep every acknowledged write."""
+    :meth:`restart` keep every acknowledged write.  Its data lives in ``dir`` (kept), else in a
+    temporary directory that :meth:`cleanup` removes.  The server runs in a process group of its
+    own (a Ctrl+C in the terminal reaches the program that started it, which stops it) and dies
+    with the thread that started it."""
 
     def __init__(self, binary: str | None = None, *, port: int | None = None,
-                 appendonly: bool = False, extra_args: Sequence[str] = ()) -> None:
+                 appendonly: bool = False, extra_args: Sequence[str] = (),
+                 dir: Path | None = None) -> None:
         self.binary = binary or find_server_binary()
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
-        self.dir = Path(tempfile.mkdtemp(prefix="orderedstream-server-"))
+        self._own_dir = dir is None
+        self.dir = Path(tempfile.mkdtemp(prefix="orderedstream-server-")) if dir is None else dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,7 +117,7 @@ class ServerProcess:
         if self.appendonly:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent, start_new_session=True)
         client = self.client(socket_timeout=1)
         try:
             def ready() -> bool:
@@ -121,8 +126,9 @@ class ServerProcess:
                     log = (self.dir / "server.log")
                     text = log.read_text() if log.exists() else ""
                     raise RuntimeError(f"{self.binary} exited: {err}{text[-2000:]}")
-                try:
-                    return bool(client.ping())
+                try:  # ours, not another server already on that port
+                    info: Any = client.info("server")
+                    return self.proc is not None and info.get("process_id") == self.proc.pid
                 except redis.ConnectionError:
                     return False
                 except redis.ResponseError as err:  # LOADING
@@ -160,8 +166,12 @@ class ServerProcess:
         self.start()
 
     def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop the server; remove its directory unless the caller named it.  Idempotent."""
+        try:
+            self.stop()
+        finally:
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
+import redis
 from rich.console import Console
+from rich.markup import escape
 
 from .. import __version__
 from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
@@ -34,11 +41,41 @@ err_console = Console(stderr=True, highlight=False)
 DEFAULT_URL = "redis://localhost:6379/0"
 
 
+class _Formatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default (its value from the environment, if set; a
+    URL's password as ``***``), unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        shown = redact(default) if isinstance(default, str) and "://" in default else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_URL),
-                        help="server URL (default: $REDIS_URL, else %(default)s)")
-    parser.add_argument("--stream", default=os.environ.get("ORDEREDSTREAM_STREAM", "orders"))
-    parser.add_argument("--group", default=os.environ.get("ORDEREDSTREAM_GROUP", "workers"))
+                        help="server URL: redis://[user:password@]host:port/db, rediss://... "
+                             "for TLS, unix:///path (env REDIS_URL)")
+    parser.add_argument("--stream", default=os.environ.get("ORDEREDSTREAM_STREAM", "orders"),
+                        help="stream key (env ORDEREDSTREAM_STREAM)")
+    parser.add_argument("--group", default=os.environ.get("ORDEREDSTREAM_GROUP", "workers"),
+                        help="consumer group (env ORDEREDSTREAM_GROUP)")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for anything printed)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<the URL given>"
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -49,15 +86,84 @@ def load_callable(spec: str) -> Callable[..., Any]:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as err:
+        raise ConfigError(f"cannot import {module_name!r} for {spec!r}: syntax error in "
+                          f"{err.filename} line {err.lineno}: {err.msg}. Fix the module.") from err
     except ImportError as err:
-        raise ConfigError(f"cannot import {module_name!r} for {spec!r}: {err}") from err
+        raise ConfigError(f"cannot import {module_name!r} for {spec!r}: {err}. Check the module "
+                          "name and that it is on the path (the current directory is).") from err
+    except Exception as err:  # the module raised while importing
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        raise ConfigError(f"importing {module_name!r} for {spec!r} raised "
+                          f"{type(err).__name__}: {err} ({where.filename} line "
+                          f"{where.lineno}). Fix the module.") from err
     try:
         func = getattr(module, attr)
     except AttributeError as err:
-        raise ConfigError(f"{module_name!r} has no {attr!r}") from err
+        names = ", ".join(n for n in dir(module)
+                          if not n.startswith("_") and callable(getattr(module, n)))
+        raise ConfigError(f"{module_name!r} has no {attr!r} (it has: {names or 'nothing'}). "
+                          "Give --handler/--repair as module:function.") from err
     if not callable(func):
         raise ConfigError(f"{spec!r} is not callable")
     return func  # type: ignore[no-any-return]
+
+
+def _where(args: argparse.Namespace) -> str:
+    url = getattr(args, "redis_url", None)
+    return redact(url) if url else "the server"
+
+
+def explain(err: BaseException, args: argparse.Namespace) -> str | None:
+    """One line that says what went wrong and what to do, for an error that needs a person;
+    None for one we do not know (a bug: the traceback is then worth having)."""
+    where = _where(args)
+    stream = getattr(args, "stream", None)
+    text = " ".join(str(err).split())
+    if isinstance(err, OrderedStreamError):
+        return text
+    if isinstance(err, redis.AuthenticationError) or text.startswith(("WRONGPASS", "NOAUTH")):
+        return (f"{where} refused the credentials ({text}). Put the right user:password in "
+                "--redis-url / REDIS_URL (redis://user:password@host:port/db).")
+    if isinstance(err, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+        return (f"the server's ACL does not allow this user that command ({text}). Grant the "
+                "role's rules (README, 'Access control'), or use another user in --redis-url.")
+    if text.startswith("WRONGTYPE"):
+        return (f"a key orderedstream uses holds the wrong type ({text}); is {stream!r} a "
+                "stream? Choose another --stream, or delete the key if it is stale.")
+    lowered = text.lower()
+    if (isinstance(err, OSError) and not isinstance(err, ConnectionError)
+            and "ssl" not in lowered and "certificate" not in lowered):
+        return text  # e.g. a file named in the URL or a --dir that cannot be used
+    if isinstance(err, redis.ConnectionError | redis.TimeoutError | OSError):
+        if "ssl" in lowered or "tls" in lowered or "certificate" in lowered:
+            return (f"TLS with {where} failed ({text}). Use rediss:// for a TLS port and pass "
+                    "the CA: rediss://host:port/0?ssl_ca_certs=/path/ca.crt (or "
+                    "ssl_cert_reqs=none to skip verification).")
+        return (f"cannot reach a Redis server at {where} ({text}). Is it running, and is this "
+                "its address? Check --redis-url / REDIS_URL (a TLS port needs rediss://), or run "
+                "`orderedstream server`.")
+    if isinstance(err, redis.ResponseError):
+        return f"{where} refused a command: {text}"
+    return None
+
+
+class _QuietLogs(logging.Handler):
+    """The CLI prints events through its own hook: the ``orderedstream`` logger gets this
+    handler (so logging's last-resort handler does not print each warning a second time) and
+    prints only what no hook shows: records that are not events (a failing hook)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "os_event", None) is None and record.levelno >= logging.ERROR:
+            if "stopped on error" in record.getMessage():
+                return  # the loop's error: main() prints it, once
+            err_console.print(f"[red]{record.getMessage()}[/]", soft_wrap=True)
+
+
+def _install_log_handler() -> None:
+    logger = logging.getLogger("orderedstream")
+    if not any(isinstance(h, _QuietLogs) for h in logger.handlers):
+        logger.addHandler(_QuietLogs())
 
 
 # -- demo payloads ------------------------------------------------------------------------
@@ -74,8 +180,13 @@ def demo_handler(message: Message) -> None:
         flags.append(f"[cyan]repaired from {message.origin_id}[/]")
     elif message.origin_id != message.id:
         flags.append(f"[cyan]held, first {message.origin_id}[/]")
-    console.print(f"seq={message.fields.get('seq', '?'):>6} id={message.id} "
-                  f"epoch={message.epoch} {payload} {' '.join(flags)}")
+    fields = message.fields
+    if "seq" in fields:  # one of `orderedstream produce`'s
+        what = f"seq={fields['seq']:>6} id={message.id} epoch={message.epoch} {payload}"
+    else:
+        what = (f"id={message.id} epoch={message.epoch} "
+                + " ".join(f"{k}={v}" for k, v in fields.items()))
+    console.print(escape(what) + (" " + " ".join(flags) if flags else ""), soft_wrap=True)
 
 
 # -- event rendering ------------------------------------------------------------------------
@@ -94,39 +205,92 @@ def print_event(event: Event) -> None:
 
 # -- commands -------------------------------------------------------------------------------
 
-class _Signals:
-    """First SIGINT/SIGTERM: graceful stop.  Second: exit at once."""
+def terminal_gone() -> None:
+    """The terminal was closed (SIGHUP): from now on, write nothing to it (a write to a closed
+    terminal fails); stdout and stderr go to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
-    def __init__(self, on_first: Callable[[], object]) -> None:
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM/SIGHUP (the terminal closed): graceful stop.  Second: exit at once
+    (``on_force``, if given, cleans up first: servers and temporary directories)."""
+
+    def __init__(self, on_first: Callable[[], object], text: str = "stopping (handing the "
+                 "lease over)... again to force",
+                 on_force: Callable[[], object] | None = None) -> None:
         self.count = 0
         self._on_first = on_first
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        self._on_force = on_force
+        self._text = text
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            terminal_gone()
         self.count += 1
         if self.count > 1:
             err_console.print("[red]second signal: exiting now[/]")
+            if self._on_force is not None:
+                self._on_force()
             os._exit(130)
-        err_console.print("[yellow]stopping (handing the lease over)... again to force[/]")
+        err_console.print(f"[yellow]{self._text}[/]")
         threading.Thread(target=self._on_first, daemon=True).start()
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..testing import ServerProcess
 
-    server = ServerProcess(port=args.port, appendonly=args.appendonly)
-    server.start()
+    if args.port is not None and _port_taken(args.port):
+        raise ConfigError(f"port {args.port} on 127.0.0.1 is taken (another server?). Pick "
+                          "another --port, or leave it out for a free one.")
+    data_dir = None
+    if args.dir is not None:
+        data_dir = Path(args.dir).expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+    elif args.appendonly:
+        raise ConfigError("--appendonly keeps data across restarts: name where with --dir DIR "
+                          "(it is kept when the server stops)")
+    server = ServerProcess(port=args.port, appendonly=args.appendonly, dir=data_dir)
     done = threading.Event()
-    _Signals(done.set)
-    console.print(f"[bold green]valkey-server[/] ready at [bold]{server.url}[/] "
-                  f"(data in {server.dir}); Ctrl+C stops it")
-    console.print(f"  export REDIS_URL={server.url}")
+    _Signals(done.set, text="stopping the server...", on_force=server.cleanup)
     try:
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as err:
+            raise ConfigError(f"the server did not start: {' '.join(str(err).split())[:300]}"
+                              ) from err
+        kept = "kept" if data_dir is not None else "removed on exit"
+        console.print(f"[bold green]{Path(server.binary).name}[/] ready at "
+                      f"[bold]{server.url}[/] (data in {server.dir}, {kept}); Ctrl+C stops it")
+        console.print(f"  export REDIS_URL={server.url}")
         while not done.wait(0.5):
             if server.proc is None or server.proc.poll() is not None:
-                err_console.print("[red]the server exited[/]")
-                return 1
+                log = server.dir / "server.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] \
+                    if log.exists() else []
+                err_console.print(f"[bold red]error:[/] the server exited: "
+                                  f"{tail[0] if tail else 'no log'}", soft_wrap=True)
+                return 2
     finally:
         server.cleanup()
     return 0
@@ -154,7 +318,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     connect_check(client)
     producer = Producer(client, args.stream, maxlen=args.maxlen)
     stop = threading.Event()
-    _Signals(stop.set)
+    _Signals(stop.set, text="stopping")
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     seq = args.start_seq
     end = args.start_seq + args.count if args.count else None
@@ -204,6 +368,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connected(args: argparse.Namespace) -> Any:
+    """A client for ``--redis-url``, checked: reachable, credentials, a supported server, and
+    ``--stream`` a stream (or not there yet)."""
+    client = client_from_url(args.redis_url)
+    connect_check(client)
+    kind: Any = client.type(args.stream)
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind not in ("none", "stream"):
+        raise ConfigError(f"key {args.stream!r} holds a {kind}, not a stream: check --stream")
+    return client
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
     handler = load_callable(args.handler) if args.handler else demo_handler
     config = CoordinatorConfig(
@@ -219,15 +395,16 @@ def cmd_consume(args: argparse.Namespace) -> int:
         hold_key_field=args.hold_key_field,
     )
     hooks = [] if args.quiet else [print_event]
-    client = client_from_url(args.redis_url)
+    client = _connected(args)
     if args.batch_handler:
         coordinator = Coordinator.batched(config, load_callable(args.batch_handler), client,
                                           hooks=hooks)
     else:
         coordinator = Coordinator(config, handler, client, hooks=hooks)
     _Signals(lambda: coordinator.stop(timeout=30))
-    err_console.print(f"[bold]{config.consumer}[/] consuming {args.stream}/{args.group} "
-                      f"at {args.redis_url} (lease {args.lease_ttl_ms} ms)")
+    err_console.print(f"[bold]{escape(config.consumer)}[/] consuming {args.stream}/{args.group} "
+                      f"at {redact(args.redis_url)} (lease {args.lease_ttl_ms} ms)",
+                      soft_wrap=True)
     coordinator.start(max_messages=args.max_messages)
     try:
         while not coordinator.join(timeout=0.5):
@@ -248,10 +425,10 @@ def cmd_fix(args: argparse.Namespace) -> int:
                          batch_size=args.batch, visibility_ms=args.visibility_ms,
                          max_attempts=args.max_attempts, max_parks=args.max_parks)
     hooks = [] if args.quiet else [print_event]
-    fixer = Fixer(config, repair, client_from_url(args.redis_url), hooks=hooks)
+    fixer = Fixer(config, repair, _connected(args), hooks=hooks)
     _Signals(lambda: fixer.stop(timeout=30))
-    err_console.print(f"[bold]{config.name}[/] fixing parked entries of "
-                      f"{args.stream}/{args.group} at {args.redis_url}")
+    err_console.print(f"[bold]{escape(config.name)}[/] fixing parked entries of "
+                      f"{args.stream}/{args.group} at {redact(args.redis_url)}", soft_wrap=True)
     fixer.start()
     while not fixer.join(timeout=0.5):
         pass
@@ -272,14 +449,43 @@ def _entry_row(item: ListedEntry) -> dict[str, Any]:
     }
 
 
+def due_text(due_in_ms: int | None) -> str:
+    """'in 1.2 s', 'due now', 'overdue 3.4 s' (server clock); '-' when not scheduled."""
+    from .dashboard import ms_text
+
+    if due_in_ms is None:
+        return "-"
+    if due_in_ms > 0:
+        return f"in {ms_text(due_in_ms)}"
+    if due_in_ms > -1000:
+        return "due now"
+    return f"overdue {ms_text(-due_in_ms)}"
+
+
+def _open_dlq(args: argparse.Namespace) -> tuple[Any, DeadLetters]:
+    from .._dlq import check_group
+
+    client = client_from_url(args.redis_url)
+    connect_check(client)
+    dlq = DeadLetters(client, args.stream, args.group)
+    try:
+        check_group(client, args.stream, args.group)
+    except ConfigError:
+        if not dlq.exists():  # parked entries outlive a deleted group: still show them
+            raise
+    return client, dlq
+
+
+def _many(n: int, one: str, more: str) -> str:
+    return f"{n} {one if n == 1 else more}"
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     import json
 
     from rich.table import Table
 
-    client = client_from_url(args.redis_url)
-    connect_check(client)
-    dlq = DeadLetters(client, args.stream, args.group)
+    _client, dlq = _open_dlq(args)
     action = args.action
     if action == "list":
         counts = dlq.counts()
@@ -289,11 +495,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 console.print_json(json.dumps({"graveyard": buried}))
                 return 0
             table = Table(title=f"graveyard of {args.stream}/{args.group} "
-                                f"({counts.graveyard} entries)")
-            for col in ("graveyard id", "entry id", "reason"):
-                table.add_column(col)
+                                f"({counts.graveyard} entries; dlq requeue ID|--all, "
+                                "dlq purge --graveyard ID|--all)")
+            widest = max((len(str(r.get("id", ""))) for r in buried), default=8)
+            table.add_column("entry id", no_wrap=True, min_width=widest)
+            table.add_column("graveyard id", no_wrap=True, min_width=widest)
+            table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
             for row in buried:
-                table.add_row(row["graveyard_id"], row.get("id", "?"), row.get("reason", ""))
+                table.add_row(row.get("id", "?"), row["graveyard_id"], row.get("reason", ""))
             console.print(table)
             return 0
         items = dlq.entries(args.limit)
@@ -301,47 +510,71 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             console.print_json(json.dumps({"counts": attrs.asdict(counts),
                                            "entries": [_entry_row(i) for i in items]}))
             return 0
-        due = ("-" if counts.next_due_ms is None else f"{counts.next_due_ms} ms")
         table = Table(title=f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
                             f"{counts.followers} held behind, {counts.graveyard} in the graveyard;"
-                            f" next due in {due}")
-        for col in ("id", "origin", "due in", "role", "reason", "repairs", "fields"):
-            table.add_column(col, overflow="fold")
+                            f" next {due_text(counts.next_due_ms)}",
+                      box=None, pad_edge=False, header_style="bold underline")
+        # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
+        # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
+        rows: list[list[str]] = []
         for item in items:
             e = item.entry
-            due_in = "-" if item.due_in_ms is None else f"{item.due_in_ms} ms"
-            if item.claimed_by:
-                due_in += f" (fixer {item.claimed_by})"
+            due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
             if e is None:
-                table.add_row(item.id, "?", due_in, "?", f"[red]{item.error}[/]", "?", "?")
+                rows.append([item.id, "", due_in, "?", str(item.error), "?", ""])
                 continue
             role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
+            origin = "" if e.origin_id == item.id else e.origin_id
             fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
-            table.add_row(item.id, e.origin_id, due_in, role, e.reason,
-                          str(e.fixer_attempts), fields[:80])
+            rows.append([item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
+                         fields])
+        heads = ["id", "origin", "due", "role", "reason", "repairs", "fields"]
+        caps = [0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
+        show = [i for i in range(7) if i != 1 or any(r[1] for r in rows)]
+        widths: dict[int, int] = {}
+        for i in show:
+            widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
+            widths[i] = min(widest, caps[i]) if caps[i] else widest
+        others = sum(w for i, w in widths.items() if i != 6) + 2 * (len(show) - 1) + 1
+        widths[6] = max(10, min(widths[6], console.width - others))
+        for i in show:
+            table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
+        for cells in rows:
+            table.add_row(*(escape(cells[i]) for i in show))
         console.print(table)
         return 0
     if action == "show":
         shown = dlq.show(args.id)
         if shown is None:
-            buried = [g for g in dlq.graveyard(10_000) if g.get("id") == args.id]
+            buried = [g for g in dlq.graveyard(10_000)
+                      if args.id in (g.get("id"), g["graveyard_id"])]
             if buried:
                 console.print_json(json.dumps({"graveyard": buried[0]}))
                 return 0
-            err_console.print(f"[red]{args.id} is not parked in {args.stream}/{args.group}[/]")
+            err_console.print(f"[red]{args.id} is not parked in {args.stream}/{args.group}, "
+                              "nor in its graveyard[/]")
             return 1
         console.print_json(json.dumps(_entry_row(shown)))
         return 0
     if not args.all and not args.id:
-        err_console.print(f"[red]dlq {action}: give an entry ID or --all[/]")
+        err_console.print(f"[bold red]error:[/] dlq {action}: give an entry ID or --all")
         return 2
     ids = None if args.all else [args.id]
     if action == "retry":
         n = dlq.retry(ids)
-        console.print(f"{n} parked entr{'y' if n == 1 else 'ies'} made due now")
+        console.print(f"{_many(n, 'parked entry', 'parked entries')} due now")
+    elif action == "requeue":
+        n, problems = dlq.requeue(ids)
+        for problem in problems:
+            err_console.print(f"[yellow]not requeued: {problem}[/]", soft_wrap=True)
+        console.print(f"{_many(n, 'buried entry', 'buried entries')} back in the delay set, "
+                      "due now (a fixer repairs and re-streams them)")
+    elif args.graveyard:
+        n = dlq.purge_graveyard(ids)
+        console.print(f"{_many(n, 'buried entry', 'buried entries')} purged from the graveyard")
     else:
         n = dlq.purge(ids)
-        console.print(f"{n} parked entr{'y' if n == 1 else 'ies'} purged")
+        console.print(f"{_many(n, 'parked entry', 'parked entries')} purged")
     return 0 if n or args.all else 1
 
 
@@ -350,12 +583,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from rich.live import Live
 
+    from .._dlq import check_group
     from .._status import group_status
-    from .dashboard import render_status
+    from .dashboard import render_problem, render_status
 
     client = client_from_url(args.redis_url)
     connect_check(client)
+    if args.is_owner is not None:  # a healthcheck: quiet, and the answer in the exit code
+        owner = group_status(client, args.stream, args.group).owner
+        if owner != args.is_owner:
+            err_console.print(f"{args.is_owner} does not own {args.stream}/{args.group} "
+                              f"(owner: {owner or 'nobody'})", soft_wrap=True)
+            return 1
+        return 0
     if args.json or not args.watch:
+        check_group(client, args.stream, args.group)
         status = group_status(client, args.stream, args.group)
         if args.json:
             console.print_json(json.dumps(status.as_dict()))
@@ -363,18 +605,27 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(render_status(status))
         return 0
     stop = threading.Event()
-    _Signals(stop.set)
+    _Signals(stop.set, text="stopping")
     last: tuple[float, int] | None = None
     rate: float | None = None
     with Live(console=console, refresh_per_second=4, screen=False) as live:
         while not stop.is_set():
+            try:
+                check_group(client, args.stream, args.group)
+            except ConfigError as err:  # not there (yet): say so, and look again
+                if "not a stream" in str(err):
+                    raise  # a key of another type does not become a stream by waiting
+                live.update(render_problem(f"{err}; waiting for it (Ctrl+C ends)",
+                                           f"{args.stream} / {args.group}"))
+                stop.wait(args.interval)
+                continue
             status = group_status(client, args.stream, args.group)
             now = time.monotonic()
             if status.entries_read is not None:
                 if last is not None and now > last[0]:
                     rate = (status.entries_read - last[1]) / (now - last[0])
                 last = (now, status.entries_read)
-            live.update(render_status(status, rate=rate))
+            live.update(render_status(status, rate=rate, height=console.height - 1))
             stop.wait(args.interval)
     return 0
 
@@ -387,42 +638,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="orderedstream",
+        prog="orderedstream", formatter_class=_Formatter,
         description="Single active consumer, ordered failover and a dead-letter path for "
-                    "Redis Streams.")
+                    "Redis Streams. Every command says what went wrong in one line and exits 2 "
+                    "when it cannot work (server, credentials, ACL, TLS, configuration).")
     parser.add_argument("--version", action="version", version=f"orderedstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    server = sub.add_parser("server", help="run the embedded Valkey in the foreground")
-    server.add_argument("--port", type=int, default=None, help="default: a free port")
-    server.add_argument("--appendonly", action="store_true", help="persist with AOF")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+
+    server = command("server", "run the embedded Valkey (or redis-server) in the foreground "
+                               "until Ctrl+C, SIGTERM or the terminal closes")
+    server.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    server.add_argument("--dir", default=None,
+                        help="keep the server's data in this directory (created if needed, "
+                             "kept on exit); default: a temporary one, removed on exit")
+    server.add_argument("--appendonly", action="store_true",
+                        help="persist every write (AOF, fsync always); needs --dir")
     server.set_defaults(func=cmd_server)
 
-    produce = sub.add_parser("produce", help="append demo entries carrying sequence numbers")
+    produce = command("produce", "append demo entries carrying sequence numbers")
     _common(produce)
     produce.add_argument("--count", type=int, default=0, help="entries to send (0: forever)")
     produce.add_argument("--rate", type=float, default=10.0, help="entries/s (0: flat out)")
-    produce.add_argument("--start-seq", type=int, default=1)
+    produce.add_argument("--start-seq", type=int, default=1, help="first sequence number")
     produce.add_argument("--corrupt-every", type=int, default=0,
-                         help="make every K-th payload one the demo handler rejects")
-    produce.add_argument("--maxlen", type=int, default=None, help="cap the stream (approx.)")
-    produce.add_argument("--quiet", action="store_true")
+                         help="make every K-th payload one the demo handler rejects (0: none)")
+    produce.add_argument("--maxlen", type=int, default=None,
+                         help="cap the stream (approximately; default: no cap)")
+    produce.add_argument("--quiet", action="store_true", help="no line per entry")
     produce.set_defaults(func=cmd_produce)
 
-    consume = sub.add_parser("consume", help="consume as the single active consumer, or wait "
-                                             "as a standby")
+    consume = command("consume", "consume as the single active consumer, or wait as a standby")
     _common(consume)
     consume.add_argument("--name", default=os.environ.get("ORDEREDSTREAM_CONSUMER"),
-                         help="consumer name (default: host-pid-random)")
+                         help="consumer name (env ORDEREDSTREAM_CONSUMER; default: "
+                              "host-pid-random)")
     consume.add_argument("--handler", default=None,
-                         help="module:function to import as the handler (default: print)")
+                         help="module:function to import as the handler (default: print each "
+                              "entry)")
     consume.add_argument("--batch-handler", default=None, metavar="MODULE:FUNCTION",
                          help="a function of a list of messages, called once per batch (up to "
                               "--batch entries) and acknowledged together when it returns")
     consume.add_argument("--max-messages", type=int, default=None,
-                         help="exit (handing the lease over) after N handled")
-    consume.add_argument("--lease-ttl-ms", type=int, default=3000)
-    consume.add_argument("--batch", type=int, default=100)
+                         help="exit (handing the lease over) after N handled (default: never)")
+    consume.add_argument("--lease-ttl-ms", type=int, default=3000,
+                         help="lease time to live: a paused owner is replaced after it")
+    consume.add_argument("--batch", type=int, default=100, help="entries per read")
     consume.add_argument("--no-watch", action="store_true",
                          help="do not watch the owner's connection; fail over on TTL only")
     consume.add_argument("--no-push", action="store_true",
@@ -430,93 +693,115 @@ def build_parser() -> argparse.ArgumentParser:
                               "without the server's push (CLIENT TRACKING)")
     consume.add_argument("--wait-replicas", type=int, default=0, metavar="N",
                          help="own only once N replicas acknowledged the new term (WAIT)")
-    consume.add_argument("--max-attempts", type=int, default=5)
-    consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park")
+    consume.add_argument("--max-attempts", type=int, default=5,
+                         help="handler calls per entry before --on-exhausted applies")
+    consume.add_argument("--on-exhausted", choices=["park", "stop", "block"], default="park",
+                         help="when the attempts are spent: park the entry, stop, or keep "
+                              "retrying")
     consume.add_argument("--max-deliveries", type=int, default=20,
                          help="park an entry the server delivered more often than this without "
-                              "an ack, e.g. one that crashes the process (0: no limit; "
-                              "default %(default)s)")
+                              "an ack, e.g. one that crashes the process (0: no limit)")
     consume.add_argument("--min-park-delay-ms", type=int, default=100,
-                         help="floor on every park delay, Defer(delay_ms=0) included "
-                              "(default %(default)s)")
+                         help="floor on every park delay, Defer(delay_ms=0) included")
     consume.add_argument("--handler-timeout-ms", type=int, default=300_000,
                          help="a handler call running longer than this makes the owner step "
-                              "down so a standby takes over (default %(default)s)")
+                              "down so a standby takes over")
     consume.add_argument("--quiet", action="store_true", help="no event output")
     consume.add_argument("--hold-key-field", default=None,
-                         help="hold-key mode: the field with each entry's ordering key")
+                         help="hold-key mode: the field with each entry's ordering key "
+                              "(default: off)")
     consume.set_defaults(func=cmd_consume)
 
-    fix = sub.add_parser("fix", help="repair parked entries when due and re-stream them")
+    fix = command("fix", "repair parked entries when due and re-stream them")
     _common(fix)
     fix.add_argument("--name", default=None, help="fixer name (default: fixer-host-pid-random)")
     fix.add_argument("--repair", default=None,
                      help="module:function to import as the repair (default: the demo's)")
-    fix.add_argument("--batch", type=int, default=500)
+    fix.add_argument("--batch", type=int, default=500, help="entries claimed per pass")
     fix.add_argument("--visibility-ms", type=int, default=30_000,
                      help="a claimed entry is offered again after this if the fixer dies")
     fix.add_argument("--max-attempts", type=int, default=5,
                      help="failed repairs before an entry goes to the graveyard")
     fix.add_argument("--max-parks", type=int, default=10,
                      help="an entry parked more often than this (it fails again after every "
-                          "repair) goes to the graveyard (default %(default)s)")
+                          "repair) goes to the graveyard")
     fix.add_argument("--quiet", action="store_true", help="no event output")
     fix.set_defaults(func=cmd_fix)
 
-    demo = sub.add_parser("demo", help="the failover demo: producer, consumers and fixer as "
-                                       "processes, the owner killed every few seconds, a live "
-                                       "panel and a verdict")
+    demo = command("demo", "the failover demo: producer, consumers and fixer as processes, the "
+                           "owner killed every few seconds, a live panel and a verdict (Ctrl+C "
+                           "ends it early, with its verdict)")
     demo.add_argument("--redis-url", default=None,
                       help="use this server (default: start an embedded valkey-server)")
-    demo.add_argument("--stream", default=None, help="default: a new demo-xxxxxx stream")
-    demo.add_argument("--group", default="workers")
-    demo.add_argument("--duration", type=float, default=30.0, help="seconds (Ctrl+C ends too)")
+    demo.add_argument("--stream", default=None, help="stream (default: a new demo-xxxxxx one)")
+    demo.add_argument("--group", default="workers", help="consumer group")
+    demo.add_argument("--duration", type=float, default=30.0,
+                      help="seconds of kills (Ctrl+C ends them early)")
     demo.add_argument("--kill-every", type=float, default=4.0, help="seconds between kills")
     demo.add_argument("--pause", action="store_true",
                       help="SIGSTOP the owner instead of killing it: a zombie, fenced on waking")
-    demo.add_argument("--consumers", type=int, default=3)
+    demo.add_argument("--consumers", type=int, default=3, help="consumer processes")
     demo.add_argument("--rate", type=float, default=200.0, help="entries/s produced")
     demo.add_argument("--corrupt-every", type=int, default=50,
                       help="every K-th payload is corrupted, parked and repaired (0: none)")
     demo.add_argument("--defer-ms", type=int, default=500, help="delay before a repair")
-    demo.add_argument("--lease-ttl-ms", type=int, default=1500)
-    demo.add_argument("--drain-timeout", type=float, default=30.0)
+    demo.add_argument("--lease-ttl-ms", type=int, default=1500, help="the consumers' lease TTL")
+    demo.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="seconds to wait for everything produced to be handled")
     demo.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
-    demo.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    demo.add_argument("--keep-logs", action="store_true",
+                      help="keep the processes' logs (default: removed on exit)")
     demo.set_defaults(func=cmd_demo)
 
-    status = sub.add_parser("status", help="owner, lease, consumers, lag, dead letters and "
-                                           "the failover timeline of a stream/group")
+    status = command("status", "owner, lease, consumers, lag, dead letters and the failover "
+                               "timeline of a stream/group")
     _common(status)
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
     status.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="print once, as JSON")
+    status.add_argument("--is-owner", metavar="NAME", default=None,
+                        help="print nothing; exit 0 if consumer NAME owns the group, else 1 "
+                             "(for healthchecks)")
     status.set_defaults(func=cmd_status)
 
-    dlq = sub.add_parser("dlq", help="inspect and act on parked entries")
+    dlq = command("dlq", "inspect and act on parked and buried entries")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)
-    dlq_list = dlq_sub.add_parser("list", help="parked entries by due time, with counts")
+    dlq_list = dlq_sub.add_parser("list", help="parked entries by due time, with counts",
+                                  formatter_class=_Formatter)
     _common(dlq_list)
-    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_list.add_argument("--limit", type=int, default=50, help="entries shown at most")
     dlq_list.add_argument("--graveyard", action="store_true", help="list the graveyard")
-    dlq_list.add_argument("--json", action="store_true")
-    dlq_show = dlq_sub.add_parser("show", help="one parked (or buried) entry, as JSON")
+    dlq_list.add_argument("--json", action="store_true", help="as JSON")
+    dlq_show = dlq_sub.add_parser("show", help="one parked (or buried) entry, as JSON",
+                                  formatter_class=_Formatter)
     _common(dlq_show)
-    dlq_show.add_argument("id")
-    for name, text in (("retry", "make parked entries due now"),
-                       ("purge", "drop parked entries for good")):
-        one = dlq_sub.add_parser(name, help=text)
+    dlq_show.add_argument("id", help="entry id (or graveyard id)")
+    for name, text in (("retry", "make parked entries due now (server clock)"),
+                       ("purge", "drop parked entries for good (--graveyard: buried ones)"),
+                       ("requeue", "put buried entries back into the delay set, due now: a "
+                                   "fixer repairs and re-streams them")):
+        one = dlq_sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
         _common(one)
-        one.add_argument("id", nargs="?")
-        one.add_argument("--all", action="store_true")
+        one.add_argument("id", nargs="?", help="entry id (or graveyard id)")
+        one.add_argument("--all", action="store_true", help="every entry")
+        if name == "purge":
+            one.add_argument("--graveyard", action="store_true",
+                             help="purge from the graveyard instead of the delay set")
     dlq.set_defaults(func=cmd_dlq)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _install_log_handler()
     try:
         return int(args.func(args))
-    except OrderedStreamError as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+    except KeyboardInterrupt:  # a Ctrl+C before the command's own handler was installed
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as err:
+        line = explain(err, args)
+        if line is None:
+            raise  # not one we know: a bug, and its traceback is worth having
+        err_console.print("[bold red]error:[/] " + escape(line), soft_wrap=True)
         return 2

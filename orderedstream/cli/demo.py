@@ -26,7 +26,14 @@ from .. import _wire as wire
 from .._keys import GroupKeys
 from .._server import client_from_url, connect_check
 from .._status import group_status
-from ..testing import ServerProcess, process_stopped, read_records, verdict, wait_until
+from ..testing import (
+    ServerProcess,
+    _die_with_parent,
+    process_stopped,
+    read_records,
+    verdict,
+    wait_until,
+)
 from .dashboard import render_status
 
 
@@ -46,9 +53,12 @@ class _Cast:
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - closed by the OS
+        # a session of its own: a Ctrl+C or a closed terminal reaches the demo only, which
+        # stops its cast in order; and each dies with the demo if the demo is killed
         return subprocess.Popen([sys.executable, "-m", "orderedstream", *argv,
                                  "--redis-url", self.url, "--stream", self.stream,
-                                 "--group", self.group], env=self.env, stdout=log, stderr=log)
+                                 "--group", self.group], env=self.env, stdout=log, stderr=log,
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
     def consumer(self, name: str | None = None) -> str:
         """Start a consumer: a new one, or ``name`` again (a killed one restarting)."""
@@ -89,26 +99,56 @@ def _clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
 
 
+class _Stop:
+    """Ctrl+C, SIGTERM or a closed terminal (SIGHUP): the first ends the kills (the demo then
+    drains and gives its verdict), the second skips the draining."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.hurry = threading.Event()
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            from . import terminal_gone
+
+            terminal_gone()
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run_demo(args: argparse.Namespace, console: Console) -> int:
+    from . import redact
+
     server: ServerProcess | None = None
-    url = args.redis_url
-    if url is None:
-        server = ServerProcess()
-        server.start()
-        url = server.url
-    stream = args.stream or f"demo-{uuid.uuid4().hex[:6]}"
-    group = args.group
-    work = Path(tempfile.mkdtemp(prefix="orderedstream-demo-"))
-    client = client_from_url(url)
-    out = Console(stderr=True) if args.json else console
     cast: _Cast | None = None
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    client: Any = None
+    work: Path | None = None
+    signals = _Stop()
+    stop = signals.stop
     try:
+        url = args.redis_url
+        if url is None:
+            server = ServerProcess()
+            server.start()
+            url = server.url
+        stream = args.stream or f"demo-{uuid.uuid4().hex[:6]}"
+        group = args.group
+        work = Path(tempfile.mkdtemp(prefix="orderedstream-demo-"))
+        client = client_from_url(url)
+        out = Console(stderr=True) if args.json else console
         connect_check(client)
         client.delete(stream, *GroupKeys(stream, group).all())
-        out.print(f"[bold]orderedstream demo[/] on {'embedded valkey ' if server else ''}{url}: "
-                  f"stream {stream}, group {group}, logs in {work}")
+        out.print(f"[bold]orderedstream demo[/] on {'embedded valkey ' if server else ''}"
+                  f"{redact(url)}: stream {stream}, group {group}, logs in {work}; Ctrl+C ends "
+                  "it with its verdict")
         cast = _Cast(url, stream, group, work, args)
         for _ in range(args.consumers):
             cast.consumer()
@@ -171,6 +211,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                         cast.consumer(victim)  # it comes back, as a standby
                     next_kill = time.monotonic() + args.kill_every
                 live.update(render_status(status, rate=rate, failovers=failovers,
+                                          height=out.height - 1,
                                           title=f"orderedstream demo - {stream}/{group} - "
                                                 f"{time.monotonic() - started:.0f}/"
                                                 f"{args.duration:.0f} s"))
@@ -183,13 +224,14 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             producer.wait(10)
             produced, corrupt = _produced(client, stream)
             drain_until = time.monotonic() + args.drain_timeout
-            while time.monotonic() < drain_until:
+            while time.monotonic() < drain_until and not signals.hurry.is_set():
                 records = read_records(cast.record)
                 if {r["seq"] for r in records} >= set(range(1, produced + 1)):
                     break
                 live.update(render_status(group_status(client, stream, group), rate=rate,
-                                          failovers=failovers, title="draining..."))
-                time.sleep(0.25)
+                                          failovers=failovers, height=out.height - 1,
+                                          title="draining... (Ctrl+C again: the verdict now)"))
+                signals.hurry.wait(0.25)
         records, fenced = fence(read_records(cast.record))
         judged = verdict(((r["seq"], r["red"]) for r in records), produced, late=corrupt)
         repaired = sum(1 for r in records if r.get("repaired"))
@@ -203,7 +245,9 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             "failovers_ms": [round(t, 1) for t in took],
             "corrupted": len(corrupt), "repaired_handled": repaired,
             "fenced_zombie_writes": fenced,
-            "stream": stream, "server": url, "logs": str(work)})
+            "stream": stream, "server": redact(url),
+            "logs": str(work) if args.keep_logs else None,
+            "interrupted": stop.is_set()})
         if args.json:
             print(json.dumps(result))
         else:
@@ -228,14 +272,17 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             console.print(table)
         return 0 if not judged.lost and not judged.out_of_order else 1
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if cast is not None:
-            cast.stop()
-        client.close()
-        if server is not None:
-            server.cleanup()
-        if not args.keep_logs:
-            shutil.rmtree(work, ignore_errors=True)
+        try:
+            if cast is not None:
+                cast.stop()
+            if client is not None:
+                client.close()
+        finally:
+            if server is not None:
+                server.cleanup()
+            if work is not None and not args.keep_logs:
+                shutil.rmtree(work, ignore_errors=True)
+            signals.restore()
 
 
 def fence(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

@@ -1,0 +1,167 @@
+"""The README's access-control rules and TLS setup, on real servers: each role (consumer,
+fixer, operator) works under exactly the documented `ACL SETUSER` rules and no more (a consumer
+cannot purge dead letters), and producer, consumer and status work over `rediss://` against
+Debian's redis-server with a certificate the test makes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orderedstream import GroupKeys
+from orderedstream.testing import ServerProcess, free_port, wait_until
+
+from .conftest import EXTERNAL_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAM = "orders"  # the README's rules name this stream's keys
+
+
+def documented_rules() -> dict[str, list[str]]:
+    """role -> the arguments of its `ACL SETUSER` line in the README."""
+    text = (ROOT / "README.md").read_text()
+    lines = re.findall(r"^ACL SETUSER (\w+) (.*)$", text, re.M)
+    return {role: rules.split() for role, rules in lines}
+
+
+def cli(url: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orderedstream", *argv, "--redis-url", url,
+                           "--stream", STREAM, "--group", "workers"], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, COLUMNS="120"))
+
+
+@pytest.fixture
+def acl_server() -> Iterator[ServerProcess]:
+    if EXTERNAL_URL:
+        pytest.skip("needs a server the suite starts itself")
+    with ServerProcess() as srv:
+        yield srv
+
+
+@pytest.mark.slow
+def test_each_role_works_under_the_documented_acl(acl_server: ServerProcess,
+                                                  tmp_path: Path) -> None:
+    """With the README's rules: two consumers (one killed: takeover and claim), a fixer that
+    repairs what they parked, and every operator command all work; the consumer user's
+    `dlq purge` is refused in one line (NOPERM)."""
+    rules = documented_rules()
+    assert set(rules) == {"consumer", "fixer", "operator"}
+    admin = acl_server.client()
+    urls = {}
+    for role, args in rules.items():
+        password = f"{role}-pw"
+        args = [f">{password}" if a.startswith(">") else a for a in args]
+        admin.execute_command("ACL", "SETUSER", role, "reset", *args)
+        urls[role] = f"redis://{role}:{password}@127.0.0.1:{acl_server.port}/0"
+    produced = cli(acl_server.url, "produce", "--count", "100", "--rate", "0",
+                   "--corrupt-every", "10")
+    assert produced.returncode == 0, produced.stderr
+    env = dict(os.environ, ORDEREDSTREAM_RECORD=str(tmp_path / "rec.jsonl"),
+               ORDEREDSTREAM_WORK_MS="20")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    keys = GroupKeys(STREAM, "workers")
+
+    def start(name: str, *argv: str, role: str = "consumer") -> None:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "orderedstream", *argv, "--redis-url", urls[role],
+             "--stream", STREAM, "--group", "workers"], env=env, stdout=log, stderr=log)
+
+    def owner_pid() -> int:
+        return int(admin.hget(keys.owner, "pid") or 0) if admin.exists(keys.lease) else 0
+
+    def logs() -> str:
+        return "".join(p.read_text() for p in tmp_path.glob("*.log"))
+
+    try:
+        handler = ["--handler", "orderedstream.testing:record_handler", "--batch", "10"]
+        start("c1", "consume", "--name", "c1", *handler)
+        start("c2", "consume", "--name", "c2", *handler)
+        pid = wait_until(owner_pid, 20, message="an owner under the consumer ACL")
+        wait_until(lambda: admin.xpending(STREAM, "workers")["pending"] > 0, 20,
+                   message="entries in flight")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: owner_pid() not in (0, pid), 20, message="the standby takes over")
+        wait_until(lambda: admin.zcard(keys.delay) + admin.xlen(keys.graveyard) > 0, 20,
+                   message="corrupted entries parked")
+        start("fixer", "fix", "--name", "f1", role="fixer")
+        wait_until(lambda: any(b"os-repaired" in f for _, f in admin.xrange(STREAM)), 20,
+                   message="the fixer re-streams under the fixer ACL")
+        assert all(p.poll() is None for n, p in procs.items() if p.pid != pid), logs()
+        assert "NOPERM" not in logs() and "permission" not in logs().lower(), logs()
+        operator = urls["operator"]
+        for argv in (["status"], ["status", "--json"], ["dlq", "list"],
+                     ["dlq", "list", "--graveyard"], ["dlq", "retry", "--all"],
+                     ["dlq", "requeue", "--all"], ["dlq", "purge", "--graveyard", "--all"],
+                     ["dlq", "purge", "--all"]):
+            out = cli(operator, *argv)
+            assert out.returncode in (0, 1) and "error" not in out.stderr, (argv, out.stderr)
+        refused = cli(urls["consumer"], "dlq", "purge", "--all")
+        assert refused.returncode == 2 and "ACL does not allow" in refused.stderr, refused
+        assert "Traceback" not in refused.stderr
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+            p.wait(10)
+
+
+def _make_certs(work: Path) -> bool:
+    """A self-signed CA and a server certificate for 127.0.0.1 it signed (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return False
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=work)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=orderedstream test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return True
+
+
+TLS_SERVER = "/usr/bin/redis-server"
+
+
+@pytest.mark.skipif(not Path(TLS_SERVER).exists(), reason=f"{TLS_SERVER} is not installed")
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_rediss_url_works_and_mistakes_are_one_line(tmp_path: Path) -> None:
+    """Over TLS (`rediss://...?ssl_ca_certs=ca.crt`): produce, consume and status work; a
+    `rediss://` URL without the CA, and `redis://` to the TLS port, fail in one line (exit 2)."""
+    assert _make_certs(tmp_path)
+    tls_port = free_port()
+    with ServerProcess(TLS_SERVER, extra_args=[
+            "--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "server.crt"),
+            "--tls-key-file", str(tmp_path / "server.key"),
+            "--tls-ca-cert-file", str(tmp_path / "ca.crt"), "--tls-auth-clients", "no"]):
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}"
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        out = cli(url, "produce", "--count", "5", "--rate", "0")
+        assert out.returncode == 0, out.stderr
+        out = cli(url, "consume", "--max-messages", "5")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("seq=") == 5
+        out = cli(url, "status", "--json")
+        assert out.returncode == 0 and '"stream_length": 5' in out.stdout, out.stderr
+        for bad, match in ((f"rediss://127.0.0.1:{tls_port}/0", r"TLS .* failed.*ssl_ca_certs"),
+                           (f"redis://127.0.0.1:{tls_port}/0", r"cannot reach|TLS")):
+            out = cli(bad, "status", timeout=60)
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+            [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+            assert re.search(match, line), line
+        client.close()
