@@ -121,12 +121,15 @@ def test_push_ends_a_killed_owner_term_long_before_the_poll(
                message="the watch connection closed")
 
 
-def test_a_push_about_an_old_term_ends_nothing(client: redis.Redis, stream: str,
-                                               server: ServerProcess | External,
+def test_a_push_about_an_old_term_ends_nothing(own_server: ServerProcess,
                                                standbys: list[Standby]) -> None:
     """A standby armed for term 1 (connection X) gets the push for X after term 2 (another
     connection Y) has begun: it ends nothing (compare-and-delete on term 1's token), looks
-    again and watches Y; when Y goes, term 2 is ended by push and the standby takes over."""
+    again and watches Y; when Y goes, term 2 is ended by push and the standby takes over.
+    (On a server of its own: it reads the server's whole client list.)"""
+    server = own_server
+    client = server.client()
+    stream = "old-term"
     keys = GroupKeys(stream, "g")
     client.xgroup_create(stream, "g", id="0", mkstream=True)
     x = server.client(single_connection_client=True)
