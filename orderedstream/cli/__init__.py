@@ -21,7 +21,7 @@ from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from .._coordinator import Coordinator
 from .._demo import CORRUPT_PREFIX, demo_payload, demo_repair
 from .._dlq import DeadLetters, ListedEntry
-from .._events import Event, FixerPass
+from .._events import Event, FixerPass, Hook
 from .._fixer import Fixer
 from .._message import Message
 from .._producer import Producer
@@ -58,6 +58,32 @@ def load_callable(spec: str) -> Callable[..., Any]:
     if not callable(func):
         raise ConfigError(f"{spec!r} is not callable")
     return func  # type: ignore[no-any-return]
+
+
+def _metrics(spec: str | None, url: str, hooks: list[Hook]
+             ) -> tuple[Any, Callable[[], None]]:
+    """``--metrics-port [HOST:]PORT``: a Prometheus hook appended to ``hooks`` and ``/metrics``
+    served; returns (hook or None, stop)."""
+    if spec is None:
+        return None, lambda: None
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from .. import metrics
+    except ImportError as err:
+        raise ConfigError(f"{err} (needed by --metrics-port)") from err
+    try:
+        host, port = metrics.parse_listen(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    hook = metrics.PrometheusHook(CollectorRegistry(), client=client_from_url(url))
+    hooks.append(hook)
+    try:
+        stop = metrics.serve(port, host, hook.registry)
+    except OSError as err:
+        raise ConfigError(f"--metrics-port {spec}: cannot listen ({err})") from err
+    err_console.print(f"metrics at http://{host}:{port}/metrics")
+    return hook, stop
 
 
 # -- demo payloads ------------------------------------------------------------------------
@@ -218,7 +244,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
         handler_timeout_ms=args.handler_timeout_ms,
         hold_key_field=args.hold_key_field,
     )
-    hooks = [] if args.quiet else [print_event]
+    hooks: list[Hook] = [] if args.quiet else [print_event]
+    hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
+    if hook is not None:
+        handler = hook.timed(handler)
     coordinator = Coordinator(config, handler, client_from_url(args.redis_url), hooks=hooks)
     _Signals(lambda: coordinator.stop(timeout=30))
     err_console.print(f"[bold]{config.consumer}[/] consuming {args.stream}/{args.group} "
@@ -232,6 +261,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
                           f"{config.consumer} stopped and handed the lease over, the entry it "
                           "was handling stays pending for the next owner")
         return 2
+    finally:
+        stop_metrics()
     err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
     return 0
 
@@ -242,14 +273,20 @@ def cmd_fix(args: argparse.Namespace) -> int:
                          **({"name": args.name} if args.name else {}),
                          batch_size=args.batch, visibility_ms=args.visibility_ms,
                          max_attempts=args.max_attempts, max_parks=args.max_parks)
-    hooks = [] if args.quiet else [print_event]
+    hooks: list[Hook] = [] if args.quiet else [print_event]
+    hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
+    if hook is not None:
+        hook.watch(args.stream, args.group)
     fixer = Fixer(config, repair, client_from_url(args.redis_url), hooks=hooks)
     _Signals(lambda: fixer.stop(timeout=30))
     err_console.print(f"[bold]{config.name}[/] fixing parked entries of "
                       f"{args.stream}/{args.group} at {args.redis_url}")
     fixer.start()
-    while not fixer.join(timeout=0.5):
-        pass
+    try:
+        while not fixer.join(timeout=0.5):
+            pass
+    finally:
+        stop_metrics()
     totals = fixer.totals
     err_console.print(f"[green]{config.name} stopped: re-streamed {totals['restreamed']}, "
                       f"rescheduled {totals['rescheduled']}, buried {totals['buried']}[/]")
@@ -380,6 +417,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args, console)
 
 
+def _metrics_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", default=os.environ.get("ORDEREDSTREAM_METRICS_PORT"),
+                        metavar="[HOST:]PORT",
+                        help="serve Prometheus /metrics here (needs the 'prometheus' extra; "
+                             "default: $ORDEREDSTREAM_METRICS_PORT, else off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orderedstream",
@@ -434,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--quiet", action="store_true", help="no event output")
     consume.add_argument("--hold-key-field", default=None,
                          help="hold-key mode: the field with each entry's ordering key")
+    _metrics_option(consume)
     consume.set_defaults(func=cmd_consume)
 
     fix = sub.add_parser("fix", help="repair parked entries when due and re-stream them")
@@ -450,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an entry parked more often than this (it fails again after every "
                           "repair) goes to the graveyard (default %(default)s)")
     fix.add_argument("--quiet", action="store_true", help="no event output")
+    _metrics_option(fix)
     fix.set_defaults(func=cmd_fix)
 
     demo = sub.add_parser("demo", help="the failover demo: producer, consumers and fixer as "
