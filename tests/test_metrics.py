@@ -219,6 +219,7 @@ def test_dashboard_queries_use_exported_series_only() -> None:
     dashboard = json.loads((GRAFANA / "dashboards" / "orderedstream.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
+    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
     used = set()
     for expr in exprs:
         used |= set(re.findall(r"\borderedstream_[a-z_]+", expr))
