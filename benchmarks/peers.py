@@ -24,11 +24,14 @@ while a message is being handled):
   another process (handlers' own clocks), p50/p95/max;
 * **graceful**: SIGTERM instead (each client's clean shutdown), ``--graceful`` times;
 * **pause**: SIGSTOP instead, ``--pauses`` times; takeover as above, then SIGCONT: how many
-  messages the woken process still handled (a zombie that processes is how order breaks);
+  new messages the woken process still took (a zombie that processes is how order breaks),
+  and how many handler calls that were in flight at SIGSTOP finished after it (no broker can
+  stop those: a downstream store refuses them by orderedstream's fencing epoch);
 * **ordered throughput**: one process, a no-op handler, ``--throughput-messages`` pre-filled
   messages, first to last handled;
 * the whole kill/graceful/pause record judged: lost, out of order (went back without a
-  redelivery flag, or skipped ahead), duplicates and how many were unflagged.
+  redelivery flag, or skipped ahead), duplicates and how many were unflagged; for
+  orderedstream also as a store that refuses writes of an older epoch keeps it.
 
 A peer that is not running (nothing accepts on its port, or it refuses us) is skipped, and the
 table says so.  Every process this starts is gone at the end, queues and streams it created are
@@ -82,7 +85,7 @@ class Recorder:
         self.reordered = 0
         self.pid = os.getpid()
 
-    def handle(self, seq: int, redelivered: bool) -> None:
+    def handle(self, seq: int, redelivered: bool, epoch: int | None = None) -> None:
         if self.noop:
             if self.count == 0:
                 self.first = time.time()
@@ -95,10 +98,12 @@ class Recorder:
                     "summary": True, "first": self.first, "last": time.time(),
                     "count": self.count, "reordered": self.reordered}) + "\n").encode())
             return
+        started = time.time()
         if self.work_s:
             time.sleep(self.work_s)
         os.write(self.fd, (json.dumps({"seq": seq, "red": redelivered, "pid": self.pid,
-                                       "t": time.time()}) + "\n").encode())
+                                       "t0": started, "t": time.time(), "ep": epoch})
+                           + "\n").encode())
 
 
 def mark_ready(path: str) -> None:
@@ -109,7 +114,7 @@ def worker_orderedstream(args: argparse.Namespace, rec: Recorder) -> None:
     from orderedstream import Coordinator, CoordinatorConfig, LeaseConfig, Message, Role
 
     def handler(message: Message) -> None:
-        rec.handle(int(message.raw[b"seq"]), message.redelivered)
+        rec.handle(int(message.raw[b"seq"]), message.redelivered, message.epoch)
 
     config = CoordinatorConfig(stream=args.queue, group="g", consumer=args.name,
                                batch_size=100, lease=LeaseConfig(ttl_ms=args.ttl_ms))
@@ -565,7 +570,7 @@ class Run:
     def scenarios(self) -> dict[str, Any]:
         args = self.args
         out: dict[str, Any] = {"kill": [], "graceful": [], "pause": [], "zombie_handled": [],
-                               "timeouts": 0}
+                               "zombie_finished": [], "timeouts": 0}
         self.peer.create(self.queue)
         producer = threading.Thread(target=self._produce, daemon=True)
         producer.start()
@@ -592,9 +597,10 @@ class Run:
                 os.kill(victim.pid, signal.SIGCONT)
                 time.sleep(args.zombie_watch)
                 self.tail.poll()
-                out["zombie_handled"].append(sum(
-                    1 for r in self.tail.records[mark:]
-                    if r["pid"] == victim.pid and r["t"] >= woke))
+                late = [r for r in self.tail.records[mark:]
+                        if r["pid"] == victim.pid and r["t"] >= woke]
+                out["zombie_finished"].append(sum(1 for r in late if r["t0"] < woke))
+                out["zombie_handled"].append(sum(1 for r in late if r["t0"] >= woke))
                 victim.kill()
             if kind == "graceful":
                 try:
@@ -618,6 +624,15 @@ class Run:
 
         v = verdict(((int(r["seq"]), bool(r["red"])) for r in self.tail.records), produced)
         out["verdict"] = v.as_dict()
+        if all(r.get("ep") is not None for r in self.tail.records):
+            # what a downstream store that refuses writes of an older epoch keeps
+            newest = 0
+            kept = []
+            for r in self.tail.records:
+                if r["ep"] >= newest:
+                    newest = r["ep"]
+                    kept.append((int(r["seq"]), bool(r["red"])))
+            out["fenced"] = verdict(kept, produced).as_dict()
         pids = [r["pid"] for r in self.tail.records]
         out["switches"] = sum(1 for a, b in itertools.pairwise(pids) if a != b)
         out["signals"] = len(plan)
@@ -682,8 +697,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     row("SIGKILL -> standby's first message, ms", lambda r: fmt(r["kill"]))
     row("graceful stop -> next consumer's first message, ms", lambda r: fmt(r["graceful"]))
     row("SIGSTOP -> another process's first message, ms", lambda r: fmt(r["pause"]))
-    row("woken (SIGCONT) owner still handled", lambda r: (
-        f"{sum(r['zombie_handled'])} messages in {len(r['zombie_handled'])} pauses"))
+    row("woken (SIGCONT) owner: new messages it still took", lambda r: (
+        f"{sum(r['zombie_handled'])} in {len(r['zombie_handled'])} pauses"))
+    row("woken owner: handler calls in flight at SIGSTOP that finished", lambda r: (
+        f"{sum(r['zombie_finished'])} in {len(r['zombie_finished'])} pauses"))
     row("takeovers that timed out", lambda r: str(r["timeouts"]))
     row("handling moved between processes (signals sent)", lambda r: (
         f"{r['switches']} times ({r['signals']})"))
@@ -694,6 +711,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     row("out of order", lambda r: str(r["verdict"]["out_of_order"]))
     row("duplicates (unflagged)", lambda r: (
         f"{r['verdict']['duplicates']} ({r['verdict']['unflagged_duplicates']})"))
+    row("out of order / unflagged duplicates, as an epoch-fenced store keeps them",
+        lambda r: (f"{r['fenced']['out_of_order']} / {r['fenced']['unflagged_duplicates']}"
+                   if "fenced" in r else "no fencing token"))
     row("messages handled / produced", lambda r: (
         f"{r['verdict']['handled']} / {r['verdict']['produced']}"
         + ("" if r["drained"] else " (not drained)")))
