@@ -198,6 +198,21 @@ def test_live_consumer_metrics_over_http(client: redis.Redis, stream: str,
                   "orderedstream_takeover_duration_seconds_count", consumer="b") == 1
 
 
+def readme_snippet(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
+
+
+def test_readme_metrics_snippet_runs(server: Any, stream: str,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's Prometheus snippet runs as pasted (REDIS_URL set) and prints series."""
+    monkeypatch.setenv("REDIS_URL", server.url)
+    code = readme_snippet("PrometheusHook(").replace('"orders"', repr(stream))
+    exec(compile(code, "README.md", "exec"), {})
+    assert "orderedstream_" in capsys.readouterr().out
+
+
 # -- the dashboard and the compose profile ------------------------------------------------
 
 GRAFANA = ROOT / "demos" / "grafana"

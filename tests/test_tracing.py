@@ -4,6 +4,10 @@ checked with the SDK's in-memory exporter on a real server."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
 import redis
 
@@ -98,3 +102,13 @@ def test_process_spans_link_to_the_producer(client: redis.Redis, stream: str,
 def test_inject_context_outside_a_span_adds_nothing() -> None:
     """Without a current span there is no context to carry: the fields are left as they are."""
     assert inject_context({"a": "1"}) == {"a": "1"}
+
+
+def test_readme_tracing_snippet_runs(server: Any, stream: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's OpenTelemetry snippet runs as pasted (REDIS_URL set)."""
+    monkeypatch.setenv("REDIS_URL", server.url)
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "traced(" in b)
+    exec(compile(code.replace('"orders"', repr(stream)), "README.md", "exec"), {})
+    assert redis.Redis.from_url(server.url).xlen(stream) == 1
