@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -272,3 +274,24 @@ def test_compose_metrics_profile() -> None:
     datasources = yaml.safe_load(
         (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_fixer_serves_metrics(server: Any, stream: str,
+                              procs: list[subprocess.Popen[bytes]]) -> None:
+    """``fix --metrics-port`` serves the group gauges of its (stream, group) before it has
+    anything to do (the dead-letter counts an operator alerts on)."""
+    port = free_port()
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "orderedstream", "fix", "--redis-url", server.url, "--stream",
+         stream, "--group", "g", "--quiet", "--metrics-port", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def parked() -> float | None:
+        try:
+            return sample(scrape(port), "orderedstream_parked_entries",
+                          "orderedstream_parked_entries", stream=stream, group="g")
+        except OSError:
+            return None
+
+    wait_until(lambda: parked() is not None, 15, 0.1, message="the fixer's /metrics")
+    assert parked() == 0
