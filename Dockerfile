@@ -2,5 +2,5 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY orderedstream ./orderedstream
-RUN pip install --no-cache-dir ".[hiredis]"
+RUN pip install --no-cache-dir ".[hiredis,prometheus]"
 ENTRYPOINT ["orderedstream"]

@@ -11,6 +11,10 @@ loops, in the same run, on the same server and pre-filled stream.
 * raw asyncio:   the raw batched loop with redis.asyncio and an awaited no-op handler
 * async coordinator / async batch: AsyncCoordinator(batch_size=500), awaited no-op handler /
   batch handler
+* coordinator + prometheus hook: the same with ``orderedstream.metrics.PrometheusHook`` as a
+  hook (event-derived series: one update per batch), scraped once at the end
+* + timed handler: also the per-entry handler histogram (``hook.timed(handler)``: two clock
+  reads and one bucket update per entry)
 
 Each contender reads the whole stream through a fresh consumer group (created at 0) and is timed
 from its first read to its last ack; the runs alternate (raw, coordinator, raw, ...) --rounds
@@ -29,7 +33,7 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 import redis.asyncio
@@ -39,6 +43,9 @@ from orderedstream._server import clone_client
 from orderedstream.testing import ServerProcess
 
 STREAM = "bench-throughput"
+CPU_US: dict[str, list[float]] = {"": [], "hook": [], "timed": []}
+"""The client process's CPU time per entry (all its threads), by metrics mode: less at the
+mercy of other processes on a shared machine than the wall-clock rates."""
 
 
 def noop_handler(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -69,7 +76,8 @@ def naive(client: redis.Redis, group: str, total: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
-def coordinator(client: redis.Redis, group: str, total: int) -> float:
+def coordinator(client: redis.Redis, group: str, total: int, metrics: str = "") -> float:
+    """``metrics``: '' none, 'hook' a PrometheusHook, 'timed' the hook and a timed handler."""
     seen = [0]
     first = [0.0]
 
@@ -79,9 +87,26 @@ def coordinator(client: redis.Redis, group: str, total: int) -> float:
         seen[0] += 1
 
     config = CoordinatorConfig(stream=STREAM, group=group, consumer="coord", batch_size=500)
-    c = Coordinator(config, noop, client)
+    handler: Callable[[Message], object] = noop
+    hooks = []
+    registry = None
+    if metrics:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from orderedstream.metrics import PrometheusHook
+
+        registry = CollectorRegistry()
+        hook = PrometheusHook(registry, client=client)
+        hooks.append(hook)
+        if metrics == "timed":
+            handler = hook.timed(noop)
+    c = Coordinator(config, handler, client, hooks=hooks)
+    cpu = time.process_time()
     c.run(max_messages=total)  # returns after the last ack (acks are flushed on exit)
     elapsed = time.perf_counter() - first[0]
+    CPU_US[metrics].append((time.process_time() - cpu) / total * 1e6)
+    if registry is not None:
+        assert b"orderedstream_handled_total" in generate_latest(registry)
     client.delete(*GroupKeys(STREAM, group).all())
     return total / elapsed
 
@@ -171,6 +196,8 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--naive-entries", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="skip the rows with the Prometheus hook")
     args = parser.parse_args()
     with ServerProcess(args.server_bin) as server:
         client = clone_client(server.client(), socket_timeout_s=30)
@@ -186,9 +213,17 @@ def main() -> int:
         rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": [],
                                          "batch handler": [], "raw asyncio": [],
                                          "async coordinator": [], "async batch": []}
+        if not args.no_metrics:
+            rates["coordinator + prometheus hook"] = []
+            rates["  + timed handler"] = []
         for r in range(args.rounds):
             rates["raw"].append(raw_batched(client, f"raw{r}", args.entries))
             rates["coordinator"].append(coordinator(client, f"coord{r}", args.entries))
+            if not args.no_metrics:
+                rates["coordinator + prometheus hook"].append(
+                    coordinator(client, f"prom{r}", args.entries, "hook"))
+                rates["  + timed handler"].append(
+                    coordinator(client, f"timed{r}", args.entries, "timed"))
             rates["raw, no handler"].append(
                 raw_batched(client, f"bare{r}", args.entries, call_handler=False))
             rates["batch handler"].append(
@@ -203,9 +238,9 @@ def main() -> int:
           f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"  {name:<16} best {max(values):>9,.0f}/s  median {median:>9,.0f}/s"
+        print(f"  {name:<30} best {max(values):>9,.0f}/s  median {median:>9,.0f}/s"
               f"  runs {', '.join(f'{v:,.0f}' for v in values)}")
-    print(f"  {'naive':<16} {naive_rate:>14,.0f}/s  (COUNT 1 + XACK each, {args.naive_entries} "
+    print(f"  {'naive':<30} {naive_rate:>14,.0f}/s  (COUNT 1 + XACK each, {args.naive_entries} "
           "entries)")
     ratio = statistics.median(rates["coordinator"]) / statistics.median(rates["raw"])
     print(f"  coordinator / raw batched (medians): {ratio:.2f}x")
@@ -218,6 +253,19 @@ def main() -> int:
         ratios = [b / r for b, r in zip(rates[name], rates[over], strict=True)]
         print(f"  {name} / {over}, per round: {', '.join(f'{p:.2f}' for p in ratios)}  "
               f"(median {statistics.median(ratios):.2f}x)")
+    if not args.no_metrics:
+        base = statistics.median(CPU_US[""])
+        print(f"  client CPU per entry (medians): coordinator {base:.2f} us", end="")
+        for mode, name in (("hook", "prometheus hook"), ("timed", "+ timed handler")):
+            cost = statistics.median(CPU_US[mode])
+            print(f", {name} {cost:.2f} us ({(cost / base - 1) * 100:+.1f} %)", end="")
+        print()
+        coord = rates["coordinator"]
+        for name in ("coordinator + prometheus hook", "  + timed handler"):
+            per_round = [m / c for m, c in zip(rates[name], coord, strict=True)]
+            print(f"  {name.strip()} / coordinator, per round: "
+                  f"{', '.join(f'{p:.3f}' for p in per_round)}  "
+                  f"(median {statistics.median(per_round):.3f}x)")
     return 0
 
 

@@ -28,7 +28,7 @@ from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from .._coordinator import Coordinator
 from .._demo import CORRUPT_PREFIX, demo_payload, demo_repair
 from .._dlq import DeadLetters, ListedEntry
-from .._events import Event, FixerPass
+from .._events import Event, FixerPass, Hook
 from .._fixer import Fixer
 from .._message import Message
 from .._producer import Producer
@@ -164,6 +164,32 @@ def _install_log_handler() -> None:
     logger = logging.getLogger("orderedstream")
     if not any(isinstance(h, _QuietLogs) for h in logger.handlers):
         logger.addHandler(_QuietLogs())
+
+
+def _metrics(spec: str | None, url: str, hooks: list[Hook]
+             ) -> tuple[Any, Callable[[], None]]:
+    """``--metrics-port [HOST:]PORT``: a Prometheus hook appended to ``hooks`` and ``/metrics``
+    served; returns (hook or None, stop)."""
+    if spec is None:
+        return None, lambda: None
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from .. import metrics
+    except ImportError as err:
+        raise ConfigError(f"{err} (needed by --metrics-port)") from err
+    try:
+        host, port = metrics.parse_listen(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    hook = metrics.PrometheusHook(CollectorRegistry(), client=client_from_url(url))
+    hooks.append(hook)
+    try:
+        stop = metrics.serve(port, host, hook.registry)
+    except OSError as err:
+        raise ConfigError(f"--metrics-port {spec}: cannot listen ({err})") from err
+    err_console.print(f"metrics at http://{host}:{port}/metrics")
+    return hook, stop
 
 
 # -- demo payloads ------------------------------------------------------------------------
@@ -394,8 +420,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
         handler_timeout_ms=args.handler_timeout_ms,
         hold_key_field=args.hold_key_field,
     )
-    hooks = [] if args.quiet else [print_event]
+    hooks: list[Hook] = [] if args.quiet else [print_event]
     client = _connected(args)
+    hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
+    if hook is not None:
+        handler = hook.timed(handler)
     if args.batch_handler:
         coordinator = Coordinator.batched(config, load_callable(args.batch_handler), client,
                                           hooks=hooks)
@@ -414,6 +443,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
                           f"{config.consumer} stopped and handed the lease over, the entry it "
                           "was handling stays pending for the next owner")
         return 2
+    finally:
+        stop_metrics()
     err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
     return 0
 
@@ -424,14 +455,21 @@ def cmd_fix(args: argparse.Namespace) -> int:
                          **({"name": args.name} if args.name else {}),
                          batch_size=args.batch, visibility_ms=args.visibility_ms,
                          max_attempts=args.max_attempts, max_parks=args.max_parks)
-    hooks = [] if args.quiet else [print_event]
-    fixer = Fixer(config, repair, _connected(args), hooks=hooks)
+    hooks: list[Hook] = [] if args.quiet else [print_event]
+    client = _connected(args)
+    hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
+    if hook is not None:
+        hook.watch(args.stream, args.group)
+    fixer = Fixer(config, repair, client, hooks=hooks)
     _Signals(lambda: fixer.stop(timeout=30))
     err_console.print(f"[bold]{escape(config.name)}[/] fixing parked entries of "
                       f"{args.stream}/{args.group} at {redact(args.redis_url)}", soft_wrap=True)
     fixer.start()
-    while not fixer.join(timeout=0.5):
-        pass
+    try:
+        while not fixer.join(timeout=0.5):
+            pass
+    finally:
+        stop_metrics()
     totals = fixer.totals
     err_console.print(f"[green]{config.name} stopped: re-streamed {totals['restreamed']}, "
                       f"rescheduled {totals['rescheduled']}, buried {totals['buried']}[/]")
@@ -636,6 +674,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args, console)
 
 
+def _metrics_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", default=os.environ.get("ORDEREDSTREAM_METRICS_PORT"),
+                        metavar="[HOST:]PORT",
+                        help="serve Prometheus /metrics here (needs the 'prometheus' extra; "
+                             "default: $ORDEREDSTREAM_METRICS_PORT, else off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orderedstream", formatter_class=_Formatter,
@@ -710,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--hold-key-field", default=None,
                          help="hold-key mode: the field with each entry's ordering key "
                               "(default: off)")
+    _metrics_option(consume)
     consume.set_defaults(func=cmd_consume)
 
     fix = command("fix", "repair parked entries when due and re-stream them")
@@ -726,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an entry parked more often than this (it fails again after every "
                           "repair) goes to the graveyard")
     fix.add_argument("--quiet", action="store_true", help="no event output")
+    _metrics_option(fix)
     fix.set_defaults(func=cmd_fix)
 
     demo = command("demo", "the failover demo: producer, consumers and fixer as processes, the "
