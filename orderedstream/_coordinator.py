@@ -19,6 +19,7 @@ connection, OOM, LOADING, a missing group) are waited out and healed, and said o
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ from ._server import client_from_url, client_name, clone_client, connect_check
 from ._standby import StandbyWaiter
 from ._status import record_member
 from ._takeover import ensure_group
-from .exceptions import BudgetSpent, GroupMissing
+from .exceptions import BudgetSpent, ConfigError, GroupMissing
 
 __all__ = ["BatchHandler", "Coordinator", "Handler", "Role"]
 
@@ -75,6 +76,9 @@ class Coordinator(Background):
 
     def __init__(self, config: CoordinatorConfig, handler: Handler, client: redis.Redis,
                  *, hooks: Sequence[Hook] = ()) -> None:
+        if inspect.iscoroutinefunction(handler):
+            raise ConfigError(f"{handler!r} is an async function: the Coordinator calls its "
+                              "handler; use AsyncCoordinator for an `async def` one")
         self.config = config
         self._keys = keys = GroupKeys(config.stream, config.group)
         self._emitter = Emitter(hooks)

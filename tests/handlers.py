@@ -27,3 +27,8 @@ def record_batch(messages: list[Message]) -> None:
     """A batch handler: records each entry like ``record_handler``, in one call per batch."""
     for message in messages:
         record_handler(message)
+
+
+async def record_async(message: Message) -> None:
+    """``record_handler`` as an ``async def``, for ``consume --async``."""
+    record_handler(message)

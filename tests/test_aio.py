@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -24,9 +26,9 @@ from orderedstream import (
     Message,
     Role,
 )
-from orderedstream.testing import ServerProcess, verdict, wait_until
+from orderedstream.testing import ServerProcess, read_records, verdict, wait_until
 
-from .conftest import External
+from .conftest import Consumers, External
 
 
 def config(stream: str, name: str, **overrides: object) -> CoordinatorConfig:
@@ -264,3 +266,23 @@ def test_cancelled_at_random_points_loses_and_reorders_nothing(
     v = verdict(record, total)
     assert not v.lost and not v.out_of_order and v.unflagged_duplicates == 0, v.as_dict()
     wait_until(lambda: client.xpending(stream, "g")["pending"] == 0, 5, message="all acked")
+
+
+def test_consume_async_from_the_command_line(server: ServerProcess | External,
+                                             client: redis.Redis, stream: str,
+                                             consumers: Consumers) -> None:
+    """``consume --async --handler module:async_function`` runs the asyncio engine: every
+    entry is recorded once, in order; a plain function is refused in one line (exit 2)."""
+    pipe = client.pipeline(transaction=False)
+    for s in range(1, 201):
+        pipe.xadd(stream, {"seq": s})
+    pipe.execute()
+    consumers.start("c1", extra=("--async", "--handler", "tests.handlers:record_async"))
+    wait_until(lambda: len(read_records(consumers.record)) >= 200, 15, message="200 handled")
+    assert [r["seq"] for r in read_records(consumers.record)] == list(range(1, 201))
+    out = subprocess.run([sys.executable, "-m", "orderedstream", "consume", "--async",
+                          "--redis-url", server.url, "--stream", stream, "--group", "g",
+                          "--handler", "tests.handlers:crash_on_poison"],
+                         capture_output=True, timeout=30)
+    text = out.stderr.decode()
+    assert out.returncode == 2 and "async def" in text and "Traceback" not in text, text

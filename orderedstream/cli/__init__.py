@@ -406,6 +406,51 @@ def _connected(args: argparse.Namespace) -> Any:
     return client
 
 
+async def async_demo_handler(message: Message) -> None:
+    """``demo_handler`` for ``consume --async``."""
+    demo_handler(message)
+
+
+def _consume_async(args: argparse.Namespace, config: CoordinatorConfig,
+                   hooks: list[Hook]) -> int:
+    """``consume --async``: the AsyncCoordinator on an event loop; the handler (or batch
+    handler) must be an ``async def``."""
+    import asyncio
+    import inspect
+
+    import redis.asyncio
+
+    from .._aio import AsyncCoordinator
+
+    spec = args.batch_handler or args.handler
+    handler: Any = load_callable(spec) if spec else async_demo_handler
+    if not inspect.iscoroutinefunction(handler):
+        raise ConfigError(f"consume --async awaits its handler, and {spec} is a plain function: "
+                          "pass an `async def` one (or drop --async)")
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(args.redis_url)
+        coordinator = (AsyncCoordinator.batched(config, handler, client, hooks=hooks)
+                       if args.batch_handler else
+                       AsyncCoordinator(config, handler, client, hooks=hooks))
+        loop = asyncio.get_running_loop()
+        _Signals(lambda: loop.call_soon_threadsafe(
+            lambda: loop.create_task(coordinator.stop(timeout=30))))
+        err_console.print(f"[bold]{escape(config.consumer)}[/] consuming {args.stream}/"
+                          f"{args.group} at {redact(args.redis_url)} with asyncio (lease "
+                          f"{args.lease_ttl_ms} ms)", soft_wrap=True)
+        try:
+            await coordinator.run(max_messages=args.max_messages)
+        finally:
+            await coordinator.aclose()
+            await client.aclose()
+        err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} "
+                          "entries[/]")
+
+    asyncio.run(main())
+    return 0
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
     handler = load_callable(args.handler) if args.handler else demo_handler
     config = CoordinatorConfig(
@@ -422,6 +467,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     )
     hooks: list[Hook] = [] if args.quiet else [print_event]
     client = _connected(args)
+    if args.use_async:
+        client.close()
+        return _consume_async(args, config, hooks)
     hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
     if hook is not None:
         handler = hook.timed(handler)
@@ -723,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--handler", default=None,
                          help="module:function to import as the handler (default: print each "
                               "entry)")
+    consume.add_argument("--async", dest="use_async", action="store_true",
+                         help="run the asyncio engine (AsyncCoordinator): --handler and "
+                              "--batch-handler then take an `async def`")
     consume.add_argument("--batch-handler", default=None, metavar="MODULE:FUNCTION",
                          help="a function of a list of messages, called once per batch (up to "
                               "--batch entries) and acknowledged together when it returns")
