@@ -216,10 +216,12 @@ def test_compose_services_run(server: ServerProcess, stream: str, tmp_path: Path
     assert "produced" in (tmp_path / "producer.log").read_text()
 
 
+@pytest.mark.parametrize("demo", ["service.py", "async_service.py"])
 def test_service_demo_health_and_graceful_sigterm(server: ServerProcess, stream: str,
-                                                  tmp_path: Path) -> None:
-    """demos/service.py: /health reports the owner, SIGTERM hands the lease to the standby at
-    once (long before the 3 s TTL), and the process exits 0."""
+                                                  tmp_path: Path, demo: str) -> None:
+    """demos/service.py and its asyncio twin demos/async_service.py: /health reports the owner,
+    SIGTERM hands the lease to the standby at once (long before the 3 s TTL), and the process
+    exits 0."""
     import urllib.request
 
     env = dict(os.environ, REDIS_URL=server.url, ORDEREDSTREAM_STREAM=stream,
@@ -227,7 +229,7 @@ def test_service_demo_health_and_graceful_sigterm(server: ServerProcess, stream:
     procs = []
 
     def start(name: str) -> tuple[subprocess.Popen[str], str]:
-        p = subprocess.Popen([sys.executable, str(ROOT / "demos" / "service.py"), "--name",
+        p = subprocess.Popen([sys.executable, str(ROOT / "demos" / demo), "--name",
                               name, "--port", "0"], env=env, stdout=subprocess.PIPE,
                              stderr=open(tmp_path / f"{name}.log", "w"), text=True)  # noqa: SIM115
         procs.append(p)
