@@ -134,10 +134,8 @@ class Handling:
                         count = min_count
                     redelivered += count > 1
                     if count > limit:
-                        yield from self._park(
-                            lease, Message(entry_id, flat, term, count),
-                            f"delivered {count} times without an ack (max_deliveries {limit}): "
-                            "the process handling it may crash on it", cfg.retry.park_delay_ms)
+                        yield from self._park_poisoned(lease, Message(entry_id, flat, term,
+                                                                      count))
                         self.handled += 1
                         continue
                 message = Message(entry_id, flat, term, count)
@@ -188,10 +186,7 @@ class Handling:
             count = max(int(counts[index]) - rereading, min_count) if counts is not None else 1
             redelivered += count > 1
             if count > limit:
-                yield from self._park(
-                    lease, Message(entry_id, flat, term, count),
-                    f"delivered {count} times without an ack (max_deliveries {limit}): the "
-                    "process handling it may crash on it", cfg.retry.park_delay_ms)
+                yield from self._park_poisoned(lease, Message(entry_id, flat, term, count))
                 continue
             messages.append(Message(entry_id, flat, term, count))
             ids.append(entry_id)
@@ -288,6 +283,14 @@ class Handling:
             if failed is None:
                 return True
             error = failed
+
+    def _park_poisoned(self, lease: Lease, message: Message) -> Step[None]:
+        """Park an entry delivered more than ``max_deliveries`` times without an ack."""
+        retry = self._config.retry
+        yield from self._park(
+            lease, message, f"delivered {message.delivery_count} times without an ack "
+            f"(max_deliveries {retry.max_deliveries}): the process handling it may crash on it",
+            retry.park_delay_ms)
 
     def _park(self, lease: Lease, message: Message, reason: str, delay_ms: int) -> Step[None]:
         check_lease(lease)
