@@ -32,7 +32,6 @@ from redis.retry import Retry
 
 from ._background import Waiter
 from ._config import CoordinatorConfig
-from ._deadletter import Parker
 from ._engine import (
     Block,
     Handle,
@@ -46,16 +45,14 @@ from ._engine import (
     Step,
 )
 from ._events import Emitter, Event, GroupRecreated, Hook, LeaseAcquired
-from ._handling import Handling, StallWatch
-from ._holdkey import HoldGate
+from ._handling import StallWatch
 from ._keys import GroupKeys
-from ._lease import Lease, LeaseManager, Renewer
+from ._lease import Lease, Renewer
 from ._message import Message
-from ._owner import Owner
-from ._recovery import Outage, passing_fault
+from ._owner import assemble
+from ._recovery import passing_fault
 from ._scripts import ScriptOp, Scripts, pack_command, translate
 from ._server import client_name, clone_client, connect_check
-from ._standby import StandbyWaiter
 from ._status import record_member
 from ._takeover import ensure_group
 from .exceptions import BudgetSpent, ConfigError, GroupMissing
@@ -288,31 +285,18 @@ class AsyncCoordinator:
                                           socket_timeout_s=timeout_s + config.lease.ttl_ms / 1000))
         blocking.close()
         self._sync_waiter = sync_waiter
-        beat_name = client_name(f"{base}:beat")
-        beat = clone_client(self._sync_cmd, name=beat_name, single=True,
-                            socket_timeout_s=max(config.lease.renew_interval_ms / 1000.0, 0.2))
         self._cmd = async_clone(client, name=f"{base}:cmd", socket_timeout_s=timeout_s)
         self._wait = async_clone(client, name=f"{base}:wait", single=True,
                                  socket_timeout_s=timeout_s + config.block_ms / 1000.0)
-        self._scripts = Scripts(self._sync_cmd)
         self._stop = threading.Event()
         self._astop = asyncio.Event()
         self._halting = False
-        self._lease_mgr = LeaseManager(self._scripts, keys, config.consumer, config.lease,
-                                       beat, beat_name)
-        self._outage = Outage(self._event)
-        self._standby = StandbyWaiter(self._lease_mgr, self._sync_cmd, sync_waiter, keys,
-                                      config.lease, self._event, self._stop,
-                                      lambda: self._set_role("standby"))
-        parker = Parker(self._scripts, keys, config.group, config.retry.min_park_delay_ms)
-        self._gate = (HoldGate(config.hold_key_field, self._scripts, keys, parker,
-                               config.consumer, self._event)
-                      if config.hold_key_field is not None else None)
-        self._handling = Handling(self, _not_called, config, parker, self._gate, self._event,
-                                  self._emitter)
+        parts = assemble(self, config, keys, _not_called, self._sync_cmd, sync_waiter,
+                         self._event, self._emitter, self._stop,
+                         lambda: self._set_role("standby"))
+        self._scripts, self._lease_mgr, self._outage = parts.scripts, parts.lease, parts.outage
+        self._standby, self._handling, self._owner = parts.standby, parts.handling, parts.owner
         self._handling.is_async = True
-        self._owner = Owner(self._scripts, keys, config, self._handling, self._gate,
-                            self._outage, self._stop, self._event)
         self._driver = AsyncDriver(self._scripts, self._cmd, self._wait, self._astop, handler)
         self._role = "starting"
         self._lease: Lease | None = None

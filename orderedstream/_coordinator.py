@@ -27,7 +27,6 @@ import redis
 
 from ._background import Background, Waiter
 from ._config import CoordinatorConfig
-from ._deadletter import Parker
 from ._engine import SyncDriver
 from ._events import (
     Emitter,
@@ -36,15 +35,12 @@ from ._events import (
     Hook,
     LeaseAcquired,
 )
-from ._handling import BatchHandler, Handler, Handling, StallWatch
-from ._holdkey import HoldGate
+from ._handling import BatchHandler, Handler, StallWatch
 from ._keys import GroupKeys
-from ._lease import Lease, LeaseManager, Renewer
-from ._owner import Owner
-from ._recovery import Outage, passing_fault
-from ._scripts import Scripts
+from ._lease import Lease, Renewer
+from ._owner import assemble
+from ._recovery import passing_fault
 from ._server import client_from_url, client_name, clone_client, connect_check
-from ._standby import StandbyWaiter
 from ._status import record_member
 from ._takeover import ensure_group
 from .exceptions import BudgetSpent, ConfigError, GroupMissing
@@ -89,24 +85,10 @@ class Coordinator(Background):
         waiter = Waiter(clone_client(client, name=f"{base}:wait", single=True,
                                      socket_timeout_s=timeout_s + config.block_ms / 1000.0))
         self._waiters.append(waiter)
-        beat_name = client_name(f"{base}:beat")
-        beat = clone_client(client, name=beat_name, single=True,
-                            socket_timeout_s=max(config.lease.renew_interval_ms / 1000.0, 0.2))
-        self._scripts = Scripts(self._cmd)
-        self._lease_mgr = LeaseManager(self._scripts, keys, config.consumer, config.lease,
-                                       beat, beat_name)
-        self._outage = Outage(self._event)
-        self._standby = StandbyWaiter(self._lease_mgr, self._cmd, waiter, keys, config.lease,
-                                      self._event, self._stop,
-                                      lambda: self._set_role(Role.STANDBY))
-        parker = Parker(self._scripts, keys, config.group, config.retry.min_park_delay_ms)
-        self._gate = (HoldGate(config.hold_key_field, self._scripts, keys, parker,
-                               config.consumer, self._event)
-                      if config.hold_key_field is not None else None)
-        self._handling = Handling(self, handler, config, parker, self._gate, self._event,
-                                  self._emitter)
-        self._owner = Owner(self._scripts, keys, config, self._handling, self._gate,
-                            self._outage, self._stop, self._event)
+        parts = assemble(self, config, keys, handler, self._cmd, waiter, self._event,
+                         self._emitter, self._stop, lambda: self._set_role(Role.STANDBY))
+        self._scripts, self._lease_mgr, self._outage = parts.scripts, parts.lease, parts.outage
+        self._standby, self._handling, self._owner = parts.standby, parts.handling, parts.owner
         self._driver = SyncDriver(self._scripts, self._cmd, waiter, self._stop)
         self._role = Role.STARTING
         self._lease: Lease | None = None

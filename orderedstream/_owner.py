@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 import redis
 
+from ._background import Waiter
 from ._config import CoordinatorConfig
+from ._deadletter import Parker
 from ._engine import Plain, Step
 from ._events import (
     Emit,
@@ -24,13 +28,15 @@ from ._events import (
     ReplayCompleted,
     TakeoverCompleted,
 )
-from ._handling import Handling
+from ._handling import Halting, Handler, Handling
 from ._holdkey import HoldGate
 from ._keys import GroupKeys
-from ._lease import Lease
+from ._lease import Lease, LeaseManager
 from ._reader import FencedReader
 from ._recovery import CONNECTION_ERRORS, Outage
 from ._scripts import Scripts, end_term_op
+from ._server import client_name, clone_client
+from ._standby import StandbyWaiter
 from ._takeover import take_over
 from .exceptions import LeaseLost, NotOwner, StopRequested
 
@@ -113,3 +119,35 @@ class Owner:
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
+
+@attrs.frozen
+class Parts:
+    """A coordinator's parts, sync or async alike (:func:`assemble`)."""
+
+    scripts: Scripts
+    lease: LeaseManager
+    outage: Outage
+    standby: StandbyWaiter
+    gate: HoldGate | None
+    handling: Handling
+    owner: Owner
+
+
+def assemble(life: Halting, config: CoordinatorConfig, keys: GroupKeys, handler: Handler,
+             cmd: redis.Redis, waiter: Waiter, emit: Emit, emit_event: Callable[[Any], None],
+             stop: threading.Event, on_standby: Callable[[], None]) -> Parts:
+    """Wire the protocol's parts for one consumer: ``cmd`` and ``waiter`` are its blocking
+    command and waiting connections (the heartbeat connection is cloned from ``cmd``)."""
+    beat_name = client_name(f"os:{config.consumer}:beat")
+    beat = clone_client(cmd, name=beat_name, single=True,
+                        socket_timeout_s=max(config.lease.renew_interval_ms / 1000.0, 0.2))
+    scripts = Scripts(cmd)
+    lease = LeaseManager(scripts, keys, config.consumer, config.lease, beat, beat_name)
+    outage = Outage(emit)
+    standby = StandbyWaiter(lease, cmd, waiter, keys, config.lease, emit, stop, on_standby)
+    parker = Parker(scripts, keys, config.group, config.retry.min_park_delay_ms)
+    gate = (HoldGate(config.hold_key_field, scripts, keys, parker, config.consumer, emit)
+            if config.hold_key_field is not None else None)
+    handling = Handling(life, handler, config, parker, gate, emit, emit_event)
+    owner = Owner(scripts, keys, config, handling, gate, outage, stop, emit)
+    return Parts(scripts, lease, outage, standby, gate, handling, owner)
