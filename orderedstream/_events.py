@@ -116,6 +116,9 @@ class BatchHandled(Event):
     count: int
     last_id: str
     redelivered: int
+    handler_ms: float = 0.0
+    """Time from handing out the batch's first entry to settling its last (handler calls,
+    retries, parking), on this process's monotonic clock."""
     name = "batch_handled"
     level = logging.DEBUG
 

@@ -112,6 +112,7 @@ class Handling:
         redelivered = 0
         self.busy_from = self.handled
         self.busy = rows
+        started = monotonic()
         try:
             for index, row in enumerate(rows):
                 # hot path: one check (stop asked, or lease past its deadline / lost), one
@@ -160,7 +161,8 @@ class Handling:
         if self.budget is not None:
             self.budget = left
         self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
-                   last_id=_text(rows[-1][0]), redelivered=redelivered)
+                   last_id=_text(rows[-1][0]), redelivered=redelivered,
+                   handler_ms=(monotonic() - started) * 1000.0)
 
     def _whole(self, lease: Lease, page: Page, acks: list[Any],
                handler: BatchHandler) -> Step[None]:
@@ -195,6 +197,7 @@ class Handling:
             ids = ids[:self.budget]
         self.busy_from = self.handled
         self.busy = [(entry_id, None) for entry_id in ids]
+        started = monotonic()
         try:
             self._halt_check(lease)
             error = (yield from self._call(messages, handler)) if messages else None
@@ -221,7 +224,8 @@ class Handling:
                 raise BudgetSpent
         if rows:
             self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
-                       last_id=_text(rows[-1][0]), redelivered=redelivered)
+                       last_id=_text(rows[-1][0]), redelivered=redelivered,
+                       handler_ms=(monotonic() - started) * 1000.0)
 
     def _call(self, messages: Sequence[Message], handler: BatchHandler
               ) -> Step[Exception | None]:

@@ -116,6 +116,8 @@ SERIES: tuple[tuple[str, str, str], ...] = (
      "Time to claim the previous owners' pending entries at the start of a term."),
     ("orderedstream_replay_duration_seconds", "histogram",
      "Time to hand this consumer's pending entries to the handler at the start of a term."),
+    ("orderedstream_batch_duration_seconds", "histogram",
+     "Time to handle one batch: its handler calls, retries and parking (no per-entry cost)."),
     ("orderedstream_handler_duration_seconds", "histogram",
      "Handler call duration (only with a handler wrapped by PrometheusHook.timed)."),
     ("orderedstream_is_owner", "gauge",
@@ -185,6 +187,7 @@ class _Consumer:
         self.counters: dict[tuple[str, str], float] = {}
         self.takeover = _Histogram(_DURATION_BUCKETS)
         self.replay = _Histogram(_DURATION_BUCKETS)
+        self.batch = _Histogram(_DURATION_BUCKETS)
         self.owner = False
         self.parked_in_batch = 0
         self.holder: tuple[str, int] | None = None  # the other consumer seen holding the lease
@@ -245,6 +248,7 @@ class PrometheusHook:
                 state = self._consumers[labels] = _Consumer()
                 self._groups.setdefault(labels[:2], _GroupRead())
             if isinstance(event, BatchHandled):
+                state.batch.observe(event.handler_ms / 1000.0)
                 state.inc("handled", "ok", max(event.count - state.parked_in_batch, 0))
                 state.parked_in_batch = 0
                 if event.redelivered:
@@ -359,6 +363,7 @@ class PrometheusHook:
             consumers = {k: (dict(v.counters), v.owner, v.takeover.buckets(), v.takeover.total,
                              v.replay.buckets(), v.replay.total)
                          for k, v in self._consumers.items()}
+            batches = {k: (v.batch.buckets(), v.batch.total) for k, v in self._consumers.items()}
             handlers = {k: (v.buckets(), v.total) for k, v in self._handler.items()}
             groups = {k: (dict(v.values), v.owner, v.ok) for k, v in self._groups.items()}
             # (values, owner, read ok)
@@ -402,7 +407,12 @@ class PrometheusHook:
                                         labels=list(names))
         for labels, (h_buckets, h_sum) in handlers.items():
             handler.add_metric(list(labels), h_buckets, h_sum)
-        yield from (takeover, replay, handler, is_owner)
+        batch = HistogramMetricFamily("orderedstream_batch_duration_seconds",
+                                      _HELP["orderedstream_batch_duration_seconds"],
+                                      labels=list(names))
+        for labels, (b_buckets, b_sum) in batches.items():
+            batch.add_metric(list(labels), b_buckets, b_sum)
+        yield from (takeover, replay, batch, handler, is_owner)
         gauges = {name: GaugeMetricFamily(name, _HELP[name], labels=["stream", "group"])
                   for name, kind, _ in SERIES
                   if kind == "gauge" and name not in ("orderedstream_is_owner",
