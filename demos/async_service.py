@@ -48,7 +48,7 @@ async def serve(args: argparse.Namespace) -> int:
         if request.split()[1:2] != [b"/health"]:
             status, body = "404 Not Found", b"{}"
         else:
-            role = coordinator.role
+            role = coordinator.role.value
             status = "503 Service Unavailable" if role == "stopped" else "200 OK"
             body = json.dumps({"consumer": args.name, "role": role, "epoch": coordinator.epoch,
                                "handled": coordinator.handled,

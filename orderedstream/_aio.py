@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from ._background import Waiter
 from ._config import CoordinatorConfig
+from ._coordinator import Role
 from ._engine import (
     Block,
     Handle,
@@ -293,12 +294,12 @@ class AsyncCoordinator:
         self._halting = False
         parts = assemble(self, config, keys, _not_called, self._sync_cmd, sync_waiter,
                          self._event, self._emitter, self._stop,
-                         lambda: self._set_role("standby"))
+                         lambda: self._set_role(Role.STANDBY))
         self._scripts, self._lease_mgr, self._outage = parts.scripts, parts.lease, parts.outage
         self._standby, self._handling, self._owner = parts.standby, parts.handling, parts.owner
         self._handling.is_async = True
         self._driver = AsyncDriver(self._scripts, self._cmd, self._wait, self._astop, handler)
-        self._role = "starting"
+        self._role = Role.STARTING
         self._lease: Lease | None = None
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -319,14 +320,14 @@ class AsyncCoordinator:
         return coordinator
 
     @property
-    def role(self) -> str:
-        """'starting', 'standby', 'owner' or 'stopped'."""
+    def role(self) -> Role:
+        """Where it is in its life (the same :class:`Role` as the sync Coordinator's)."""
         return self._role
 
     @property
     def epoch(self) -> int | None:
         lease = self._lease
-        return lease.epoch if lease is not None and self._role == "owner" else None
+        return lease.epoch if lease is not None and self._role is Role.OWNER else None
 
     @property
     def handled(self) -> int:
@@ -373,13 +374,13 @@ class AsyncCoordinator:
 
     def _wait_for_lease(self) -> Lease | None:
         start = ensure_group(self._sync_cmd, self.config, self._owner.cursor)
-        if start is not None and self._role != "starting":
+        if start is not None and self._role is not Role.STARTING:
             self._event(GroupRecreated, start_id=start)
         return self._standby.wait()
 
     async def _serve(self, lease: Lease) -> None:
         self._lease = lease
-        self._set_role("owner")
+        self._set_role(Role.OWNER)
         self._event(LeaseAcquired, epoch=lease.epoch)
         renewer = Renewer(self._lease_mgr, lease, self.config.lease)
         renewer.start()
@@ -392,8 +393,8 @@ class AsyncCoordinator:
             watch.halt(wait=False)  # daemon threads that end within one interval: never block
             renewer.halt(wait=False)  # the loop joining them
             self._lease = None
-            if self._role == "owner":
-                self._set_role("standby")
+            if self._role is Role.OWNER:
+                self._set_role(Role.STANDBY)
 
     async def stop(self, timeout: float = 10.0) -> bool:
         """Ask the loop to stop, hand the lease over, and wait up to ``timeout`` seconds.
@@ -404,7 +405,7 @@ class AsyncCoordinator:
         await asyncio.to_thread(self._unblock)
         task = self._task
         if task is None:
-            return self._role == "stopped"
+            return self._role is Role.STOPPED
         done, _ = await asyncio.wait({task}, timeout=timeout)
         return bool(done)
 
@@ -424,7 +425,7 @@ class AsyncCoordinator:
             raise self._error
 
     def _close(self) -> None:
-        self._set_role("stopped")
+        self._set_role(Role.STOPPED)
         self._sync_cmd.close()
         self._sync_waiter.close()
         self._lease_mgr.close()
@@ -444,10 +445,10 @@ class AsyncCoordinator:
         if exc[1] is None and self._error is not None:
             raise self._error
 
-    def _set_role(self, role: str) -> None:
+    def _set_role(self, role: Role) -> None:
         self._role = role
         record_member(self._sync_cmd, self._keys, self.config.consumer,
-                      None if role == "stopped" else role, self._cmd_name)
+                      None if role is Role.STOPPED else role.value, self._cmd_name)
 
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emitter(cls(stream=self.config.stream, group=self.config.group,

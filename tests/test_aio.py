@@ -68,7 +68,7 @@ def test_async_owner_hands_out_every_entry_in_order(server: ServerProcess | Exte
             await until(lambda: len(seen) >= 500, message="500 handled")
             await producer.send({"seq": 501})
             await until(lambda: len(seen) >= 501, message="the late one handled")
-            assert c.role == "owner"
+            assert c.role is Role.OWNER
         await producer.aclose()
         return seen
 
@@ -103,7 +103,7 @@ def test_async_and_sync_consumers_hand_over_to_each_other(server: ServerProcess 
         await until(lambda: len(seen) >= 100, message="sync owner handled 100")
         second = AsyncCoordinator(config(stream, "a1"), async_handle, aclient(server))
         await second.start()
-        await until(lambda: second.role == "standby", message="async standby")
+        await until(lambda: second.role is Role.STANDBY, message="async standby")
         await asyncio.to_thread(first.stop, 5)
         fill(101)
         await until(lambda: len(seen) >= 200, message="async owner handled 100 more")
@@ -217,10 +217,10 @@ def test_a_handler_that_blocks_the_loop_does_not_let_the_lease_lapse(
             ("sync", int(m.fields["seq"]))), client)
         async with AsyncCoordinator(config(stream, "a", batch_size=10), blocking,
                                     aclient(server)) as owner:
-            await until(lambda: owner.role == "owner", message="async owner")
+            await until(lambda: owner.role is Role.OWNER, message="async owner")
             standby.start()
             await until(lambda: len(seen) >= 20, message="20 handled")
-            assert owner.role == "owner" and standby.role is Role.STANDBY
+            assert owner.role is Role.OWNER and standby.role is Role.STANDBY
         await asyncio.to_thread(standby.stop, 5)
 
     asyncio.run(main())
