@@ -32,7 +32,6 @@ from redis.retry import Retry
 
 from ._background import Waiter
 from ._config import CoordinatorConfig
-from ._coordinator import Role
 from ._engine import (
     Block,
     Handle,
@@ -50,7 +49,7 @@ from ._handling import StallWatch
 from ._keys import GroupKeys
 from ._lease import Lease, Renewer
 from ._message import Message
-from ._owner import assemble
+from ._owner import OwnerView, Role, assemble
 from ._recovery import passing_fault
 from ._scripts import ScriptOp, Scripts, pack_command, translate
 from ._server import client_name, clone_client, connect_check
@@ -260,7 +259,7 @@ class AsyncDriver:
         return None
 
 
-class AsyncCoordinator:
+class AsyncCoordinator(OwnerView):
     """Single active consumer for one (stream, group), on an event loop: the same protocol,
     keys and guarantees as :class:`~orderedstream.Coordinator`, with an ``async def`` handler.
 
@@ -318,20 +317,6 @@ class AsyncCoordinator:
         coordinator = cls(config, handler, client, hooks=hooks)  # type: ignore[arg-type]
         coordinator._handling.batch_handler = handler
         return coordinator
-
-    @property
-    def role(self) -> Role:
-        """Where it is in its life (the same :class:`Role` as the sync Coordinator's)."""
-        return self._role
-
-    @property
-    def epoch(self) -> int | None:
-        lease = self._lease
-        return lease.epoch if lease is not None and self._role is Role.OWNER else None
-
-    @property
-    def handled(self) -> int:
-        return self._handling.handled
 
     async def start(self, *, max_messages: int | None = None) -> None:
         """Run in a task of the running loop; returns at once."""

@@ -18,7 +18,6 @@ connection, OOM, LOADING, a missing group) are waited out and healed, and said o
 
 from __future__ import annotations
 
-import enum
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +37,7 @@ from ._events import (
 from ._handling import BatchHandler, Handler, StallWatch
 from ._keys import GroupKeys
 from ._lease import Lease, Renewer
-from ._owner import assemble
+from ._owner import OwnerView, Role, assemble
 from ._recovery import passing_fault
 from ._server import client_from_url, client_name, clone_client, connect_check
 from ._status import record_member
@@ -48,16 +47,7 @@ from .exceptions import BudgetSpent, ConfigError, GroupMissing
 __all__ = ["BatchHandler", "Coordinator", "Handler", "Role"]
 
 
-class Role(enum.Enum):
-    """Where a coordinator is in its life."""
-
-    STARTING = "starting"
-    STANDBY = "standby"
-    OWNER = "owner"
-    STOPPED = "stopped"
-
-
-class Coordinator(Background):
+class Coordinator(Background, OwnerView):
     """Single active consumer for one (stream, group), with ordered failover.
 
     >>> coordinator = Coordinator(config, handler, redis.Redis())   # doctest: +SKIP
@@ -109,22 +99,6 @@ class Coordinator(Background):
         coordinator = cls(config, lambda message: handler((message,)), client, hooks=hooks)
         coordinator._handling.batch_handler = handler
         return coordinator
-
-    @property
-    def role(self) -> Role:
-        return self._role
-
-    @property
-    def epoch(self) -> int | None:
-        """The fencing epoch while this consumer owns the group, else None."""
-        lease = self._lease
-        return lease.epoch if lease is not None and self._role is Role.OWNER else None
-
-    @property
-    def handled(self) -> int:
-        """Entries this coordinator has dealt with: handled, parked, or passed over (a copy
-        re-streamed for another group, an entry held behind its key)."""
-        return self._handling.handled
 
     def start(self, *, max_messages: int | None = None) -> None:
         """Run in a background thread; returns at once.  Errors surface from ``join``."""

@@ -8,6 +8,7 @@ handler that blocks an event loop cannot starve them.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,40 @@ from ._server import client_name, clone_client
 from ._standby import StandbyWaiter
 from ._takeover import take_over
 from .exceptions import LeaseLost, NotOwner, StopRequested
+
+
+class Role(enum.Enum):
+    """Where a coordinator (sync or async) is in its life."""
+
+    STARTING = "starting"
+    STANDBY = "standby"
+    OWNER = "owner"
+    STOPPED = "stopped"
+
+
+class OwnerView:
+    """What the sync and the async coordinator show of their state (``_role``, ``_lease`` and
+    ``_handling`` are theirs)."""
+
+    _role: Role
+    _lease: Lease | None
+    _handling: Handling
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def epoch(self) -> int | None:
+        """The fencing epoch while this consumer owns the group, else None."""
+        lease = self._lease
+        return lease.epoch if lease is not None and self._role is Role.OWNER else None
+
+    @property
+    def handled(self) -> int:
+        """Entries this coordinator has dealt with: handled, parked, or passed over (a copy
+        re-streamed for another group, an entry held behind its key)."""
+        return self._handling.handled
 
 
 class Owner:
