@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import redis
 
 from orderedstream import Fixer, FixerConfig, GroupKeys, ParkedEntry, Unrepairable
-from orderedstream.testing import ServerProcess, free_port, park_directly, wait_until
+from orderedstream.testing import ServerProcess, free_port, park_directly, read_records, wait_until
 
 from .conftest import EXTERNAL_URL
 
@@ -200,7 +199,11 @@ def test_ctrl_c_ends_the_demo_with_its_verdict(tmp_path: Path) -> None:
             records = list(tmp.glob("orderedstream-demo-*/handled.jsonl"))
             return bool(records) and records[0].stat().st_size > 2000
         wait_until(handled_some, 30, 0.1, message="the demo's consumers handling")
-        time.sleep(2)  # a kill or two
+
+        def failed_over() -> bool:  # a kill happened: another consumer process handles now
+            records = list(tmp.glob("orderedstream-demo-*/handled.jsonl"))
+            return bool(records) and len({r["pid"] for r in read_records(records[0])}) >= 2
+        wait_until(failed_over, 30, 0.1, message="a kill and a failover")
         os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
