@@ -160,13 +160,17 @@ class LeaseConfig:
         return max(self.ttl_ms // 3, 50)
 
 
-@attrs.frozen(kw_only=True)
-class CoordinatorConfig:
-    """Everything a :class:`~orderedstream.Coordinator` needs, validated on build."""
+def _check_name(what: str, value: str) -> None:
+    if ":" in value or any(ch.isspace() for ch in value):
+        raise ConfigError(f"{what} name may not contain ':' or spaces, got {value!r}")
 
-    stream: str = attrs.field(validator=_non_empty)
-    group: str = attrs.field(validator=_non_empty)
-    consumer: str = attrs.field(factory=default_consumer_name, validator=_non_empty)
+
+@attrs.frozen(kw_only=True)
+class ConsumerSettings:
+    """How a consumer reads, handles and holds its lease: what a
+    :class:`CoordinatorConfig` (one stream) and a :class:`MemberConfig` (every partition of a
+    topic) share."""
+
     batch_size: int = attrs.field(default=100, validator=_positive)
     block_ms: int = attrs.field(default=1_000, validator=_positive)
     socket_timeout_ms: int = attrs.field(default=5_000, validator=_positive)
@@ -183,10 +187,22 @@ class CoordinatorConfig:
     key K is parked, later entries with key K are parked behind it, and come back after it, in
     order, when it is repaired.  None (default): later entries flow on while one is parked."""
 
+    def settings(self) -> dict[str, object]:
+        """These settings as keywords (to build another config with the same ones)."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(ConsumerSettings)}
+
+
+@attrs.frozen(kw_only=True)
+class CoordinatorConfig(ConsumerSettings):
+    """Everything a :class:`~orderedstream.Coordinator` needs, validated on build."""
+
+    stream: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+    consumer: str = attrs.field(factory=default_consumer_name, validator=_non_empty)
+
     @consumer.validator
     def _check_consumer(self, attribute: attrs.Attribute[str], value: str) -> None:
-        if ":" in value or any(ch.isspace() for ch in value):
-            raise ConfigError(f"consumer name may not contain ':' or spaces, got {value!r}")
+        _check_name("consumer", value)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> CoordinatorConfig:
@@ -208,6 +224,35 @@ class CoordinatorConfig:
             raise ConfigError(f"invalid number in environment: {err}") from err
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+@attrs.frozen(kw_only=True)
+class MemberConfig(ConsumerSettings):
+    """One member of a consumer group of a partitioned topic
+    (:class:`~orderedstream.TopicMember`): it owns some of the topic's partitions and stands by
+    for the others.  Every partition is served with these settings, as a
+    :class:`CoordinatorConfig` would serve one stream (:meth:`partition`)."""
+
+    topic: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+    name: str = attrs.field(factory=default_consumer_name, validator=_non_empty)
+    """The member's name: also its consumer name in every partition's group."""
+    rebalance_grace_ms: int = attrs.field(default=2_000, validator=_positive)
+    """A partition whose target member has not taken it this long after it became free is
+    taken by another live member (so none stays without an owner)."""
+
+    @name.validator
+    def _check_member(self, attribute: attrs.Attribute[str], value: str) -> None:
+        _check_name("member", value)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lease.wait_replicas:
+            raise ConfigError("wait_replicas is not supported by topic members yet")
+
+    def partition(self, stream: str) -> CoordinatorConfig:
+        """The configuration this member serves partition stream ``stream`` with."""
+        return CoordinatorConfig(stream=stream, group=self.group, consumer=self.name,
+                                 **self.settings())  # type: ignore[arg-type]
 
 
 @attrs.frozen(kw_only=True)

@@ -77,6 +77,8 @@ class Handling:
         """Batch mode: the handler gets each page's entries in one call (see :meth:`_whole`)."""
         self.is_async = False
         """The handler is an ``async def``: each call is yielded to the driver."""
+        self.partition: int | None = None
+        """The topic partition this loop serves (:attr:`Message.partition`)."""
 
     def progress(self) -> int:
         """Grows with every handler call that returned or raised."""
@@ -101,7 +103,7 @@ class Handling:
         cfg = self._config
         call = self._handler if not self.is_async else None
         life = self._life
-        term = Term(cfg.stream, cfg.group, lease.epoch)
+        term = Term(cfg.stream, cfg.group, lease.epoch, self.partition)
         ack = acks.append
         left = self.budget if self.budget is not None else -1
         own_group = self._own_group
@@ -173,7 +175,7 @@ class Handling:
         behind their key, entries past ``max_deliveries`` (parked)."""
         rows, counts, rereading, min_count = page
         cfg = self._config
-        term = Term(cfg.stream, cfg.group, lease.epoch)
+        term = Term(cfg.stream, cfg.group, lease.epoch, self.partition)
         limit = cfg.retry.max_deliveries or _NO_LIMIT
         gate = self._gate
         messages: list[Message] = []

@@ -114,3 +114,33 @@ class GroupKeys:
         return [self.lease, self.epoch, self.owner, self.members, self.events, self.delay,
                 self.parked,
                 self.claims, self.signal, self.graveyard, self.held]
+
+
+@attrs.frozen
+class TopicGroupKeys:
+    """Keys of one consumer group of a partitioned topic (membership, timeline), in the
+    topic's own slot; each partition's keys are :class:`GroupKeys` of its stream."""
+
+    topic: str
+    group: str
+    prefix: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"os:{{t:{self.topic}}}:tg:{self.group}:")
+
+    @property
+    def members(self) -> str:
+        """Sorted set: member name -> expiry (server clock, ms): who is alive."""
+        return self.prefix + "members"
+
+    @property
+    def conns(self) -> str:
+        """Hash: member name -> ``<conn id> <conn name> <server run id>`` of its heartbeat
+        connection to this slot's node (watched: a member whose connection is gone is gone)."""
+        return self.prefix + "conns"
+
+    @property
+    def events(self) -> str:
+        """Capped stream: the rebalance timeline (joined, left, gone, expired, released), and
+        what wakes every member."""
+        return self.prefix + "events"

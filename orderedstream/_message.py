@@ -17,6 +17,8 @@ class Term:
     stream: str
     group: str
     epoch: int
+    partition: int | None = None
+    """The partition of a topic the entry came from (None: a plain stream)."""
 
 
 class Message:
@@ -57,6 +59,12 @@ class Message:
     @property
     def epoch(self) -> int:
         return self._term.epoch
+
+    @property
+    def partition(self) -> int | None:
+        """The topic partition the entry came from (:class:`~orderedstream.TopicMember`); None
+        for a plain stream."""
+        return self._term.partition
 
     @property
     def attempt(self) -> int:

@@ -28,7 +28,9 @@ _CLASS_CODES: tuple[tuple[type[Exception], str], ...] = (
     (rex.OutOfMemoryError, "OOM"), (rex.BusyLoadingError, "LOADING"),
     (rex.ReadOnlyError, "READONLY"), (rex.NoScriptError, "NOSCRIPT"),
     (rex.MasterDownError, "MASTERDOWN"), (rex.ClusterDownError, "CLUSTERDOWN"),
-    (rex.TryAgainError, "TRYAGAIN"), (rex.ExecAbortError, "EXECABORT"))
+    (rex.TryAgainError, "TRYAGAIN"), (rex.ExecAbortError, "EXECABORT"),
+    # a cluster slot that moved (resharding) or whose primary changed: ask the new one
+    (rex.MovedError, "MOVED"), (rex.AskError, "ASK"))
 
 
 def passing_fault(err: BaseException) -> str | None:

@@ -3,6 +3,8 @@ cannot run the protocol (Redis < 7.0; see DESIGN.md §2)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,3 +170,64 @@ def server_ms(client: redis.Redis, reply: Any = None) -> int:
     reply already fetched (e.g. in a pipeline)."""
     seconds, micros = reply if reply is not None else client.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def resp3_connection(client: redis.Redis, name: str, *, socket_timeout_s: float = 5.0) -> Any:
+    """A connected RESP3 connection to ``client``'s server, like its own, named, without
+    automatic retries (for pushes: ``CLIENT TRACKING``)."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name",
+                "decode_responses", "protocol", "socket_timeout", "cache", "cache_config",
+                "encoding_errors"):
+        kwargs.pop(key, None)
+    for key in list(kwargs):
+        if key.startswith(("maint_notifications", "oss_cluster_maint")):
+            del kwargs[key]
+    conn = pool.connection_class(protocol=3, client_name=client_name(name),
+                                 socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
+                                 **kwargs)
+    try:
+        conn.connect()
+    except BaseException:
+        conn.disconnect()
+        raise
+    return conn
+
+
+class NodeMap:
+    """Which server serves a key: on a cluster (``redis.RedisCluster``), the primary that owns
+    the key's slot; else the one server.  Hands out a plain client of our own per node
+    (:func:`clone_client` settings), so keyless commands (``CLIENT ID``, ``WAIT``) reach the
+    node that owns the key."""
+
+    def __init__(self, client: Any, *, socket_timeout_s: float = 5.0) -> None:
+        self.client = client
+        self.cluster = isinstance(client, redis.RedisCluster)
+        self._timeout = socket_timeout_s
+        self._refreshed = 0.0
+
+    def node_name(self, key: str) -> str:
+        """``host:port`` of the node serving ``key`` ('' on a single server)."""
+        if not self.cluster:
+            return ""
+        return str(self.client.get_node_from_key(key).name)
+
+    def node_for(self, key: str, name: str, *, single: bool = False) -> tuple[str, redis.Redis]:
+        """(node name, a new client of our own to it, named ``name``) for ``key``."""
+        if not self.cluster:
+            return "", clone_client(self.client, name=name, socket_timeout_s=self._timeout,
+                                    single=single)
+        node = self.client.get_node_from_key(key)
+        base = self.client.get_redis_connection(node)
+        return str(node.name), clone_client(base, name=name, socket_timeout_s=self._timeout,
+                                            single=single)
+
+    def refresh(self) -> None:
+        """The slot map may be stale (MOVED, a node gone): read it again (at most every 100 ms)."""
+        now = time.monotonic()
+        if not self.cluster or now - self._refreshed < 0.1:
+            return
+        self._refreshed = now
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.client.nodes_manager.initialize()

@@ -27,10 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ._recovery import CONNECTION_ERRORS
+from ._server import resp3_connection
 
 log = logging.getLogger("orderedstream")
 
@@ -212,24 +211,7 @@ class PushWatch:
 
     def _connect(self) -> Any:
         """A RESP3 connection like the client's, named, without automatic retries."""
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name",
-                    "decode_responses", "protocol", "socket_timeout", "cache", "cache_config",
-                    "encoding_errors"):
-            kwargs.pop(key, None)
-        for key in list(kwargs):
-            if key.startswith(("maint_notifications", "oss_cluster_maint")):
-                del kwargs[key]
-        conn = pool.connection_class(protocol=3, client_name=self._name,
-                                     socket_timeout=self._timeout, retry=Retry(NoBackoff(), 0),
-                                     **kwargs)
-        try:
-            conn.connect()
-        except BaseException:
-            conn.disconnect()
-            raise
-        return conn
+        return resp3_connection(self._client, self._name, socket_timeout_s=self._timeout)
 
     def _park(self, tracker: _Tracker) -> None:
         """Keep a healthy, disarmed connection for reuse."""

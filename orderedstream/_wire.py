@@ -47,6 +47,23 @@ class Timeline:
     owner gave its lease up because its handler ran past the handler timeout."""
 
 
+class Rebalance:
+    """Fields of a topic group's timeline (``TopicGroupKeys.events``; members block on it)."""
+
+    TYPE = "type"
+    MEMBER = "member"
+    BY = "by"
+    REASON = "reason"
+    TS_MS = "ts_ms"
+    PARTITIONS = "partitions"
+
+    FIELDS = (TYPE, MEMBER, BY, REASON, TS_MS, PARTITIONS)
+    TYPES = ("joined", "left", "gone", "expired", "released")
+    """'joined' a member's first heartbeat; 'left' a clean stop; 'gone' another member found its
+    heartbeat connection gone; 'expired' its membership ran out on the server's clock;
+    'released' it handed ``partitions`` (comma-separated) over to their new targets."""
+
+
 class Graveyard:
     """Fields of a graveyard entry: the parked id, why it was buried, its whole record (JSON)."""
 

@@ -22,6 +22,8 @@ def test_golden_record_fields() -> None:
     assert wire.Timeline.FIELDS == ("type", "consumer", "epoch", "ts_ms", "by", "reason",
                                     "claimed", "deleted", "trimmed", "duration_ms")
     assert wire.Timeline.TYPES == ("acquired", "takeover", "released", "ended", "stalled")
+    assert wire.Rebalance.FIELDS == ("type", "member", "by", "reason", "ts_ms", "partitions")
+    assert wire.Rebalance.TYPES == ("joined", "left", "gone", "expired", "released")
     assert wire.Graveyard.FIELDS == ("id", "reason", "record")
     assert wire.SIGNAL_DUE == "due"
 
@@ -38,9 +40,10 @@ def test_scripts_write_only_pinned_headers() -> None:
 
 def test_scripts_write_only_pinned_record_fields() -> None:
     """The XADDs of the scripts to orderedstream's own streams use only pinned field names:
-    the timeline (acquire, end_term), the graveyard (fix_bury, fix_release) and the signal
-    stream (defer, hold)."""
-    pinned = {*wire.Timeline.FIELDS, *wire.Graveyard.FIELDS, wire.SIGNAL_DUE}
+    the timeline (acquire, end_term), the graveyard (fix_bury, fix_release), the signal
+    stream (defer, hold) and a topic group's timeline (member_beat, member_leave)."""
+    pinned = {*wire.Timeline.FIELDS, *wire.Graveyard.FIELDS, *wire.Rebalance.FIELDS,
+              wire.SIGNAL_DUE}
     for name in script_names():
         for call in re.findall(r"redis\.call\('XADD', KEYS\[\d\], (.*?)\)\n", script_text(name),
                                re.S):

@@ -1,0 +1,563 @@
+"""A member of a consumer group of a partitioned topic (DESIGN.md §7).
+
+Every member runs the same loop, with no leader:
+
+1. **liveness**: it renews its own membership on the server's clock (``member_beat``: a sorted
+   set of members scored by expiry, in the topic's slot), which also drops expired members and
+   returns the live ones; it polls the heartbeat connections of the others (``CLIENT LIST ID``,
+   every ``watch_interval_ms``), and ends the membership of one whose connection is gone
+   (``member_leave`` ... ``gone``, compare-and-delete on the connection it saw);
+2. **assignment**: it computes the target owner of every partition from the sorted live-member
+   list (:func:`~orderedstream._assign.assign`), exactly as every other member does;
+3. **handoff**: it hands a partition it owns but is not the target of over gracefully (the
+   partition's term stops after the batch in hand and releases its lease; a ``released``
+   record on the group's timeline wakes the target at once), and takes the partitions it is the
+   target of: the lease of each (the same fenced lease as a single stream's, on the node that
+   owns the partition's slot); a lease still held by a member that is no longer live is ended
+   (compare-and-delete on its token) and taken in the same round trip;
+4. **serving**: every owned partition runs the coordinator's term as it is (takeover, replay
+   first, new entries: :meth:`~orderedstream._owner.Owner.serve`), all of them driven by one
+   thread over one connection per node (:class:`~orderedstream._mux.Mux`); the leases are
+   renewed from this member's control thread, pipelined per node.
+
+Partitions that do not move never pause during a rebalance.  Connections per node: the driver's
+command and wake-up connections, and the control thread's heartbeat connection (3), plus a
+waiting connection and a command connection on the node of the topic's slot: bounded, whatever
+the number of partitions.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import redis
+
+from ._assign import assign
+from ._config import MemberConfig
+from ._deadletter import Parker
+from ._events import Emitter, Event, Hook, LeaseAcquired
+from ._handling import Handler, Handling
+from ._holdkey import HoldGate
+from ._keys import GroupKeys, TopicGroupKeys
+from ._lease import Lease, parse_token
+from ._mux import Lane, Mux
+from ._owner import Owner
+from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
+from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
+from ._server import NodeMap, client_from_url, client_name
+from ._takeover import ensure_group
+from ._wire import Rebalance as R
+from .exceptions import OrderedStreamError
+
+log = logging.getLogger("orderedstream")
+
+__all__ = ["TopicMember"]
+
+
+class _Life:
+    """One partition's term: ``_halting`` (read by the handling loop per entry) and the stop
+    event the term's reader waits on."""
+
+    def __init__(self) -> None:
+        self._halting = False
+        self.stop = threading.Event()
+
+    def halt(self) -> None:
+        self._halting = True
+        self.stop.set()
+
+
+@attrs.define
+class _Served:
+    """A partition this member owns now."""
+
+    lease: Lease
+    life: _Life
+    handing_over: bool = False
+
+
+@attrs.define
+class _Beat:
+    """The control thread's heartbeat connection to one node: acquire, renew, end terms."""
+
+    client: redis.Redis
+    scripts: Scripts
+    conn_id: int = 0
+
+
+class TopicMember:
+    """One member of a consumer group of a partitioned topic; see the module's docstring.
+
+    ``start()`` returns, ``stop(timeout)`` hands every owned partition over and leaves the group,
+    ``run()`` blocks, and ``with`` works as for a :class:`~orderedstream.Coordinator`.
+    ``streams`` are the topic's partition streams, in partition order.
+    """
+
+    def __init__(self, config: MemberConfig, handler: Handler, client: Any,
+                 streams: Sequence[str], *, hooks: Sequence[Hook] = ()) -> None:
+        if not streams:
+            raise OrderedStreamError(f"topic {config.topic!r} has no partitions")
+        self.config = config
+        self._handler = handler
+        self._client = client
+        self._streams = list(streams)
+        self._emitter = Emitter(hooks)
+        self._keys = TopicGroupKeys(config.topic, config.group)
+        timeout_s = config.socket_timeout_ms / 1000.0
+        self._nodes = NodeMap(client, socket_timeout_s=timeout_s)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._base = f"os:{config.name}"
+        self._served: dict[int, _Served] = {}
+        self._ended: collections.deque[tuple[int, BaseException | None]] = collections.deque()
+        self._live: tuple[str, ...] = ()
+        self._conns: dict[str, str] = {}  # other members' connection records
+        self._run_id = ""
+        self._beats: dict[str, _Beat] = {}
+        self._retry_at: dict[int, float] = {}
+        self._registry: _Beat | None = None
+        self._waiter: redis.Redis | None = None
+        self._waiter_id: int | None = None
+        self._poker: redis.Redis | None = None
+        self._mux: Mux | None = None
+        self._scripts: Scripts | None = None
+        self._host = socket.gethostname()
+        self._last_event = "$"
+        self._outage = Outage(self._event)
+
+    @classmethod
+    def from_url(cls, url: str, config: MemberConfig, handler: Handler,
+                 streams: Sequence[str], *, hooks: Sequence[Hook] = ()) -> TopicMember:
+        return cls(config, handler, client_from_url(url), streams, hooks=hooks)
+
+    # -- what it shows ------------------------------------------------------------------------
+
+    @property
+    def owned(self) -> dict[int, int]:
+        """Partition -> epoch of every partition this member owns now."""
+        return {p: s.lease.epoch for p, s in list(self._served.items()) if s.lease.valid()}
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The live members, as this member last saw them (sorted)."""
+        return self._live
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise OrderedStreamError("topic member already started")
+        self._thread = threading.Thread(target=self._thread_main, daemon=True,
+                                        name="orderedstream-member")
+        self._thread.start()
+
+    def run(self) -> None:
+        self._main()
+
+    def _thread_main(self) -> None:
+        try:
+            self._main()
+        except BaseException as err:
+            self._error = err
+            log.error("topic member stopped on error: %r", err)
+
+    def join(self, timeout: float | None = None) -> bool:
+        ended = self._stopped.wait(timeout)
+        if ended and self._error is not None:
+            raise self._error
+        return ended
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Hand every partition over, leave the group, and wait up to ``timeout`` seconds.
+        Idempotent; True once stopped."""
+        self._stop.set()
+        self._poke()
+        if self._thread is None or threading.current_thread() is self._thread:
+            return self._stopped.is_set()
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> TopicMember:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if exc[1] is None and self._stopped.is_set() and self._error is not None:
+            raise self._error
+
+    # -- the control loop -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        cfg = self.config
+        try:
+            self._connect()
+            for stream in self._streams:
+                ensure_group(self._client, cfg.partition(stream), None)
+            mux = self._mux
+            assert mux is not None
+            mux.start()
+            self._beat("join")
+            next_beat = next_renew = next_poll = 0.0
+            while not self._stop.is_set():
+                try:
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        self._beat("renew")
+                        next_beat = now + cfg.lease.renew_interval_ms / 1000.0
+                    if now >= next_renew:
+                        self._renew()
+                        next_renew = now + cfg.lease.renew_interval_ms / 1000.0
+                    if cfg.lease.watch_connection and now >= next_poll:
+                        self._poll()
+                        next_poll = now + cfg.lease.watch_interval_ms / 1000.0
+                    self._reap()
+                    self._reconcile()
+                    self._outage.ok()
+                    wake = min(next_beat, next_renew, *self._retry_at.values(),
+                               next_poll if cfg.lease.watch_connection else next_beat)
+                    self._wait_events(max(wake - time.monotonic(), 0.001))
+                except Exception as err:
+                    reason = passing_fault(err)
+                    if reason is None:
+                        raise
+                    self._reset_connections()
+                    self._stop.wait(self._outage.failed(reason))
+        finally:
+            self._shutdown()
+            self._stopped.set()
+
+    def _connect(self) -> None:
+        cfg = self.config
+        registry_key = self._keys.members
+        _, client = self._nodes.node_for(registry_key, f"{self._base}:member", single=True)
+        self._registry = _Beat(client, Scripts(client))
+        _, waiter = self._nodes.node_for(registry_key, f"{self._base}:wait", single=True)
+        # a waiting connection's timeout outlasts its BLOCK (at most watch/renew intervals)
+        self._waiter = waiter
+        _, self._poker = self._nodes.node_for(registry_key, f"{self._base}:poke")
+        self._scripts = Scripts(client)
+        self._mux = Mux(self._nodes, self._scripts, self._base)
+        del cfg
+
+    def _reset_connections(self) -> None:
+        """After a fault: connections are opened again on next use (ids looked up again)."""
+        for beat in [*self._beats.values(), *([self._registry] if self._registry else [])]:
+            beat.conn_id = 0
+            with contextlib.suppress(Exception):
+                beat.client.connection_pool.disconnect()
+        self._beats.clear()
+        self._waiter_id = None
+        if self._waiter is not None:
+            with contextlib.suppress(Exception):
+                self._waiter.connection_pool.disconnect()
+        self._nodes.refresh()
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def _beat(self, mode: str) -> None:
+        """Renew (or join) this membership; learn the live members."""
+        registry = self._registry
+        assert registry is not None
+        if not registry.conn_id:
+            registry.conn_id = int(registry.client.client_id())
+        keys = self._keys
+        reply = registry.scripts.run(
+            "member_beat", [keys.members, keys.conns, keys.events],
+            [self.config.name, self.config.lease.ttl_ms, registry.conn_id,
+             client_name(f"{self._base}:member"), EVENTS_MAXLEN, mode])
+        self._run_id = _text(reply[1])
+        if int(reply[2]) == -1:  # dropped (expired while paused, or found gone): join again
+            self._beat("join")
+            return
+        flat = [_text(v) for v in reply[3:]]
+        self._live = tuple(flat[0::2])
+        self._conns = dict(zip(flat[0::2], flat[1::2], strict=True))
+
+    def _poll(self) -> None:
+        """End the membership of every other member whose heartbeat connection is gone."""
+        registry = self._registry
+        assert registry is not None
+        others = {}
+        for name, record in self._conns.items():
+            conn_id, _, rest = record.partition(" ")
+            conn_name, _, run_id = rest.partition(" ")
+            # only ids the server we ask handed out mean anything to it
+            if name != self.config.name and conn_id.isdigit() and run_id == self._run_id:
+                others[name] = (conn_id, conn_name, record)
+        if not others:
+            return
+        try:
+            listed: Any = registry.client.execute_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "LIST", "ID", *[c[0] for c in others.values()])
+        except redis.ResponseError:  # not permitted: liveness by expiry only
+            self._conns = {}
+            return
+        text = " " + _text(listed).replace("\n", " \n ")
+        gone = False
+        for name, (conn_id, conn_name, record) in others.items():
+            if f" id={conn_id} " in text and f" name={conn_name} " in text:
+                continue
+            keys = self._keys
+            ended = registry.scripts.run(
+                "member_leave", [keys.members, keys.conns, keys.events],
+                [name, "gone", self.config.name, "heartbeat connection gone", EVENTS_MAXLEN,
+                 record])
+            gone = gone or int(ended) == 1
+        if gone:
+            self._beat("renew")
+
+    def _wait_events(self, seconds: float) -> None:
+        """Block on the group's timeline until something happens (a member joins, leaves, a
+        partition is released) or ``seconds`` passed; learn the members again if it did."""
+        waiter = self._waiter
+        assert waiter is not None
+        if self._waiter_id is None:
+            self._waiter_id = int(waiter.client_id())
+        if self._ended or self._stop.is_set():
+            return
+        try:
+            got: Any = waiter.xread({self._keys.events: self._last_event}, count=100,
+                                    block=max(int(seconds * 1000), 1))
+        except CONNECTION_ERRORS:
+            self._waiter_id = None
+            waiter.connection_pool.disconnect()  # never reuse a connection cut mid-command
+            raise
+        if got:
+            entries = got[0][1]
+            self._last_event = _text(entries[-1][0])
+            if any(fields.get(R.TYPE.encode()) != b"released" for _, fields in entries):
+                self._beat("renew")
+            self._retry_at = {p: 0.0 for p in self._retry_at}  # look again at once
+
+    def _poke(self) -> None:
+        """Wake the control thread (parked in its XREAD BLOCK)."""
+        poker, wait_id = self._poker, self._waiter_id
+        if poker is not None and wait_id is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                poker.execute_command("CLIENT", "UNBLOCK", wait_id)  # type: ignore[no-untyped-call]
+
+    # -- partitions ---------------------------------------------------------------------------
+
+    def _node_beat(self, stream: str) -> _Beat:
+        name = self._nodes.node_name(stream)
+        beat = self._beats.get(name)
+        if beat is None:
+            _, client = self._nodes.node_for(stream, f"{self._base}:beat", single=True)
+            beat = self._beats[name] = _Beat(client, Scripts(client))
+        if not beat.conn_id:
+            beat.conn_id = int(beat.client.client_id())
+        return beat
+
+    def _reconcile(self) -> None:
+        """Hand over what is no longer ours; take what is."""
+        me = self.config.name
+        live = self._live if me in self._live else (*self._live, me)
+        target = set(assign(len(self._streams), sorted(live)).get(me, ()))
+        for partition, served in self._served.items():
+            if partition not in target and not served.handing_over:
+                served.handing_over = True
+                served.life.halt()
+                assert self._mux is not None
+                self._mux.poke()
+        now = time.monotonic()
+        wanted = [p for p in sorted(target) if p not in self._served
+                  and self._retry_at.get(p, 0.0) <= now]
+        for partition in list(self._retry_at):
+            if partition not in target or partition in self._served:
+                del self._retry_at[partition]
+        if wanted and not self._stop.is_set():
+            self._acquire(wanted, set(live))
+
+    def _acquire(self, partitions: list[int], live: set[str]) -> None:
+        """Ask for the leases of ``partitions`` (pipelined per node); a lease held by a member
+        that is not live is ended and taken in the same round trip."""
+        cfg = self.config
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for partition in partitions:
+            by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+        for group in by_node.values():
+            beat = self._node_beat(self._streams[group[0]])
+            replies = self._pipeline(beat, [self._acquire_command(beat, p) for p in group])
+            ends: list[tuple[Any, ...]] = []
+            retry: list[int] = []
+            for partition, (sent, reply) in zip(group, replies, strict=True):
+                got = AcquireReply.parse(Scripts.reply(reply))
+                if got.granted:
+                    self._serve(partition, Lease(got.token, got.epoch, cfg.lease, sent,
+                                                 server_changed=got.server_changed))
+                    continue
+                holder = parse_token(got.holder)[0]
+                if holder in live and holder != cfg.name:
+                    # the holder hands it over when it sees the same target; its 'released'
+                    # record wakes us; look again meanwhile now and then
+                    self._retry_at[partition] = time.monotonic() + cfg.lease.ttl_ms / 3000.0
+                    continue
+                keys = GroupKeys(self._streams[partition], cfg.group)
+                ends.append(beat.scripts.command(
+                    "end_term", [keys.lease, keys.events],
+                    [got.holder, "ended", cfg.name, f"member {holder} is gone",
+                     EVENTS_MAXLEN]))
+                retry.append(partition)
+            if ends:
+                commands = [*ends, *[self._acquire_command(beat, p) for p in retry]]
+                replies = self._pipeline(beat, commands)
+                for partition, (sent, reply) in zip(retry, replies[len(ends):], strict=True):
+                    got = AcquireReply.parse(Scripts.reply(reply))
+                    if got.granted:
+                        self._serve(partition, Lease(got.token, got.epoch, cfg.lease, sent,
+                                                     server_changed=got.server_changed))
+                    else:
+                        self._retry_at[partition] = time.monotonic() + 0.05
+
+    def _acquire_command(self, beat: _Beat, partition: int) -> tuple[Any, ...]:
+        keys = GroupKeys(self._streams[partition], self.config.group)
+        return beat.scripts.acquire_command(
+            keys, self.config.name, self.config.lease.ttl_ms, beat.conn_id,
+            client_name(f"{self._base}:beat"), self._host, os.getpid(), secrets.token_hex(6))
+
+    @staticmethod
+    def _pipeline(beat: _Beat, commands: list[tuple[Any, ...]]) -> list[tuple[float, Any]]:
+        """Run ``commands`` (EVALSHA) in one round trip on ``beat``; (send time, reply or
+        error) each.  Scripts missing from the server's cache are loaded and sent again."""
+        for attempt in range(2):
+            pipe = beat.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            sent = time.monotonic()
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError)
+                                  for r in replies):
+                break
+            for name in ("acquire", "renew", "end_term"):
+                beat.scripts.sha(name)
+        return [(sent, r) for r in replies]
+
+    def _serve(self, partition: int, lease: Lease) -> None:
+        """Start serving ``partition`` under ``lease`` (its term runs on the driver)."""
+        cfg = self.config
+        stream = self._streams[partition]
+        pcfg = cfg.partition(stream)
+        keys = GroupKeys(stream, cfg.group)
+        scripts = self._scripts
+        assert scripts is not None and self._mux is not None
+        life = _Life()
+
+        def emit(cls: type[Event], **fields: Any) -> None:
+            self._emitter(cls(stream=stream, group=cfg.group, consumer=cfg.name, **fields))
+
+        parker = Parker(scripts, keys, cfg.group, cfg.retry.min_park_delay_ms)
+        gate = (HoldGate(cfg.hold_key_field, scripts, keys, parker, cfg.name, emit)
+                if cfg.hold_key_field is not None else None)
+        handling = Handling(life, self._handler, pcfg, parker, gate, emit, self._emitter)
+        handling.partition = partition
+        owner = Owner(scripts, keys, pcfg, handling, gate, Outage(emit), life.stop, emit)
+        self._served[partition] = _Served(lease, life)
+        self._retry_at.pop(partition, None)
+        emit(LeaseAcquired, epoch=lease.epoch)
+
+        def done(error: BaseException | None) -> None:  # on the driver's thread
+            self._ended.append((partition, error))
+            self._poke()
+
+        self._mux.add(Lane(stream, owner.serve(lease), life.stop, done))
+
+    def _reap(self) -> None:
+        """Partitions whose term ended: forget them; a handover is announced (wakes the
+        target member at once)."""
+        released = []
+        while self._ended:
+            partition, error = self._ended.popleft()
+            served = self._served.pop(partition, None)
+            if error is not None:
+                log.error("partition %s of topic %s: its term ended on error: %r", partition,
+                          self.config.topic, error)
+            if served is not None and served.handing_over:
+                released.append(partition)
+        if released and self._registry is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._registry.client.xadd(
+                    self._keys.events,
+                    {R.TYPE: "released", R.MEMBER: self.config.name,
+                     R.PARTITIONS: ",".join(map(str, released))},
+                    maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def _renew(self) -> None:
+        """Renew every owned lease: one pipeline per node."""
+        cfg = self.config
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for partition, served in self._served.items():
+            if served.lease.valid():
+                by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+        for group in by_node.values():
+            beat = self._node_beat(self._streams[group[0]])
+            commands = []
+            for partition in group:
+                keys = GroupKeys(self._streams[partition], cfg.group)
+                commands.append(beat.scripts.command(
+                    "renew", [keys.lease, keys.owner],
+                    [self._served[partition].lease.token, cfg.lease.ttl_ms, beat.conn_id]))
+            try:
+                replies = self._pipeline(beat, commands)
+            except CONNECTION_ERRORS:
+                beat.conn_id = 0
+                beat.client.connection_pool.disconnect()
+                continue
+            for partition, (sent, reply) in zip(group, replies, strict=True):
+                owned = self._served.get(partition)
+                if owned is None:
+                    continue
+                if isinstance(reply, Exception):
+                    if passing_fault(reply) is None:
+                        owned.lease.lose(f"renewal failed: {reply}")
+                elif int(reply) == 1:
+                    owned.lease.renewed(sent)
+                else:
+                    owned.lease.lose("the server refused the renewal: the lease expired or "
+                                      "another member took the partition over")
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Hand every partition over (their terms release their leases), leave the group,
+        close every connection."""
+        for served in self._served.values():
+            served.life.halt()
+        mux = self._mux
+        if mux is not None:
+            mux.poke()
+            if mux.is_alive():
+                mux.halt(timeout=self.config.socket_timeout_ms / 1000.0 + 5.0)
+        self._served.clear()
+        registry = self._registry
+        if registry is not None:
+            keys = self._keys
+            with contextlib.suppress(redis.RedisError, OSError):
+                registry.scripts.run(
+                    "member_leave", [keys.members, keys.conns, keys.events],
+                    [self.config.name, "left", self.config.name, "clean stop",
+                     EVENTS_MAXLEN, ""])
+        for client in [*(b.client for b in self._beats.values()),
+                       *([registry.client] if registry else []), self._waiter, self._poker]:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+    def _event(self, cls: type[Event], **fields: Any) -> None:
+        self._emitter(cls(stream=self.config.topic, group=self.config.group,
+                          consumer=self.config.name, **fields))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,564 @@
+"""Many owner terms on few connections: the driver of a topic member (DESIGN.md §7).
+
+A member of a partitioned topic owns many partitions at once.  Each owned partition runs exactly
+the step a coordinator runs for one term (:meth:`~orderedstream._owner.Owner.serve`: takeover,
+replay, new entries; :mod:`._engine`); :class:`Mux` drives them all from one thread, over one
+command connection and one wake-up connection per cluster node, whatever the number of
+partitions:
+
+* :class:`~orderedstream._scripts.ScriptOp` / :class:`~orderedstream._engine.Plain`: packed into
+  the node's outgoing buffer, sent once per round for every partition on that node; the replies
+  come back in order (one connection answers in order), each to the step that asked;
+* :class:`~orderedstream._engine.PipeSend`: sent at once (the read-ahead's request goes out
+  before the handler works on the current batch); the replies wait for the step's
+  :class:`~orderedstream._engine.PipeRecv`;
+* :class:`~orderedstream._engine.Block`: the step sleeps until the server says its stream was
+  written (one RESP3 connection per node with ``CLIENT TRACKING ON BCAST`` and every served
+  partition's stream key as a prefix: the server pushes an invalidation at each write), or until
+  ``block_ms`` passed, or its partition is asked to stop;
+* :class:`~orderedstream._engine.Pause`: sleeps until its deadline or its partition's stop.
+
+A plain handler is called by the step itself (no yield per entry), so handlers of different
+partitions run one batch at a time, in turn.  A fault on a node's command connection closes it
+(the replies still owed are unknown: it is never reused) and is thrown into every step that
+awaited a reply on it: each waits it out and resyncs, as on a connection of its own.  A cluster
+redirection (``MOVED``, ``ASK``) or a node's connection fault makes the lane look its node up
+again, after the client refreshed its slot map.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.exceptions as rex
+
+from ._engine import (
+    Block,
+    Pause,
+    PipeDrop,
+    PipeRecv,
+    PipeRelease,
+    PipeSend,
+    Plain,
+    Step,
+)
+from ._recovery import CONNECTION_ERRORS
+from ._scripts import ScriptOp, Scripts, pack_command
+from ._server import NodeMap, resp3_connection
+from .exceptions import OrderedStreamError
+
+log = logging.getLogger("orderedstream")
+
+INVALIDATE = (b"invalidate", "invalidate")
+POLL_WITHOUT_PUSH_S = 0.05  # where the server will not push: look at an idle stream this often
+
+
+class Lane:
+    """One partition's step in the :class:`Mux`."""
+
+    __slots__ = ("block_key", "deadline", "error", "key", "mailbox", "node", "on_done",
+                 "pipe_owed", "sleeping", "step", "stop", "value", "want")
+
+    def __init__(self, key: str, step: Step[None], stop: threading.Event,
+                 on_done: Callable[[BaseException | None], None]) -> None:
+        self.key = key  # routes the lane to the node that serves this key's slot
+        self.step = step
+        self.stop = stop
+        self.on_done = on_done  # called on the mux's thread when the step ended
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.mailbox: collections.deque[Any] = collections.deque()  # pipelined replies read
+        self.pipe_owed = 0  # pipelined replies the node still owes this lane
+        self.want = 0  # replies a PipeRecv waits for (0: not waiting on the pipe)
+        self.sleeping = False  # in Block or Pause
+        self.deadline = math.inf
+        self.block_key: str | None = None  # Block: wake on a write to this key
+        self.node: _Node | None = None
+
+
+class _Owed:
+    """One reply a node's connection owes, and where it goes."""
+
+    __slots__ = ("command", "kind", "lane", "parse", "script")
+
+    def __init__(self, kind: str, lane: Lane | None, parse: Callable[[Any], Any] | None = None,
+                 command: tuple[Any, ...] = (), script: str = "") -> None:
+        self.kind = kind  # "reply" | "script" | "pipe" | "drop"
+        self.lane = lane
+        self.parse = parse
+        self.command = command  # "script": the EVALSHA, sent again after a NOSCRIPT
+        self.script = script  # its name ('' once sent again: a second NOSCRIPT is an error)
+
+
+class _Node:
+    """One cluster node (or the single server): the mux's command connection to it, the replies
+    it owes in order, and its wake-up connection."""
+
+    def __init__(self, name: str, client: redis.Redis) -> None:
+        self.name = name
+        self.client = client
+        self.conn: Any = None
+        self.owed: collections.deque[_Owed] = collections.deque()
+        self.out: list[tuple[Any, ...]] = []
+        self.waiting = 0  # lanes that cannot go on before a reply from this node
+        self.lanes: set[Lane] = set()
+        self.wake: Any = None  # RESP3 connection with CLIENT TRACKING BCAST
+        self.prefixes: set[str] = set()  # armed on ``wake``
+        self.wake_ok = True  # False: the server will not push (ACL, RESP2 proxy): poll
+        self.wake_retry_at = 0.0
+
+    def connection(self) -> Any:
+        if self.conn is None:
+            self.conn = self.client.connection_pool.get_connection()
+        return self.conn
+
+
+class Mux(threading.Thread):
+    """Drives the partition steps of one member; see the module's docstring."""
+
+    def __init__(self, nodes: NodeMap, scripts: Scripts, name: str) -> None:
+        super().__init__(name="orderedstream-mux", daemon=True)
+        self._nodes = nodes
+        self._scripts = scripts
+        self._name = name  # client name prefix of its connections
+        self._by_name: dict[str, _Node] = {}
+        self._lanes: set[Lane] = set()
+        self._ready: collections.deque[Lane] = collections.deque()
+        self._added: collections.deque[Lane] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._halt = False
+        self._dirty: set[str] = set()  # keys written since their lane last slept on them
+        self.error: BaseException | None = None
+
+    # -- the control thread's side --------------------------------------------------------
+
+    def add(self, lane: Lane) -> None:
+        """Start driving ``lane`` (from any thread)."""
+        with self._lock:
+            self._added.append(lane)
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the mux: a lane was added or asked to stop."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def halt(self, timeout: float = 5.0) -> None:
+        """End the thread once every lane has ended (their stops must have been set)."""
+        self._halt = True
+        self.poke()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # a bug: every lane is ended with it
+            self.error = err
+            log.exception("topic member driver failed")
+            for lane in list(self._lanes):
+                self._finish(lane, err)
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
+        while True:
+            self._take_added()
+            if self._halt and not self._lanes:
+                return
+            while self._ready:
+                self._advance(self._ready.popleft())
+            self._flush()
+            self._collect()
+            if not self._ready:
+                self._sleep()
+
+    def _take_added(self) -> None:
+        with self._lock:
+            added, self._added = self._added, collections.deque()
+        for lane in added:
+            self._lanes.add(lane)
+            self._ready.append(lane)
+
+    def _route(self, lane: Lane) -> _Node:
+        node = lane.node
+        if node is None:
+            name, client = self._nodes.node_for(lane.key, self._name)
+            node = self._by_name.get(name)
+            if node is None:
+                node = self._by_name[name] = _Node(name, client)
+            node.lanes.add(lane)
+            lane.node = node
+            self._arm(node)
+        return node
+
+    def _unroute(self, lane: Lane) -> None:
+        node = lane.node
+        if node is None:
+            return
+        lane.node = None
+        node.lanes.discard(lane)
+        for owed in node.owed:  # replies on their way to it are read and dropped
+            if owed.lane is lane:
+                owed.kind = "drop"
+        lane.pipe_owed = 0
+        lane.mailbox.clear()
+
+    def _advance(self, lane: Lane) -> None:
+        """Run ``lane``'s step until it needs a reply or sleeps (or ends)."""
+        step = lane.step
+        while True:
+            value, error = lane.value, lane.error
+            lane.value = lane.error = None
+            try:
+                op = step.send(value) if error is None else step.throw(error)
+            except StopIteration:
+                self._finish(lane, None)
+                return
+            except BaseException as err:
+                self._finish(lane, err)
+                return
+            kind = type(op)
+            try:
+                if kind is ScriptOp:
+                    node = self._route(lane)
+                    command = self._scripts.command(op.name, op.keys, op.args)
+                    node.out.append(command)
+                    node.owed.append(_Owed("script", lane, op.parse, command, op.name))
+                    node.waiting += 1
+                    return
+                if kind is Plain:
+                    node = self._route(lane)
+                    node.out.append(op.args)
+                    node.owed.append(_Owed("reply", lane, _plain_parser(node.client, op.args)))
+                    node.waiting += 1
+                    return
+                if kind is PipeSend:
+                    node = self._route(lane)
+                    node.out.extend(op.commands)
+                    for _ in op.commands:
+                        node.owed.append(_Owed("pipe", lane))
+                    lane.pipe_owed += len(op.commands)
+                    self._send(node)  # at once: the server works while the handler does
+                    continue
+                if kind is PipeRecv:
+                    if len(lane.mailbox) >= op.count:
+                        lane.value = self._take_mail(lane, op.count)
+                        continue
+                    if len(lane.mailbox) + lane.pipe_owed < op.count:
+                        raise redis.ConnectionError("the read-ahead has no request in flight")
+                    lane.want = op.count
+                    self._route(lane).waiting += 1
+                    return
+                if kind is PipeDrop or kind is PipeRelease:
+                    held = lane.node
+                    if held is not None:
+                        for owed in held.owed:
+                            if owed.lane is lane and owed.kind == "pipe":
+                                owed.kind = "drop"
+                    lane.pipe_owed = 0
+                    lane.mailbox.clear()
+                    continue
+                if kind is Block:
+                    self._route(lane)
+                    if lane.stop.is_set() or op.key in self._dirty:
+                        self._dirty.discard(op.key)
+                        lane.value = []
+                        continue
+                    lane.sleeping = True
+                    lane.block_key = op.key
+                    routed = lane.node
+                    wait_s = op.block_ms / 1000.0
+                    if routed is None or not routed.wake_ok or routed.wake is None:
+                        wait_s = min(wait_s, POLL_WITHOUT_PUSH_S)
+                    lane.deadline = time.monotonic() + wait_s
+                    return
+                if kind is Pause:
+                    if lane.stop.is_set():
+                        lane.value = True
+                        continue
+                    lane.sleeping = True
+                    lane.deadline = time.monotonic() + op.seconds
+                    return
+                raise OrderedStreamError(f"the topic driver cannot carry out {op!r}")
+            except BaseException as err:  # thrown into the step where it yielded the op
+                lane.error = err
+
+    @staticmethod
+    def _take_mail(lane: Lane, count: int) -> list[Any]:
+        return [lane.mailbox.popleft() for _ in range(count)]
+
+    def _finish(self, lane: Lane, error: BaseException | None) -> None:
+        self._unroute(lane)
+        self._lanes.discard(lane)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(lane)
+        try:
+            lane.on_done(error)
+        except Exception:
+            log.exception("topic member: a partition's end was not recorded")
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def _send(self, node: _Node) -> None:
+        if not node.out:
+            return
+        commands, node.out = node.out, []
+        try:
+            conn = node.connection()
+            if pack_command is not None and all(" " not in str(c[0]) for c in commands):
+                conn.send_packed_command([pack_command(c) for c in commands])
+            else:  # redis-py splits a command name like "XINFO CONSUMERS"
+                conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException as err:
+            self._fail(node, err)
+
+    def _flush(self) -> None:
+        for node in list(self._by_name.values()):
+            self._send(node)
+
+    def _collect(self) -> None:
+        """Read the replies that lanes wait for (and any others already here)."""
+        for node in list(self._by_name.values()):
+            conn = node.conn
+            try:
+                while node.owed and conn is not None:
+                    if node.waiting <= 0 and not conn.can_read(0):
+                        break
+                    try:
+                        reply: Any = conn.read_response()
+                    except redis.ResponseError as err:
+                        reply = err
+                    self._deliver(node, node.owed.popleft(), reply)
+            except BaseException as err:
+                self._fail(node, err)
+
+    def _deliver(self, node: _Node, owed: _Owed, reply: Any) -> None:
+        lane = owed.lane
+        if owed.kind == "drop" or lane is None:
+            return
+        if owed.kind == "pipe":
+            lane.pipe_owed -= 1
+            lane.mailbox.append(reply)
+            if lane.want and len(lane.mailbox) >= lane.want:
+                lane.value = self._take_mail(lane, lane.want)
+                lane.want = 0
+                node.waiting -= 1
+                self._ready.append(lane)
+            return
+        if owed.kind == "script" and owed.script and isinstance(reply, rex.NoScriptError):
+            # the server lost its script cache (restart, SCRIPT FLUSH): load it, send again
+            node.out += [self._scripts.load_command(owed.script), owed.command]
+            node.owed += [_Owed("drop", None), _Owed("script", lane, owed.parse, owed.command)]
+            self._send(node)
+            return
+        node.waiting -= 1
+        try:
+            if isinstance(reply, redis.ResponseError):
+                if owed.kind == "script":
+                    Scripts.reply(reply)  # raises ours (NotOwner, GroupMissing) or the error
+                raise reply
+            lane.value = owed.parse(reply) if owed.parse is not None else reply
+        except BaseException as err:
+            lane.error = err
+            if isinstance(err, rex.MovedError | rex.AskError | rex.ClusterDownError):
+                self._nodes.refresh()
+                self._unroute(lane)
+        self._ready.append(lane)
+
+    def _fail(self, node: _Node, err: BaseException) -> None:
+        """``node``'s command connection failed: close it, throw ``err`` into every lane that
+        waited on it, and let every lane routed there look its node up again."""
+        conn, node.conn = node.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            with contextlib.suppress(Exception):
+                node.client.connection_pool.release(conn)
+        owed, node.owed = node.owed, collections.deque()
+        node.out = []
+        node.waiting = 0
+        error = err if isinstance(err, CONNECTION_ERRORS) else redis.ConnectionError(str(err))
+        for item in owed:
+            lane = item.lane
+            if lane is None or item.kind == "drop":
+                continue
+            if item.kind == "pipe":
+                lane.pipe_owed -= 1
+                if lane.want:
+                    lane.want = 0
+                    lane.error = error
+                    self._ready.append(lane)
+                continue
+            lane.error = error
+            self._ready.append(lane)
+        for lane in list(node.lanes):
+            lane.node = None
+            node.lanes.discard(lane)
+        self._close_wake(node)
+        self._nodes.refresh()
+
+    # -- sleeping and waking ------------------------------------------------------------------
+
+    def _arm(self, node: _Node) -> None:
+        """Have ``node`` push at every write to a served partition's stream (best effort)."""
+        wanted = {lane.key for lane in node.lanes}
+        if not node.wake_ok or wanted <= node.prefixes:
+            return
+        if node.wake is None and time.monotonic() < node.wake_retry_at:
+            return
+        new = sorted(wanted - node.prefixes)
+        try:
+            if node.wake is None:
+                node.wake = resp3_connection(node.client, f"{self._name}:wake")
+                node.prefixes = set()
+                new = sorted(wanted)
+            args: list[Any] = ["CLIENT", "TRACKING", "ON", "BCAST"]
+            for prefix in new:
+                args += ["PREFIX", prefix]
+            node.wake.send_command(*args)
+            while True:
+                reply = node.wake.read_response(push_request=True)
+                if _is_push(reply):
+                    self._pushed(reply)
+                    continue
+                break
+            if isinstance(reply, Exception):
+                raise reply
+            node.prefixes |= set(new)
+        except redis.ResponseError as err:
+            log.info("topic member: no push from %s (%s); idle partitions are polled",
+                     node.name, err)
+            node.wake_ok = False
+            self._close_wake(node)
+        except BaseException:
+            self._close_wake(node)
+            node.wake_retry_at = time.monotonic() + 1.0
+        # every write since the lanes' reads may have gone unseen: look once more
+        self._dirty |= set(new)
+
+    def _close_wake(self, node: _Node) -> None:
+        wake, node.wake = node.wake, None
+        node.prefixes = set()
+        if wake is not None:
+            with contextlib.suppress(Exception):
+                wake.disconnect()
+
+    def _pushed(self, message: Any) -> None:
+        keys = message[1]
+        if keys is None:  # FLUSHALL / FLUSHDB: every key
+            self._dirty |= {lane.key for lane in self._lanes}
+            return
+        for key in keys:
+            self._dirty.add(key.decode() if isinstance(key, bytes) else str(key))
+
+    def _sleep(self) -> None:
+        """Nothing is ready: wait for a push, a poke or the first deadline; wake the lanes
+        whose time came, whose stream was written, or whose partition must stop."""
+        now = time.monotonic()
+        deadline = min((lane.deadline for lane in self._lanes if lane.sleeping),
+                       default=now + 1.0)
+        for node in self._by_name.values():
+            if node.lanes and node.wake is None and node.wake_ok:
+                self._arm(node)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            for node in self._by_name.values():
+                sock = getattr(node.wake, "_sock", None) if node.wake is not None else None
+                if sock is not None:
+                    selector.register(sock, selectors.EVENT_READ, node)
+            if not self._drain_wakes() and not self._woken():
+                selector.select(max(deadline - now, 0.0))
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        self._drain_wakes()
+        self._woken()
+
+    def _drain_wakes(self) -> bool:
+        """Read the pushes waiting on the wake-up connections; True if any came."""
+        came = False
+        for node in self._by_name.values():
+            wake = node.wake
+            if wake is None:
+                continue
+            try:
+                while wake.can_read(0):
+                    message = wake.read_response(push_request=True)
+                    if _is_push(message):
+                        self._pushed(message)
+                        came = True
+            except BaseException:
+                self._close_wake(node)
+                node.wake_retry_at = time.monotonic() + 1.0
+                came = True
+        return came
+
+    def _woken(self) -> bool:
+        """Make ready every sleeping lane whose time came, stream was written, or stop was
+        asked; True if any."""
+        now = time.monotonic()
+        woke = False
+        dirty = self._dirty
+        for lane in self._lanes:
+            if not lane.sleeping:
+                continue
+            key = lane.block_key
+            if lane.stop.is_set() or now >= lane.deadline or (key is not None and key in dirty):
+                if key is not None:
+                    dirty.discard(key)
+                    lane.value = []
+                else:
+                    lane.value = lane.stop.is_set()
+                lane.sleeping = False
+                lane.block_key = None
+                lane.deadline = math.inf
+                self._ready.append(lane)
+                woke = True
+        if self._halt:
+            for lane in self._lanes:
+                lane.stop.set()
+        return woke
+
+    def _close(self) -> None:
+        for node in self._by_name.values():
+            if node.conn is not None:
+                with contextlib.suppress(Exception):
+                    node.conn.disconnect()
+            self._close_wake(node)
+            with contextlib.suppress(Exception):
+                node.client.close()
+        with contextlib.suppress(OSError):
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+def _is_push(message: Any) -> bool:
+    return isinstance(message, list) and len(message) == 2 and message[0] in INVALIDATE
+
+
+def _plain_parser(client: redis.Redis, args: tuple[Any, ...]) -> Callable[[Any], Any] | None:
+    """redis-py's parsing of the reply to ``args`` (as ``execute_command`` would)."""
+    callbacks: dict[str, Callable[[Any], Any]] = client.response_callbacks
+    callback = callbacks.get(str(args[0]).upper())
+    if callback is None:
+        return None
+    return lambda reply: callback(reply)
