@@ -111,6 +111,14 @@ class ServerProcess:
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self, timeout: float = 10.0) -> ServerProcess:
+        """Start the server and return once it answers (``launch`` + ``wait_ready``)."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it (several can then start at once;
+        call :meth:`wait_ready` for each).  Call it from a thread that lives as long as the
+        server should: the server dies with the thread that started it."""
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
                 str(self.dir), "--save", "", "--logfile", "server.log",
                 "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
@@ -118,6 +126,9 @@ class ServerProcess:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 10.0) -> ServerProcess:
+        """Wait until the launched server answers on its port (RuntimeError if it exited)."""
         client = self.client(socket_timeout=1)
         try:
             def ready() -> bool:
@@ -339,6 +350,324 @@ class ReplicatedServers:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+CLUSTER_SLOTS = 16384
+
+
+@attrs.frozen
+class ClusterNode:
+    """One node of a :class:`ClusterServers` as it sees itself now: ``role`` is ``"primary"``,
+    ``"replica"`` or ``"down"`` (its process is not running); ``primary_id`` is a replica's
+    primary; ``slots`` are a primary's slot ranges (inclusive)."""
+
+    host: str
+    port: int
+    role: str
+    node_id: str
+    primary_id: str | None = None
+    slots: tuple[tuple[int, int], ...] = ()
+
+    def owns(self, slot: int) -> bool:
+        return any(lo <= slot <= hi for lo, hi in self.slots)
+
+
+def _parse_myself(text: str) -> tuple[str, str | None, tuple[tuple[int, int], ...]] | None:
+    """From ``CLUSTER NODES``, the line flagged ``myself``: (role, primary id, slot ranges)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8 or "myself" not in parts[2].split(","):
+            continue
+        role = "primary" if "master" in parts[2].split(",") else "replica"
+        primary = parts[3] if parts[3] != "-" else None
+        slots: list[tuple[int, int]] = []
+        for item in parts[8:]:
+            if item.startswith("["):
+                continue  # a slot being migrated or imported
+            lo, _, hi = item.partition("-")
+            slots.append((int(lo), int(hi or lo)))
+        return role, primary, tuple(slots)
+    return None
+
+
+class ClusterServers:
+    """A throw-away Redis / Valkey Cluster on 127.0.0.1: ``primaries`` primaries with
+    ``replicas`` replicas each (default 3 + 3), every process a :class:`ServerProcess` with
+    ``--cluster-enabled yes`` (no persistence).  The fixture assigns the slots itself
+    (``CLUSTER ADDSLOTSRANGE``, an even contiguous split), introduces the nodes (``CLUSTER
+    MEET``) and attaches the replicas (``CLUSTER REPLICATE``); :meth:`start` returns once every
+    node reports ``cluster_state:ok`` and every replica is in sync.
+
+    ``node_timeout_ms`` (``cluster-node-timeout``) is small so that a primary killed with
+    :meth:`kill` is replaced by its replica within about two seconds (failure detection after
+    the node timeout, then the replica's election delay of 0.5-1 s); ``cluster-require-full-
+    coverage no`` lets the other shards serve meanwhile.  :meth:`restart` brings a killed node
+    back (it rejoins as a replica if it was replaced), :meth:`pause` / :meth:`resume` SIGSTOP /
+    SIGCONT one, :meth:`promote` runs ``CLUSTER FAILOVER`` on a replica.
+
+    Start it from a thread that lives as long as the cluster should (the servers die with the
+    thread that started them: a killed test run leaves nothing behind).
+    """
+
+    def __init__(self, binary: str | None = None, *, primaries: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = 1000, extra_args: Sequence[str] = ()) -> None:
+        if primaries < 1 or replicas < 0:
+            raise ValueError("a cluster needs at least one primary")
+        self.primaries = primaries
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.servers: list[ServerProcess] = []
+        self.bus_ports: dict[int, int] = {}
+        taken: set[int] = set()
+        for _ in range(primaries * (1 + replicas)):
+            port, bus = self._two_free_ports(taken)
+            self.bus_ports[port] = bus
+            self.servers.append(ServerProcess(binary, port=port, extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-require-full-coverage", "no",
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-allow-replica-migration", "no",
+                "--repl-diskless-sync-delay", "0", *extra_args]))
+        self.ids: dict[int, str] = {}
+        """port -> node id, fixed at start (a node keeps its id across :meth:`restart`)."""
+
+    @staticmethod
+    def _two_free_ports(taken: set[int]) -> tuple[int, int]:
+        while True:
+            port, bus = free_port(), free_port()
+            if port != bus and not {port, bus} & taken:
+                taken.update((port, bus))
+                return port, bus
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> ClusterServers:
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            server.launch()
+        for server in self.servers:
+            server.wait_ready(max(0.1, deadline - time.monotonic()))
+        clients = [s.client(socket_timeout=5, decode_responses=True) for s in self.servers]
+        try:
+            for n, client in enumerate(clients):  # distinct epochs: no collision round
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", n + 1)
+                self.ids[self.servers[n].port] = str(client.execute_command("CLUSTER", "MYID"))
+            for n in range(self.primaries):
+                lo, hi = n * CLUSTER_SLOTS // self.primaries, \
+                    (n + 1) * CLUSTER_SLOTS // self.primaries - 1
+                clients[n].execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+            for client in clients:
+                for server in self.servers:
+                    client.execute_command("CLUSTER", "MEET", "127.0.0.1", server.port,
+                                           self.bus_ports[server.port])
+
+            def everyone_known() -> bool:
+                for client in clients:
+                    lines = str(client.execute_command("CLUSTER", "NODES")).splitlines()
+                    if len(lines) != len(self.servers) or any(
+                            "handshake" in line or "noaddr" in line for line in lines):
+                        return False
+                return True
+
+            wait_until(everyone_known, max(0.1, deadline - time.monotonic()), 0.02,
+                       "every cluster node to know every other")
+            for n in range(self.primaries, len(self.servers)):
+                primary = self.servers[(n - self.primaries) % self.primaries]
+                wait_until(lambda n=n, p=primary: self._try_replicate(clients[n], p),
+                           max(0.1, deadline - time.monotonic()), 0.02,
+                           f"node {self.servers[n].port} to replicate {primary.port}")
+        finally:
+            for client in clients:
+                client.close()
+        self.wait_healthy(max(0.1, deadline - time.monotonic()))
+        return self
+
+    def _try_replicate(self, client: redis.Redis, primary: ServerProcess) -> bool:
+        try:
+            client.execute_command("CLUSTER", "REPLICATE", self.ids[primary.port])
+        except redis.ResponseError as err:  # "Unknown node" until gossip says it is a primary
+            if "unknown node" in str(err).lower() or "not a master" in str(err).lower():
+                return False
+            raise
+        return True
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM to all at once, then wait)."""
+        for server in self.servers:
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+                server.proc.send_signal(signal.SIGTERM)
+        for server in self.servers:
+            server.stop()
+
+    def cleanup(self) -> None:
+        """Stop every node and remove their directories.  Idempotent."""
+        try:
+            self.stop()
+        finally:
+            for server in self.servers:
+                server.cleanup()
+
+    def __enter__(self) -> ClusterServers:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- looking -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>`` of a running node (any node serves as an entry point)."""
+        for server in self.servers:
+            if server.proc is not None and server.proc.poll() is None:
+                return f"redis://127.0.0.1:{server.port}"
+        raise RuntimeError("no cluster node is running")
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A ``RedisCluster`` client (redis-py's defaults unless overridden)."""
+        return redis.RedisCluster.from_url(self.url, **kwargs)
+
+    def server(self, node: ClusterNode | int) -> ServerProcess:
+        port = node if isinstance(node, int) else node.port
+        for server in self.servers:
+            if server.port == port:
+                return server
+        raise KeyError(f"no cluster node on port {port}")
+
+    def node(self, port: int) -> ClusterNode:
+        """How the node on ``port`` sees itself now (``role="down"`` if it is not running)."""
+        server = self.server(port)
+        node_id = self.ids.get(port, "")
+        if server.proc is None or server.proc.poll() is not None:
+            return ClusterNode("127.0.0.1", port, "down", node_id)
+        client = server.client(socket_timeout=2, decode_responses=True)
+        try:
+            mine = _parse_myself(str(client.execute_command("CLUSTER", "NODES")))
+        except (redis.ConnectionError, redis.TimeoutError):
+            mine = None  # paused, or exiting
+        finally:
+            client.close()
+        if mine is None:
+            return ClusterNode("127.0.0.1", port, "down", node_id)
+        role, primary_id, slots = mine
+        return ClusterNode("127.0.0.1", port, role, node_id, primary_id, slots)
+
+    @property
+    def nodes(self) -> list[ClusterNode]:
+        """Every node, each as it sees itself now."""
+        return [self.node(server.port) for server in self.servers]
+
+    def primaries_now(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.role == "primary"]
+
+    def replicas_of(self, primary: ClusterNode) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.role == "replica" and n.primary_id == primary.node_id]
+
+    def primary_for(self, key: str | bytes) -> ClusterNode:
+        """The running primary that serves ``key``'s slot."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        for node in self.primaries_now():
+            if node.owns(slot):
+                return node
+        raise LookupError(f"no running primary serves slot {slot}")
+
+    # -- faults ------------------------------------------------------------------------
+
+    def kill(self, node: ClusterNode | int) -> None:
+        """SIGKILL a node's process (its directory, with ``nodes.conf``, stays for
+        :meth:`restart`)."""
+        self.server(node).kill()
+
+    def restart(self, node: ClusterNode | int, timeout: float = 10.0) -> None:
+        """Start a stopped node again on its port with its ``nodes.conf``: it rejoins (as a
+        replica of its replacement if it was a primary that failed over)."""
+        server = self.server(node)
+        if server.proc is not None:
+            server.kill()
+        server.start(timeout)
+
+    def pause(self, node: ClusterNode | int) -> None:
+        """SIGSTOP a node's process (its connections stay open, it answers nothing)."""
+        proc = self.server(node).proc
+        assert proc is not None, "node not running"
+        proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: process_stopped(proc.pid), 5, message="node stopped")
+
+    def resume(self, node: ClusterNode | int) -> None:
+        proc = self.server(node).proc
+        if proc is not None:
+            proc.send_signal(signal.SIGCONT)
+
+    def promote(self, replica: ClusterNode | int, mode: str = "",
+                timeout: float = 10.0) -> ClusterNode:
+        """``CLUSTER FAILOVER [FORCE|TAKEOVER]`` on a replica; returns it once it is a primary
+        (the plain form is a coordinated switch: its primary must be up)."""
+        port = replica if isinstance(replica, int) else replica.port
+        client = self.server(port).client(socket_timeout=5)
+        try:
+            client.execute_command("CLUSTER", "FAILOVER", *([mode] if mode else []))
+        finally:
+            client.close()
+        return wait_until(lambda: (lambda n: n if n.role == "primary" else None)(self.node(port)),
+                          timeout, 0.02, f"node {port} promoted")
+
+    def wait_failover(self, dead: ClusterNode, timeout: float = 15.0) -> ClusterNode:
+        """After ``dead`` (a primary, as it was before it died) was killed: wait until one of
+        its former replicas serves its slots and the cluster is healthy; returns that node."""
+        def promoted() -> ClusterNode | None:
+            for node in self.nodes:
+                if (node.role == "primary" and node.port != dead.port
+                        and dead.slots and node.owns(dead.slots[0][0])):
+                    return node
+            return None
+
+        started = time.monotonic()
+        new = wait_until(promoted, timeout, 0.02, f"a replica of {dead.port} promoted")
+        self.wait_healthy(max(0.1, timeout - (time.monotonic() - started)))
+        return new  # type: ignore[no-any-return]
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        """Wait until every running node reports ``cluster_state:ok``, all of them agree who
+        serves every slot, and every running replica's link is up and in sync."""
+        def healthy() -> bool:
+            views = set()
+            for server in self.servers:
+                if server.proc is None or server.proc.poll() is not None:
+                    continue
+                if process_stopped(server.proc.pid):
+                    return False
+                client = server.client(socket_timeout=2, decode_responses=True)
+                try:
+                    state: Any = client.execute_command("CLUSTER", "INFO")
+                    if "cluster_state:ok" not in str(state):
+                        return False
+                    slots: Any = client.execute_command("CLUSTER", "SLOTS")
+                    views.add(tuple(sorted((int(s[0]), int(s[1]), int(s[2][1]))
+                                           for s in slots)))
+                    repl: Any = client.info("replication")
+                    if repl.get("role") == "slave" and (
+                            repl.get("master_link_status") != "up"
+                            or repl.get("master_sync_in_progress")):
+                        return False
+                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                    return False
+                finally:
+                    client.close()
+            if len(views) != 1:
+                return False
+            covered = sum(hi - lo + 1 for lo, hi, _ in next(iter(views)))
+            return covered == CLUSTER_SLOTS
+
+        wait_until(healthy, timeout, 0.05, "the cluster to be healthy (state ok, one slot map, "
+                   "replicas in sync)")
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from orderedstream import GroupKeys
-from orderedstream.testing import ServerProcess
+from orderedstream.testing import ClusterServers, ServerProcess
 
 EXTERNAL_URL = os.environ.get("ORDEREDSTREAM_TEST_URL")
 
@@ -124,3 +124,19 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
             p.send_signal(signal.SIGCONT)
             p.kill()
             p.wait(10)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterServers]:
+    """A 3 primaries + 3 replicas cluster shared by the session, started by the first test that
+    asks for it.  A test that kills or moves nodes uses ``own_cluster`` instead (or leaves this
+    one healthy again: every node running, ``wait_healthy()``)."""
+    with ClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[ClusterServers]:
+    """A private 3 + 3 cluster, for a test that kills, pauses or promotes nodes."""
+    with ClusterServers() as servers:
+        yield servers

@@ -1,0 +1,106 @@
+"""The embedded cluster the topic tests run on (``ClusterServers``), and connecting to a cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+from orderedstream.testing import ClusterServers, wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_cluster_comes_up_fast_with_three_shards() -> None:
+    """A fresh 3 + 3 cluster is serving (state ok on every node, replicas in sync, every slot
+    covered by one of three primaries) within a few seconds, and every process is gone after
+    the context manager ends."""
+    started = time.monotonic()
+    with ClusterServers() as servers:
+        took = time.monotonic() - started
+        nodes = servers.nodes
+        primaries = [n for n in nodes if n.role == "primary"]
+        replicas = [n for n in nodes if n.role == "replica"]
+        assert len(primaries) == 3 and len(replicas) == 3
+        assert sum(hi - lo + 1 for p in primaries for lo, hi in p.slots) == 16384
+        assert {r.primary_id for r in replicas} == {p.node_id for p in primaries}
+        client = servers.client()
+        try:
+            for n in range(30):  # keys on every shard
+                client.set(f"k{n}", n)
+            assert int(client.get("k7")) == 7  # type: ignore[arg-type]
+        finally:
+            client.close()
+        pids = [s.proc.pid for s in servers.servers if s.proc is not None]
+        assert len(pids) == 6
+    assert took < 15, f"cluster took {took:.1f}s to come up"
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 5, message="every node gone")
+
+
+def test_killed_primary_is_replaced_by_its_replica(own_cluster: ClusterServers) -> None:
+    """SIGKILL of a primary: its replica is promoted (takes over its slots) within the node
+    timeout plus the election, the data written before is there, the other shards keep
+    serving, and the killed node restarted rejoins as a replica of its replacement."""
+    client = own_cluster.client()
+    try:
+        client.set("before", "1")
+        victim = own_cluster.primary_for("before")
+        (replica,) = own_cluster.replicas_of(victim)
+        on_replica = own_cluster.server(replica).client()
+        on_replica.execute_command("READONLY")  # type: ignore[no-untyped-call]
+        wait_until(lambda: on_replica.get("before") == b"1", 5, message="write replicated")
+        on_replica.close()
+        other_key = next(f"o{n}" for n in range(100)
+                         if own_cluster.primary_for(f"o{n}").port != victim.port)
+        started = time.monotonic()
+        own_cluster.kill(victim)
+        client.set(other_key, "still")  # another shard serves meanwhile
+        new = own_cluster.wait_failover(victim)
+        failover_s = time.monotonic() - started
+        assert new.port == replica.port and new.role == "primary"
+        assert new.slots == victim.slots
+        assert own_cluster.node(victim.port).role == "down"
+
+        def read_before() -> bytes | None:
+            try:
+                return client.get("before")  # type: ignore[return-value]
+            except (redis.ConnectionError, redis.ClusterDownError, redis.TimeoutError):
+                return None
+
+        assert wait_until(read_before, 10, 0.05, "the key readable on the new primary") == b"1"
+        own_cluster.restart(victim)
+        own_cluster.wait_healthy()
+        back = own_cluster.node(victim.port)
+        assert back.role == "replica" and back.primary_id == new.node_id
+        assert failover_s < 10, f"failover took {failover_s:.1f}s"
+    finally:
+        client.close()
+
+
+def test_session_cluster_fixture_serves(cluster: ClusterServers) -> None:
+    """The session-wide ``cluster`` fixture is a healthy 3 + 3 cluster reachable at ``url``."""
+    client = redis.RedisCluster.from_url(cluster.url)
+    try:
+        assert len(client.get_primaries()) == 3
+        assert client.ping()
+    finally:
+        client.close()
+
+
+def test_promote_switches_roles() -> None:
+    """``promote`` (CLUSTER FAILOVER on a replica) makes that replica the primary of its
+    shard and its old primary a replica of it, without a kill."""
+    with ClusterServers() as servers:
+        primary = servers.primaries_now()[0]
+        (replica,) = servers.replicas_of(primary)
+        promoted = servers.promote(replica)
+        assert promoted.slots == primary.slots
+        servers.wait_healthy()
+        assert wait_until(lambda: servers.node(primary.port).role == "replica", 5)
