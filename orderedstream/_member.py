@@ -212,6 +212,8 @@ class TopicMember:
             next_beat = next_renew = next_poll = 0.0
             while not self._stop.is_set():
                 try:
+                    if self._registry is None:
+                        self._connect()
                     now = time.monotonic()
                     if now >= next_beat:
                         self._beat("renew")
@@ -239,29 +241,36 @@ class TopicMember:
             self._stopped.set()
 
     def _connect(self) -> None:
-        cfg = self.config
+        """Connections to the node of the topic's slot (again after a fault: it may have
+        moved, or its primary changed)."""
         registry_key = self._keys.members
         _, client = self._nodes.node_for(registry_key, f"{self._base}:member", single=True)
         self._registry = _Beat(client, Scripts(client))
-        _, waiter = self._nodes.node_for(registry_key, f"{self._base}:wait", single=True)
-        # a waiting connection's timeout outlasts its BLOCK (at most watch/renew intervals)
-        self._waiter = waiter
+        # the waiting connection's BLOCK is at most a renew interval: below its socket timeout
+        _, self._waiter = self._nodes.node_for(registry_key, f"{self._base}:wait", single=True)
         _, self._poker = self._nodes.node_for(registry_key, f"{self._base}:poke")
-        self._scripts = Scripts(client)
-        self._mux = Mux(self._nodes, self._scripts, self._base)
-        del cfg
+        self._waiter_id = None
+        if self._scripts is None:
+            self._scripts = Scripts(client)
+            self._mux = Mux(self._nodes, self._scripts, self._base)
+
+    def _close_registry(self) -> None:
+        for client in (self._registry.client if self._registry else None, self._waiter,
+                       self._poker):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        self._registry = self._waiter = self._poker = None
+        self._waiter_id = None
 
     def _reset_connections(self) -> None:
-        """After a fault: connections are opened again on next use (ids looked up again)."""
-        for beat in [*self._beats.values(), *([self._registry] if self._registry else [])]:
-            beat.conn_id = 0
+        """After a fault: every connection of the control thread is opened again on next use
+        (on the node that serves its key by then)."""
+        for beat in self._beats.values():
             with contextlib.suppress(Exception):
-                beat.client.connection_pool.disconnect()
+                beat.client.close()
         self._beats.clear()
-        self._waiter_id = None
-        if self._waiter is not None:
-            with contextlib.suppress(Exception):
-                self._waiter.connection_pool.disconnect()
+        self._close_registry()
         self._nodes.refresh()
 
     # -- liveness -------------------------------------------------------------------------------
@@ -500,7 +509,7 @@ class TopicMember:
         for partition, served in self._served.items():
             if served.lease.valid():
                 by_node[self._nodes.node_name(self._streams[partition])].append(partition)
-        for group in by_node.values():
+        for name, group in by_node.items():
             beat = self._node_beat(self._streams[group[0]])
             commands = []
             for partition in group:
@@ -510,9 +519,11 @@ class TopicMember:
                     [self._served[partition].lease.token, cfg.lease.ttl_ms, beat.conn_id]))
             try:
                 replies = self._pipeline(beat, commands)
-            except CONNECTION_ERRORS:
-                beat.conn_id = 0
-                beat.client.connection_pool.disconnect()
+            except CONNECTION_ERRORS:  # the next round asks the node serving it by then
+                self._beats.pop(name, None)
+                with contextlib.suppress(Exception):
+                    beat.client.close()
+                self._nodes.refresh()
                 continue
             for partition, (sent, reply) in zip(group, replies, strict=True):
                 owned = self._served.get(partition)
@@ -548,11 +559,10 @@ class TopicMember:
                     "member_leave", [keys.members, keys.conns, keys.events],
                     [self.config.name, "left", self.config.name, "clean stop",
                      EVENTS_MAXLEN, ""])
-        for client in [*(b.client for b in self._beats.values()),
-                       *([registry.client] if registry else []), self._waiter, self._poker]:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
+        for beat in self._beats.values():
+            with contextlib.suppress(Exception):
+                beat.client.close()
+        self._close_registry()
 
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emitter(cls(stream=self.config.topic, group=self.config.group,

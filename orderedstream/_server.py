@@ -214,14 +214,19 @@ class NodeMap:
         return str(self.client.get_node_from_key(key).name)
 
     def node_for(self, key: str, name: str, *, single: bool = False) -> tuple[str, redis.Redis]:
-        """(node name, a new client of our own to it, named ``name``) for ``key``."""
-        if not self.cluster:
-            return "", clone_client(self.client, name=name, socket_timeout_s=self._timeout,
-                                    single=single)
-        node = self.client.get_node_from_key(key)
-        base = self.client.get_redis_connection(node)
-        return str(node.name), clone_client(base, name=name, socket_timeout_s=self._timeout,
-                                            single=single)
+        """(node name, a new client of our own to it, named ``name``) for ``key``; a node that
+        does not answer raises :class:`redis.ConnectionError` (a passing fault: the caller
+        waits it out and asks again, maybe another node by then)."""
+        try:
+            if not self.cluster:
+                return "", clone_client(self.client, name=name, socket_timeout_s=self._timeout,
+                                        single=single)
+            node = self.client.get_node_from_key(key)
+            base = self.client.get_redis_connection(node)
+            return str(node.name), clone_client(base, name=name,
+                                                socket_timeout_s=self._timeout, single=single)
+        except ConnectionFailed as err:
+            raise redis.ConnectionError(str(err)) from err
 
     def refresh(self) -> None:
         """The slot map may be stale (MOVED, a node gone): read it again (at most every 100 ms)."""

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -734,6 +734,57 @@ def verdict(records: Iterable[tuple[int, bool]], produced: int,
     return Verdict(produced, handled, lost, tuple(out_of_order), duplicates, unflagged)
 
 
+@attrs.frozen
+class TopicVerdict:
+    """What handlers' records of a partitioned topic show: ``lost`` global sequence numbers
+    never handled; ``out_of_order`` records whose per-key sequence (``kseq``) went backwards or
+    skipped ahead without being a flagged redelivery; ``duplicates`` re-handlings (flagged or
+    not); ``epochs_reused``: (partition, epoch) pairs seen from more than one process (a term
+    handed out twice: must be 0)."""
+
+    produced: int
+    handled: int
+    lost: tuple[int, ...]
+    out_of_order: int
+    duplicates: int
+    unflagged_duplicates: int
+    epochs_reused: int
+
+    @property
+    def ok(self) -> bool:
+        return (not self.lost and not self.out_of_order and not self.unflagged_duplicates
+                and not self.epochs_reused)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["lost"] = len(self.lost)
+        out["ok"] = self.ok
+        return out
+
+
+def topic_verdict(records: Iterable[Mapping[str, Any]], produced: int) -> TopicVerdict:
+    """``records``: dicts with ``seq`` (global, 1..produced), ``key``, ``kseq`` (1, 2, ... per
+    key), ``red`` (redelivered), ``p`` (partition), ``epoch`` and ``pid`` (who handled it), in
+    the order handled; per-key order is judged as :func:`verdict` judges one stream."""
+    by_key: dict[str, list[tuple[int, bool]]] = {}
+    terms: dict[tuple[Any, Any], set[Any]] = {}
+    seen: set[int] = set()
+    handled = duplicates = unflagged = 0
+    for record in records:
+        handled += 1
+        seq = int(record["seq"])
+        if seq in seen:
+            duplicates += 1
+            unflagged += not record["red"]
+        seen.add(seq)
+        by_key.setdefault(str(record["key"]), []).append((int(record["kseq"]), record["red"]))
+        terms.setdefault((record["p"], record["epoch"]), set()).add(record["pid"])
+    out_of_order = sum(len(verdict(history, 0).out_of_order) for history in by_key.values())
+    lost = tuple(s for s in range(1, produced + 1) if s not in seen)
+    reused = sum(1 for who in terms.values() if len(who) > 1)
+    return TopicVerdict(produced, handled, lost, out_of_order, duplicates, unflagged, reused)
+
+
 def record_handler(message: Any) -> None:
     """A handler for process-level tests and benchmarks: appends one JSON line per entry to
     ``$ORDEREDSTREAM_RECORD`` with one unbuffered ``write`` (it survives SIGKILL, and lines from
@@ -756,6 +807,7 @@ def record_handler(message: Any) -> None:
         "red": message.redelivered, "dc": message.delivery_count, "epoch": message.epoch,
         "pid": os.getpid(), "t": time.time(), "repaired": message.repaired,
         "origin": message.origin_id, "payload": fields.get("payload"),
+        "p": message.partition, "key": fields.get("key"), "kseq": int(fields.get("kseq", 0)),
     }) + "\n"
     fd = _record_fd()
     os.write(fd, line.encode())
