@@ -143,8 +143,7 @@ def test_members_balance_and_hand_over_under_load(single: ServerProcess) -> None
             member.start()
             running.append(member)
             wait_until(lambda: _settled(running, 12), 10)
-            mark = topic.seq
-            wait_until(lambda: topic.seq > mark + 60, 10)  # some load on every layout
+            wait_until(lambda mark=topic.seq: topic.seq > mark + 60, 10)  # load on every layout
         moved_from = {p for p in members[0].owned}
         members[0].stop()
         running.remove(members[0])
