@@ -163,6 +163,65 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     return server
 
 
+AnyClient = redis.Redis | redis.RedisCluster
+"""A client for one server or for a Redis / Valkey Cluster."""
+
+
+def cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server behind ``client`` runs in cluster mode (``INFO cluster``)."""
+    info: Any = client.info("cluster")
+    return bool(int(info.get("cluster_enabled", 0) or 0))
+
+
+def connect_url(url: str) -> AnyClient:
+    """A checked client for ``url`` (:func:`client_from_url` + :func:`connect_check`): a
+    ``redis.RedisCluster`` when the server there runs in cluster mode (a URL of any node
+    works: the client discovers the others), else the plain ``redis.Redis``.  Like every client
+    of ours: RESP2, bytes replies, no automatic retry (a MOVED or ASK redirection is still
+    followed).  Unreachable, wrong credentials or too old: the same one-line
+    :class:`ConnectionFailed` / :class:`UnsupportedServer` as for one server."""
+    client = client_from_url(url)
+    try:
+        connect_check(client)
+        if not cluster_enabled(client):
+            return client
+    except BaseException:
+        client.close()
+        raise
+    where = describe_url(client)
+    client.close()
+    if url.startswith("unix://"):
+        raise ConnectionFailed(f"{where} runs in cluster mode, which redis-py reaches over TCP "
+                               "only: use redis://host:port (or rediss://) of any node")
+    try:
+        return redis.RedisCluster.from_url(url, protocol=2, retry=Retry(NoBackoff(), 0))
+    except redis.AuthenticationError as err:
+        raise ConnectionFailed(f"{where} refused the credentials: {err}. "
+                               "Put user:password in the URL.") from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ConnectionFailed(_unreachable(where, err)) from err
+    except redis.RedisError as err:  # RedisClusterException: slots not covered, a db != 0...
+        raise ConnectionFailed(f"cannot use the cluster at {where}: "
+                               f"{' '.join(str(err).split())}") from err
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
+def node_client(client: AnyClient, key: str | bytes) -> redis.Redis:
+    """A plain client to the primary that serves ``key``'s slot now (the keyless commands
+    that must go there: ``CLIENT LIST``, ``CLIENT ID``, ``WAIT``, ``INFO``); ``client`` itself
+    for one server.  It is the cluster client's own connection pool to that node, with the
+    same credentials and TLS: do not close it (:func:`clone_client` makes one of your own).
+    The slot map is the cluster client's: after a failover it is refreshed by the first
+    command that meets the change (or ``client.nodes_manager.initialize()``)."""
+    if not isinstance(client, redis.RedisCluster):
+        return client
+    node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    return client.get_redis_connection(node)
+
+
 def server_ms(client: redis.Redis, reply: Any = None) -> int:
     """The server's clock in ms (what leases and due times are measured on).  ``reply``: a TIME
     reply already fetched (e.g. in a pipeline)."""
