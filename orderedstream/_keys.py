@@ -116,22 +116,89 @@ class GroupKeys:
                 self.claims, self.signal, self.graveyard, self.held]
 
 
+# -- partitioned topics ----------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+MAX_PARTITIONS = 1024
+
+
+def check_topic_name(topic: str) -> None:
+    """A topic name is any non-empty text without ``{`` or ``}`` (orderedstream chooses the hash
+    tag of every partition itself)."""
+    if not topic or "{" in topic or "}" in topic:
+        raise ConfigError(f"topic name {topic!r} is not allowed: give a non-empty name without "
+                          "'{' or '}' (orderedstream picks each partition's cluster hash tag "
+                          "itself)")
+
+
+def partition_stream(topic: str, index: int, partitions: int) -> str:
+    """Partition ``index``'s stream key, ``{<topic>:p<index>#<n>}``: the whole key is its hash
+    tag, and ``n`` is the smallest counter that puts the key's slot in the ``index``-th of
+    ``partitions`` equal slot ranges, ``[index*16384//P, (index+1)*16384//P)``.  So the P
+    partitions spread evenly over any even contiguous split of the slots (a 3-shard cluster's
+    default one included).  Stored in the topic's metadata at creation: a later change of this
+    naming never renames an existing topic's partitions."""
+    from redis.crc import key_slot
+
+    check_topic_name(topic)
+    if not 0 <= index < partitions:
+        raise ValueError(f"partition {index} out of range 0..{partitions - 1}")
+    lo = index * CLUSTER_SLOTS // partitions
+    hi = (index + 1) * CLUSTER_SLOTS // partitions
+    n = 0
+    while True:
+        key = f"{{{topic}:p{index}#{n}}}"
+        if lo <= key_slot(key.encode()) < hi:
+            return key
+        n += 1
+
+
+def partition_streams(topic: str, partitions: int) -> list[str]:
+    """Every partition's stream key, in partition order (see :func:`partition_stream`)."""
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise ConfigError(f"partitions must be 1..{MAX_PARTITIONS}, got {partitions}")
+    return [partition_stream(topic, i, partitions) for i in range(partitions)]
+
+
+@attrs.frozen
+class TopicKeys:
+    """Keys of one topic (its partitions' own keys are :class:`GroupKeys` of each partition
+    stream, in that stream's slot)."""
+
+    topic: str = attrs.field()
+
+    @topic.validator
+    def _valid(self, _: object, value: str) -> None:
+        check_topic_name(value)
+
+    @property
+    def meta(self) -> str:
+        """Hash: partitions (P), hash (the routing hash's name), streams (JSON list of the
+        partition stream keys), created_ms (server clock), version.  Written once."""
+        return f"os:{{{self.topic}}}:topic"
+
+
 @attrs.frozen
 class TopicGroupKeys:
-    """Keys of one consumer group of a partitioned topic (membership, timeline), in the
-    topic's own slot; each partition's keys are :class:`GroupKeys` of its stream."""
+    """Keys of one (topic, group) that are not per partition, all in the topic's own slot."""
 
     topic: str
     group: str
     prefix: str = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "prefix", f"os:{{t:{self.topic}}}:tg:{self.group}:")
+        check_topic_name(self.topic)
+        object.__setattr__(self, "prefix", f"os:{{{self.topic}}}:tg:{self.group}:")
 
     @property
     def members(self) -> str:
-        """Sorted set: member name -> expiry (server clock, ms): who is alive."""
+        """Sorted set: member name -> its liveness expiry (server clock, ms)."""
         return self.prefix + "members"
+
+    @property
+    def events(self) -> str:
+        """Capped stream: the rebalance timeline (joins, leaves, targets, handoffs)."""
+        return self.prefix + "events"
 
     @property
     def conns(self) -> str:
@@ -140,7 +207,10 @@ class TopicGroupKeys:
         return self.prefix + "conns"
 
     @property
-    def events(self) -> str:
-        """Capped stream: the rebalance timeline (joined, left, gone, expired, released), and
-        what wakes every member."""
-        return self.prefix + "events"
+    def assignment(self) -> str:
+        """Hash: the current target (version, members, JSON member -> partitions), from which
+        the next one is derived with ``_assign.rebalance`` (sticky moves)."""
+        return self.prefix + "assignment"
+
+    def all(self) -> list[str]:
+        return [self.members, self.conns, self.events, self.assignment]

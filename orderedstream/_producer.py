@@ -17,6 +17,17 @@ def _plain(fields: Fields) -> dict[Any, Any]:
     return dict(fields)
 
 
+def append(target: Any, stream: str, fields: Fields, maxlen: int | None) -> Any:
+    """XADD ``fields`` to ``stream`` on a client or pipeline, sync or asyncio (its reply, or
+    the awaitable of it), approximately capped at ``maxlen``."""
+    return target.xadd(stream, _plain(fields), maxlen=maxlen, approximate=True)
+
+
+def entry_ids(replies: Iterable[Any]) -> list[str]:
+    """XADD replies as id strings."""
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in replies]
+
+
 class Producer:
     """``send`` one entry or ``send_many`` in one pipelined round trip.
 
@@ -39,16 +50,14 @@ class Producer:
 
     def send(self, fields: Fields) -> str:
         """Append one entry; returns its id."""
-        entry_id: Any = self.client.xadd(self.stream, _plain(fields), maxlen=self._maxlen,
-                                     approximate=True)
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return entry_ids([append(self.client, self.stream, fields, self._maxlen)])[0]
 
     def send_many(self, batch: Iterable[Fields]) -> list[str]:
         """Append many entries, in order, in one pipelined round trip (no MULTI)."""
         pipe = self.client.pipeline(transaction=False)
         for fields in batch:
-            pipe.xadd(self.stream, _plain(fields), maxlen=self._maxlen, approximate=True)
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
+            append(pipe, self.stream, fields, self._maxlen)
+        return entry_ids(pipe.execute())
 
     def close(self) -> None:
         self.client.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import redis
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -94,6 +95,19 @@ def client_name(text: str) -> str:
     return "".join(out)
 
 
+def _own_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's connection settings (address, credentials, TLS) without those we set
+    ourselves (retries, name, protocol, decoding, socket timeout)."""
+    out = dict(kwargs)
+    for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name", "decode_responses",
+                "protocol", "socket_timeout", "encoding_errors", "cache", "cache_config"):
+        out.pop(key, None)
+    for key in list(out):  # RESP3-only features of the caller's client (we speak RESP2)
+        if key.startswith(("maint_notifications", "oss_cluster_maint")):
+            del out[key]
+    return out
+
+
 def clone_client(client: redis.Redis, *, name: str | None = None,
                  socket_timeout_s: float = 5.0, single: bool = False) -> redis.Redis:
     """A client to the same server with our own settings: RESP2 bytes replies, an explicit socket
@@ -101,13 +115,7 @@ def clone_client(client: redis.Redis, *, name: str | None = None,
     server pause and wrote it twice; a re-sent blocking read is received twice).  ``name`` may
     be any text: it is made a legal client name by :func:`client_name`."""
     pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
-    for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name", "decode_responses",
-                "protocol", "socket_timeout", "encoding_errors", "cache", "cache_config"):
-        kwargs.pop(key, None)
-    for key in list(kwargs):  # RESP3-only features of the caller's client (we speak RESP2)
-        if key.startswith(("maint_notifications", "oss_cluster_maint")):
-            del kwargs[key]
+    kwargs = _own_settings(pool.connection_kwargs)
     new_pool = redis.ConnectionPool(
         connection_class=pool.connection_class,
         retry=Retry(NoBackoff(), 0),
@@ -163,6 +171,93 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     server = parse_info(info)
     check_supported(server)
     return server
+
+
+AnyClient = redis.Redis | redis.RedisCluster
+"""A client for one server or for a Redis / Valkey Cluster."""
+
+
+def cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server behind ``client`` runs in cluster mode (``INFO cluster``)."""
+    info: Any = client.info("cluster")
+    return bool(int(info.get("cluster_enabled", 0) or 0))
+
+
+def connect_url(url: str) -> AnyClient:
+    """A checked client for ``url`` (:func:`client_from_url` + :func:`connect_check`): a
+    ``redis.RedisCluster`` when the server there runs in cluster mode (a URL of any node
+    works: the client discovers the others), else the plain ``redis.Redis``.  Like every client
+    of ours: RESP2, bytes replies, no automatic retry (a MOVED or ASK redirection is still
+    followed).  Unreachable, wrong credentials or too old: the same one-line
+    :class:`ConnectionFailed` / :class:`UnsupportedServer` as for one server."""
+    client = client_from_url(url)
+    try:
+        connect_check(client)
+        if not cluster_enabled(client):
+            return client
+    except BaseException:
+        client.close()
+        raise
+    where = describe_url(client)
+    client.close()
+    if url.startswith("unix://"):
+        raise ConnectionFailed(f"{where} runs in cluster mode, which redis-py reaches over TCP "
+                               "only: use redis://host:port (or rediss://) of any node")
+    try:
+        return redis.RedisCluster.from_url(url, protocol=2, retry=Retry(NoBackoff(), 0))
+    except redis.AuthenticationError as err:
+        raise ConnectionFailed(f"{where} refused the credentials: {err}. "
+                               "Put user:password in the URL.") from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ConnectionFailed(_unreachable(where, err)) from err
+    except redis.RedisError as err:  # RedisClusterException: slots not covered, a db != 0...
+        raise ConnectionFailed(f"cannot use the cluster at {where}: "
+                               f"{' '.join(str(err).split())}") from err
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
+def clone_cluster(client: redis.RedisCluster, *, name: str | None = None,
+                  socket_timeout_s: float = 5.0) -> redis.RedisCluster:
+    """:func:`clone_client` for a cluster: a new ``RedisCluster`` that knows the same nodes,
+    with the same credentials and TLS, RESP2 bytes replies, an explicit socket timeout and no
+    automatic retry (MOVED / ASK redirections are still followed: nothing ran)."""
+    kwargs = _own_settings(client.nodes_manager.connection_kwargs)
+    for key in ("redis_connect_func", "db", "host", "port"):
+        kwargs.pop(key, None)
+    nodes = [redis.cluster.ClusterNode(n.host, n.port)  # type: ignore[no-untyped-call]
+             for n in client.get_nodes()]  # type: ignore[no-untyped-call]
+    try:
+        return redis.RedisCluster(
+            startup_nodes=nodes, retry=Retry(NoBackoff(), 0), protocol=2,
+            decode_responses=False, socket_timeout=socket_timeout_s,
+            client_name=client_name(name) if name is not None else None, **kwargs)
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ConnectionFailed(_unreachable(", ".join(f"{n.host}:{n.port}" for n in nodes),
+                                            err)) from err
+
+
+def clone_any(client: AnyClient, *, name: str | None = None,
+              socket_timeout_s: float = 5.0) -> AnyClient:
+    """:func:`clone_cluster` or :func:`clone_client`, whichever ``client`` needs."""
+    if isinstance(client, redis.RedisCluster):
+        return clone_cluster(client, name=name, socket_timeout_s=socket_timeout_s)
+    return clone_client(client, name=name, socket_timeout_s=socket_timeout_s)
+
+
+def node_client(client: AnyClient, key: str | bytes) -> redis.Redis:
+    """A plain client to the primary that serves ``key``'s slot now (the keyless commands
+    that must go there: ``CLIENT LIST``, ``CLIENT ID``, ``WAIT``, ``INFO``); ``client`` itself
+    for one server.  It is the cluster client's own connection pool to that node, with the
+    same credentials and TLS: do not close it (:func:`clone_client` makes one of your own).
+    The slot map is the cluster client's: after a failover it is refreshed by the first
+    command that meets the change (or ``client.nodes_manager.initialize()``)."""
+    if not isinstance(client, redis.RedisCluster):
+        return client
+    node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    return client.get_redis_connection(node)
 
 
 def server_ms(client: redis.Redis, reply: Any = None) -> int:

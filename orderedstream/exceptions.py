@@ -58,6 +58,35 @@ class ReplicasNotAcknowledged(OrderedStreamError):
         self.timeout_ms = timeout_ms
 
 
+class TopicMismatch(OrderedStreamError):
+    """A topic exists with another number of partitions (or routing hash) than asked for.
+
+    Its partition count is fixed at creation: every key's partition is its hash modulo that
+    count, so changing it would send a key's later entries to another partition than its
+    earlier ones, and per-key order would break.
+    """
+
+    def __init__(self, topic: str, have: int, want: int, detail: str = "") -> None:
+        super().__init__(
+            detail or f"topic {topic!r} exists with {have} partitions, not {want}: a key's "
+            "partition is its hash modulo the partition count, so changing the count would "
+            "route a key's new entries to another partition than its earlier ones and break "
+            f"per-key order. Keep {have} partitions, or create a new topic and move the "
+            "producers over once the old one is drained.")
+        self.topic = topic
+        self.have = have
+        self.want = want
+
+
+class TopicMissing(OrderedStreamError):
+    """The topic has no metadata on the server: it was never created (or was deleted)."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist: create it first with `orderedstream "
+                         f"topic create {topic} --partitions P` (or create_topic())")
+        self.topic = topic
+
+
 class GroupMissing(OrderedStreamError):
     """The consumer group (or the stream) was deleted while the coordinator was running."""
 

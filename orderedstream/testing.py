@@ -14,6 +14,7 @@ Environment: ``ORDEREDSTREAM_SERVER_BIN`` picks the server binary.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shutil
@@ -372,6 +373,10 @@ class ClusterNode:
         return any(lo <= slot <= hi for lo, hi in self.slots)
 
 
+def _command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _parse_myself(text: str) -> tuple[str, str | None, tuple[tuple[int, int], ...]] | None:
     """From ``CLUSTER NODES``, the line flagged ``myself``: (role, primary id, slot ranges)."""
     for line in text.splitlines():
@@ -451,20 +456,20 @@ class ClusterServers:
         clients = [s.client(socket_timeout=5, decode_responses=True) for s in self.servers]
         try:
             for n, client in enumerate(clients):  # distinct epochs: no collision round
-                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", n + 1)
-                self.ids[self.servers[n].port] = str(client.execute_command("CLUSTER", "MYID"))
+                _command(client, "CLUSTER", "SET-CONFIG-EPOCH", n + 1)
+                self.ids[self.servers[n].port] = str(_command(client, "CLUSTER", "MYID"))
             for n in range(self.primaries):
                 lo, hi = n * CLUSTER_SLOTS // self.primaries, \
                     (n + 1) * CLUSTER_SLOTS // self.primaries - 1
-                clients[n].execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+                _command(clients[n], "CLUSTER", "ADDSLOTSRANGE", lo, hi)
             for client in clients:
                 for server in self.servers:
-                    client.execute_command("CLUSTER", "MEET", "127.0.0.1", server.port,
+                    _command(client, "CLUSTER", "MEET", "127.0.0.1", server.port,
                                            self.bus_ports[server.port])
 
             def everyone_known() -> bool:
                 for client in clients:
-                    lines = str(client.execute_command("CLUSTER", "NODES")).splitlines()
+                    lines = str(_command(client, "CLUSTER", "NODES")).splitlines()
                     if len(lines) != len(self.servers) or any(
                             "handshake" in line or "noaddr" in line for line in lines):
                         return False
@@ -474,8 +479,8 @@ class ClusterServers:
                        "every cluster node to know every other")
             for n in range(self.primaries, len(self.servers)):
                 primary = self.servers[(n - self.primaries) % self.primaries]
-                wait_until(lambda n=n, p=primary: self._try_replicate(clients[n], p),
-                           max(0.1, deadline - time.monotonic()), 0.02,
+                attach = functools.partial(self._try_replicate, clients[n], primary)
+                wait_until(attach, max(0.1, deadline - time.monotonic()), 0.02,
                            f"node {self.servers[n].port} to replicate {primary.port}")
         finally:
             for client in clients:
@@ -485,7 +490,7 @@ class ClusterServers:
 
     def _try_replicate(self, client: redis.Redis, primary: ServerProcess) -> bool:
         try:
-            client.execute_command("CLUSTER", "REPLICATE", self.ids[primary.port])
+            _command(client, "CLUSTER", "REPLICATE", self.ids[primary.port])
         except redis.ResponseError as err:  # "Unknown node" until gossip says it is a primary
             if "unknown node" in str(err).lower() or "not a master" in str(err).lower():
                 return False
@@ -548,7 +553,7 @@ class ClusterServers:
             return ClusterNode("127.0.0.1", port, "down", node_id)
         client = server.client(socket_timeout=2, decode_responses=True)
         try:
-            mine = _parse_myself(str(client.execute_command("CLUSTER", "NODES")))
+            mine = _parse_myself(str(_command(client, "CLUSTER", "NODES")))
         except (redis.ConnectionError, redis.TimeoutError):
             mine = None  # paused, or exiting
         finally:
@@ -613,11 +618,15 @@ class ClusterServers:
         port = replica if isinstance(replica, int) else replica.port
         client = self.server(port).client(socket_timeout=5)
         try:
-            client.execute_command("CLUSTER", "FAILOVER", *([mode] if mode else []))
+            _command(client, "CLUSTER", "FAILOVER", *([mode] if mode else []))
         finally:
             client.close()
-        return wait_until(lambda: (lambda n: n if n.role == "primary" else None)(self.node(port)),
-                          timeout, 0.02, f"node {port} promoted")
+        def promoted() -> ClusterNode | None:
+            node = self.node(port)
+            return node if node.role == "primary" else None
+
+        return wait_until(promoted, timeout, 0.02,  # type: ignore[no-any-return]
+                          f"node {port} promoted")
 
     def wait_failover(self, dead: ClusterNode, timeout: float = 15.0) -> ClusterNode:
         """After ``dead`` (a primary, as it was before it died) was killed: wait until one of
@@ -646,10 +655,10 @@ class ClusterServers:
                     return False
                 client = server.client(socket_timeout=2, decode_responses=True)
                 try:
-                    state: Any = client.execute_command("CLUSTER", "INFO")
+                    state: Any = _command(client, "CLUSTER", "INFO")
                     if "cluster_state:ok" not in str(state):
                         return False
-                    slots: Any = client.execute_command("CLUSTER", "SLOTS")
+                    slots: Any = _command(client, "CLUSTER", "SLOTS")
                     views.add(tuple(sorted((int(s[0]), int(s[1]), int(s[2][1]))
                                            for s in slots)))
                     repl: Any = client.info("replication")

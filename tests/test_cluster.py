@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import redis
 
-from orderedstream.testing import ClusterServers, wait_until
+from orderedstream._server import connect_url, node_client
+from orderedstream.exceptions import ConnectionFailed
+from orderedstream.testing import ClusterServers, free_port, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -104,3 +107,34 @@ def test_promote_switches_roles() -> None:
         assert promoted.slots == primary.slots
         servers.wait_healthy()
         assert wait_until(lambda: servers.node(primary.port).role == "replica", 5)
+
+
+def test_connect_url_detects_cluster_mode(cluster: ClusterServers, server: object) -> None:
+    """``connect_url`` gives a ``RedisCluster`` for the URL of any cluster node (a replica's
+    too) and the plain client for a single server; ``node_client`` is a plain client to the
+    primary serving a key's slot (the client itself on a single server)."""
+    for node in cluster.nodes:
+        client = connect_url(f"redis://127.0.0.1:{node.port}/0")
+        try:
+            assert isinstance(client, redis.RedisCluster)
+            for key in ("a", "b", "orders", "{x}y"):
+                plain = node_client(client, key)
+                assert isinstance(plain, redis.Redis)
+                assert plain.connection_pool.connection_kwargs["port"] == \
+                    cluster.primary_for(key).port
+                plain.set(key, "1")  # no MOVED: it is the slot's primary
+        finally:
+            client.close()
+    single = connect_url(server.url)  # type: ignore[attr-defined]
+    try:
+        assert type(single) is redis.Redis
+        assert node_client(single, "a") is single
+    finally:
+        single.close()
+
+
+def test_connect_url_refuses_in_one_line_when_nothing_listens() -> None:
+    """A cluster URL that nobody answers is refused like a single server's: ConnectionFailed
+    saying what to check."""
+    with pytest.raises(ConnectionFailed, match="cannot reach a Redis server"):
+        connect_url(f"redis://127.0.0.1:{free_port()}")

@@ -1,0 +1,206 @@
+"""Topics: metadata created once, Kafka-compatible routing, producers on a cluster and on one
+server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from orderedstream._keys import TopicKeys
+from orderedstream._server import AnyClient, connect_url
+from orderedstream._topic import (
+    AsyncTopicProducer,
+    TopicProducer,
+    create_topic,
+    describe_topic,
+    load_topic,
+    murmur2,
+    partition_for,
+)
+from orderedstream.exceptions import TopicMismatch, TopicMissing
+from orderedstream.testing import ClusterServers
+
+KAFKA_MURMUR2 = {  # Apache Kafka's UtilsTest.testMurmur2
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+def test_murmur2_is_kafkas() -> None:
+    """The routing hash is byte for byte Kafka's murmur2 (its own test vectors)."""
+    for data, expected in KAFKA_MURMUR2.items():
+        assert murmur2(data) == expected, data
+
+
+def test_golden_routing() -> None:
+    """Same key, same partition, forever: concrete keys pinned (and the same partition a Kafka
+    producer's default partitioner picks for the same P)."""
+    assert [partition_for(f"k{i}", 8) for i in range(10)] == [1, 1, 1, 0, 0, 4, 1, 0, 6, 4]
+    assert partition_for("foobar", 50) == 16
+    assert partition_for("foobar", 10) == 6
+    assert partition_for("customer-42", 64) == 25
+    assert partition_for("café", 12) == partition_for("café".encode(), 12) == 6
+    assert partition_for(b"\xff\x00", 3) == 1
+
+
+@pytest.fixture(params=["cluster", "single"])
+def any_url(request: pytest.FixtureRequest) -> str:
+    """The URL of the session cluster, then of the single server."""
+    return str(request.getfixturevalue(
+        "cluster" if request.param == "cluster" else "server").url)
+
+
+@pytest.fixture
+def any_client(any_url: str) -> Iterator[AnyClient]:
+    """A checked client (``connect_url``): a RedisCluster or a plain Redis."""
+    client = connect_url(any_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def topic_name(any_client: AnyClient) -> Iterator[str]:
+    """A fresh topic name; its metadata and partition streams are deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    yield name
+    try:
+        streams = load_topic(any_client, name).streams
+    except TopicMissing:
+        streams = ()
+    for key in (TopicKeys(name).meta, *streams):
+        any_client.delete(key)
+
+
+def test_create_is_idempotent_and_refuses_another_count(any_client: AnyClient,
+                                                        topic_name: str) -> None:
+    """Creating a topic twice with the same P returns the same topic (names and creation time
+    from the first); another P is refused with a message that says why."""
+    first = create_topic(any_client, topic_name, 6)
+    again = create_topic(any_client, topic_name, 6)
+    assert again == first and first.partitions == 6 and len(set(first.streams)) == 6
+    assert load_topic(any_client, topic_name) == first
+    with pytest.raises(TopicMismatch, match=r"exists with 6 partitions, not 8.*per-key order"):
+        create_topic(any_client, topic_name, 8)
+
+
+def test_racing_creators_agree(any_client: AnyClient, topic_name: str) -> None:
+    """Creators racing with different counts: exactly one count wins, every creator with it
+    gets the same topic, every other one is refused."""
+    results: list[Any] = []
+    barrier = threading.Barrier(6)
+
+    def create(p: int) -> None:
+        barrier.wait()
+        try:
+            results.append(create_topic(any_client, topic_name, p))
+        except TopicMismatch as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=create, args=(p,)) for p in (3, 4, 3, 4, 3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    topics = [r for r in results if not isinstance(r, TopicMismatch)]
+    refused = [r for r in results if isinstance(r, TopicMismatch)]
+    assert len(topics) == 3 and len(refused) == 3 and len(set(topics)) == 1
+
+
+def test_unknown_topic_is_refused(any_client: AnyClient) -> None:
+    """Producing to a topic never created says how to create it."""
+    with pytest.raises(TopicMissing, match="topic create nope-"):
+        TopicProducer(any_client, f"nope-{uuid.uuid4().hex[:6]}")
+
+
+def test_partitions_spread_over_the_shards(cluster: ClusterServers) -> None:
+    """On a 3-primary cluster a 6-partition topic puts two partitions on each primary, and
+    ``describe`` names the node serving each partition's slot."""
+    client = connect_url(cluster.url)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        topic = create_topic(client, name, 6)
+        desc = describe_topic(client, name)
+        assert desc.cluster
+        nodes = [p.node for p in desc.partitions]
+        for p in desc.partitions:
+            assert p.node == f"127.0.0.1:{cluster.primary_for(p.stream).port}"
+            assert p.stream == topic.streams[p.index] and p.length == 0
+        assert sorted(nodes.count(n) for n in set(nodes)) == [2, 2, 2]
+    finally:
+        client.delete(TopicKeys(name).meta)
+        client.close()
+
+
+def _entries(client: AnyClient, stream: str) -> list[dict[str, str]]:
+    rows: Any = client.xrange(stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
+
+
+def test_producer_routes_each_key_to_its_partition_in_order(any_client: AnyClient,
+                                                            topic_name: str) -> None:
+    """``send`` and ``send_many`` put every entry in its key's partition, a key's entries in the
+    order sent; describe counts them."""
+    topic = create_topic(any_client, topic_name, 4)
+    producer = TopicProducer(any_client, topic_name)
+    try:
+        sent: dict[str, int] = {}
+        batch = []
+        for seq in range(1, 201):
+            key = f"k{seq % 7}"
+            sent[key] = sent.get(key, 0) + 1
+            batch.append((key, {"seq": seq, "key": key, "kseq": sent[key]}))
+        for key, fields in batch[:20]:
+            producer.send(fields, key=key)
+        ids = producer.send_many(batch[20:])
+        assert len(ids) == 180
+    finally:
+        producer.close()
+    total = 0
+    for index, stream in enumerate(topic.streams):
+        entries = _entries(any_client, stream)
+        total += len(entries)
+        per_key: dict[str, list[int]] = {}
+        for e in entries:
+            assert partition_for(e["key"], 4) == index
+            per_key.setdefault(e["key"], []).append(int(e["kseq"]))
+        for kseqs in per_key.values():
+            assert kseqs == list(range(1, len(kseqs) + 1))
+    assert total == 200
+    assert sum(p.length for p in describe_topic(any_client, topic_name).partitions) == 200
+
+
+def test_async_producer_routes_like_the_sync_one(any_url: str, any_client: AnyClient,
+                                                 topic_name: str) -> None:
+    """AsyncTopicProducer (redis.asyncio, cluster or not) puts each entry where the sync
+    producer would."""
+    topic = create_topic(any_client, topic_name, 3)
+
+    async def main() -> list[str]:
+        aclient: Any = (redis.asyncio.RedisCluster.from_url(any_url)
+                        if isinstance(any_client, redis.RedisCluster)
+                        else redis.asyncio.Redis.from_url(any_url))
+        producer = AsyncTopicProducer(aclient, topic_name)
+        try:
+            ids = [await producer.send({"n": 0}, key="alpha")]
+            ids += await producer.send_many([(f"key{n}", {"n": n}) for n in range(1, 30)])
+            return ids
+        finally:
+            await producer.aclose()
+            await aclient.aclose()
+
+    ids = asyncio.run(main())
+    assert len(ids) == 30
+    found = {int(e["n"]): i for i, s in enumerate(topic.streams) for e in _entries(any_client, s)}
+    assert found[0] == partition_for("alpha", 3)
+    assert all(found[n] == partition_for(f"key{n}", 3) for n in range(1, 30))
