@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
+import json
 import logging
 import os
 import secrets
@@ -42,7 +44,7 @@ from typing import Any
 import attrs
 import redis
 
-from ._assign import assign
+from ._assign import moves, rebalance
 from ._config import MemberConfig
 from ._deadletter import Parker
 from ._events import Emitter, Event, Hook, LeaseAcquired
@@ -54,10 +56,11 @@ from ._mux import Lane, Mux
 from ._owner import Owner
 from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
-from ._server import NodeMap, client_from_url, client_name
+from ._server import NodeMap, client_name, connect_url
 from ._takeover import ensure_group
+from ._topic import load_topic
 from ._wire import Rebalance as R
-from .exceptions import OrderedStreamError
+from .exceptions import ConfigError, OrderedStreamError
 
 log = logging.getLogger("orderedstream")
 
@@ -100,17 +103,22 @@ class TopicMember:
 
     ``start()`` returns, ``stop(timeout)`` hands every owned partition over and leaves the group,
     ``run()`` blocks, and ``with`` works as for a :class:`~orderedstream.Coordinator`.
-    ``streams`` are the topic's partition streams, in partition order.
+    The topic must exist (:func:`~orderedstream.create_topic`).
     """
 
     def __init__(self, config: MemberConfig, handler: Handler, client: Any,
-                 streams: Sequence[str], *, hooks: Sequence[Hook] = ()) -> None:
-        if not streams:
-            raise OrderedStreamError(f"topic {config.topic!r} has no partitions")
+                 *, hooks: Sequence[Hook] = ()) -> None:
+        if inspect.iscoroutinefunction(handler):
+            raise ConfigError(f"{handler!r} is an async function: a TopicMember calls its "
+                              "handler; pass a plain function")
         self.config = config
         self._handler = handler
         self._client = client
-        self._streams = list(streams)
+        self._streams: list[str] = []  # the topic's partition streams (read at the start)
+        self._target_version = "0"
+        self._target_members: tuple[str, ...] = ()
+        self._target: dict[str, tuple[int, ...]] = {}
+        self._target_stale = True
         self._emitter = Emitter(hooks)
         self._keys = TopicGroupKeys(config.topic, config.group)
         timeout_s = config.socket_timeout_ms / 1000.0
@@ -139,8 +147,9 @@ class TopicMember:
 
     @classmethod
     def from_url(cls, url: str, config: MemberConfig, handler: Handler,
-                 streams: Sequence[str], *, hooks: Sequence[Hook] = ()) -> TopicMember:
-        return cls(config, handler, client_from_url(url), streams, hooks=hooks)
+                 *, hooks: Sequence[Hook] = ()) -> TopicMember:
+        """Build with a client for ``url`` (any node of a cluster, or one server)."""
+        return cls(config, handler, connect_url(url), hooks=hooks)
 
     # -- what it shows ------------------------------------------------------------------------
 
@@ -202,6 +211,7 @@ class TopicMember:
     def _main(self) -> None:
         cfg = self.config
         try:
+            self._streams = list(load_topic(self._client, cfg.topic).streams)
             self._connect()
             for stream in self._streams:
                 ensure_group(self._client, cfg.partition(stream), None)
@@ -292,6 +302,7 @@ class TopicMember:
             return
         flat = [_text(v) for v in reply[3:]]
         self._live = tuple(flat[0::2])
+        self._target_stale = True  # (cheap: one HMGET per beat)
         self._conns = dict(zip(flat[0::2], flat[1::2], strict=True))
 
     def _poll(self) -> None:
@@ -346,8 +357,11 @@ class TopicMember:
         if got:
             entries = got[0][1]
             self._last_event = _text(entries[-1][0])
-            if any(fields.get(R.TYPE.encode()) != b"released" for _, fields in entries):
+            kinds = {fields.get(R.TYPE.encode()) for _, fields in entries}
+            if kinds - {b"released", b"assigned"}:
                 self._beat("renew")
+            if b"assigned" in kinds:
+                self._target_stale = True
             self._retry_at = {p: 0.0 for p in self._retry_at}  # look again at once
 
     def _poke(self) -> None:
@@ -372,8 +386,8 @@ class TopicMember:
     def _reconcile(self) -> None:
         """Hand over what is no longer ours; take what is."""
         me = self.config.name
-        live = self._live if me in self._live else (*self._live, me)
-        target = set(assign(len(self._streams), sorted(live)).get(me, ()))
+        live = tuple(sorted(self._live if me in self._live else (*self._live, me)))
+        target = set(self._next_target(live).get(me, ()))
         for partition, served in self._served.items():
             if partition not in target and not served.handing_over:
                 served.handing_over = True
@@ -388,6 +402,44 @@ class TopicMember:
                 del self._retry_at[partition]
         if wanted and not self._stop.is_set():
             self._acquire(wanted, set(live))
+
+    def _next_target(self, live: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+        """The group's target assignment for the ``live`` members: the stored one when it was
+        made for them; else the next one, derived from the stored one (sticky: only what must
+        move moves) and stored with a compare-and-set, so every member follows one line of
+        targets with no leader."""
+        if not self._target_stale and self._target_members == live:
+            return self._target
+        registry = self._registry
+        assert registry is not None
+        keys = self._keys
+        have: Any = registry.client.hmget(keys.assignment, ["version", "members", "target"])
+        self._adopt(have)
+        self._target_stale = False
+        while self._target_members != live:
+            target = rebalance(self._target, len(self._streams), live)
+            moved = moves(self._target, target)
+            reply = registry.scripts.run(
+                "target_set", [keys.assignment, keys.events],
+                [self._target_version, json.dumps(list(live)), json.dumps(target),
+                 self.config.name, ",".join(map(str, moved)), EVENTS_MAXLEN])
+            if int(reply[0]) == 1:
+                self._target_version = _text(reply[1])
+                self._target_members, self._target = live, target
+            else:  # another member stored one first: adopt it, derive from it if need be
+                self._adopt(reply[1:])
+                if set(self._target_members) != set(live):
+                    # made for another view of the members: ours is fresher (just read) or
+                    # theirs is; the next beat settles it either way
+                    break
+        return self._target
+
+    def _adopt(self, stored: Any) -> None:
+        version, members, target = stored
+        self._target_version = _text(version) if version is not None else "0"
+        self._target_members = tuple(sorted(json.loads(members))) if members else ()
+        self._target = ({m: tuple(ps) for m, ps in json.loads(target).items()} if target
+                        else {})
 
     def _acquire(self, partitions: list[int], live: set[str]) -> None:
         """Ask for the leases of ``partitions`` (pipelined per node); a lease held by a member

@@ -58,10 +58,11 @@ class Rebalance:
     PARTITIONS = "partitions"
 
     FIELDS = (TYPE, MEMBER, BY, REASON, TS_MS, PARTITIONS)
-    TYPES = ("joined", "left", "gone", "expired", "released")
+    TYPES = ("joined", "left", "gone", "expired", "assigned", "released")
     """'joined' a member's first heartbeat; 'left' a clean stop; 'gone' another member found its
     heartbeat connection gone; 'expired' its membership ran out on the server's clock;
-    'released' it handed ``partitions`` (comma-separated) over to their new targets."""
+    'assigned' ``member`` stored the next target, moving ``partitions``; 'released' ``member``
+    handed ``partitions`` (comma-separated) over to their new targets."""
 
 
 class Graveyard:

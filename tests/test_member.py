@@ -15,6 +15,7 @@ import redis
 from orderedstream._config import LeaseConfig, MemberConfig
 from orderedstream._member import TopicMember
 from orderedstream._server import NodeMap
+from orderedstream._topic import create_topic
 from orderedstream.testing import ServerProcess, topic_verdict, wait_until
 
 
@@ -24,7 +25,8 @@ class Topic:
 
     def __init__(self, client: Any, partitions: int, keys: int = 24) -> None:
         self.name = f"t{uuid.uuid4().hex[:6]}"
-        self.streams = [f"{self.name}{{p{i}}}" for i in range(partitions)]
+        self.topic = create_topic(client, self.name, partitions)
+        self.streams = self.topic.streams
         self.client = client
         self.nodes = NodeMap(client)
         self.replicated = self.nodes.cluster
@@ -42,7 +44,7 @@ class Topic:
             self.seq += 1
             k = self.seq % self.keys
             self.kseq[k] += 1
-            self._send(self.streams[k % len(self.streams)],
+            self._send(self.topic.stream_for(f"k{k}"),
                        {"seq": self.seq, "key": f"k{k}", "kseq": self.kseq[k]})
 
     def _send(self, stream: str, fields: dict[str, Any]) -> None:
@@ -115,7 +117,7 @@ class Topic:
     def member(self, client: Any, name: str, ttl_ms: int = 1000) -> TopicMember:
         config = MemberConfig(topic=self.name, group="g", name=name,
                               lease=LeaseConfig(ttl_ms=ttl_ms), batch_size=20)
-        return TopicMember(config, self.handler(name), client, self.streams)
+        return TopicMember(config, self.handler(name), client)
 
 
 @pytest.fixture

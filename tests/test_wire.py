@@ -23,7 +23,8 @@ def test_golden_record_fields() -> None:
                                     "claimed", "deleted", "trimmed", "duration_ms")
     assert wire.Timeline.TYPES == ("acquired", "takeover", "released", "ended", "stalled")
     assert wire.Rebalance.FIELDS == ("type", "member", "by", "reason", "ts_ms", "partitions")
-    assert wire.Rebalance.TYPES == ("joined", "left", "gone", "expired", "released")
+    assert wire.Rebalance.TYPES == ("joined", "left", "gone", "expired", "assigned",
+                                    "released")
     assert wire.Graveyard.FIELDS == ("id", "reason", "record")
     assert wire.SIGNAL_DUE == "due"
 
