@@ -21,37 +21,22 @@ from orderedstream._topic import (
     create_topic,
     describe_topic,
     load_topic,
-    murmur2,
     partition_for,
 )
 from orderedstream.exceptions import TopicMismatch, TopicMissing
 from orderedstream.testing import ClusterServers
 
-KAFKA_MURMUR2 = {  # Apache Kafka's UtilsTest.testMurmur2
-    b"21": -973932308,
-    b"foobar": -790332482,
-    b"a-little-bit-long-string": -985981536,
-    b"a-little-bit-longer-string": -1486304829,
-    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
-    b"abc": 479470107,
-}
-
-
-def test_murmur2_is_kafkas() -> None:
-    """The routing hash is byte for byte Kafka's murmur2 (its own test vectors)."""
-    for data, expected in KAFKA_MURMUR2.items():
-        assert murmur2(data) == expected, data
-
 
 def test_golden_routing() -> None:
-    """Same key, same partition, forever: concrete keys pinned (and the same partition a Kafka
-    producer's default partitioner picks for the same P)."""
-    assert [partition_for(f"k{i}", 8) for i in range(10)] == [1, 1, 1, 0, 0, 4, 1, 0, 6, 4]
-    assert partition_for("foobar", 50) == 16
-    assert partition_for("foobar", 10) == 6
-    assert partition_for("customer-42", 64) == 25
-    assert partition_for("café", 12) == partition_for("café".encode(), 12) == 6
-    assert partition_for(b"\xff\x00", 3) == 1
+    """Same key, same partition, forever: crc32 of the key's UTF-8 bytes modulo P, pinned on
+    concrete keys (str and bytes keys alike)."""
+    assert [partition_for(f"k{i}", 8) for i in range(10)] == [7, 1, 3, 5, 6, 0, 2, 4, 5, 3]
+    assert partition_for("customer-42", 64) == 21
+    assert partition_for("café", 12) == partition_for("café".encode(), 12) == 5
+    assert partition_for(b"\xff\x00", 3) == 0
+    assert partition_for("orders", 1000) == 3845127662 % 1000
+    with pytest.raises(ValueError):
+        partition_for("x", 0)
 
 
 @pytest.fixture(params=["cluster", "single"])

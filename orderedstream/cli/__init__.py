@@ -55,10 +55,15 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_URL),
                         help="server URL: redis://[user:password@]host:port/db, rediss://... "
-                             "for TLS, unix:///path (env REDIS_URL)")
+                             "for TLS, unix:///path; a cluster: the URL of any node "
+                             "(env REDIS_URL)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _url_option(parser)
     parser.add_argument("--stream", default=os.environ.get("ORDEREDSTREAM_STREAM", "orders"),
                         help="stream key (env ORDEREDSTREAM_STREAM)")
     parser.add_argument("--group", default=os.environ.get("ORDEREDSTREAM_GROUP", "workers"),
@@ -284,7 +289,21 @@ def _port_taken(port: int) -> bool:
 def cmd_server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..testing import ServerProcess
+    from ..testing import ClusterServers, ServerProcess
+
+    if args.cluster:
+        if args.port is not None or args.dir is not None or args.appendonly:
+            raise ConfigError("--cluster starts six nodes on free ports with temporary data: "
+                              "leave out --port, --dir and --appendonly")
+        from .topic import cmd_server_cluster
+
+        cluster = ClusterServers()
+        stopped = threading.Event()
+        _Signals(stopped.set, text="stopping the cluster...", on_force=cluster.cleanup)
+        try:
+            return cmd_server_cluster(args, console, err_console, stopped, cluster)
+        finally:
+            cluster.cleanup()
 
     if args.port is not None and _port_taken(args.port):
         raise ConfigError(f"port {args.port} on 127.0.0.1 is taken (another server?). Pick "
@@ -340,6 +359,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
     the producer looks at the stream's last ``seq`` and goes on after what the stream holds."""
     from .._recovery import passing_fault
 
+    if args.topic is not None:
+        from .topic import cmd_produce_topic
+
+        stopping = threading.Event()
+        _Signals(stopping.set, text="stopping")
+        return cmd_produce_topic(args, console, err_console, stopping)
+    if args.key_field is not None:
+        raise ConfigError("--key-field routes entries of a topic: give --topic NAME")
     client = client_from_url(args.redis_url)
     connect_check(client)
     producer = Producer(client, args.stream, maxlen=args.maxlen)
@@ -716,6 +743,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topic(args: argparse.Namespace) -> int:
+    from .topic import cmd_topic as run
+
+    return run(args, console)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -749,7 +782,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "kept on exit); default: a temporary one, removed on exit")
     server.add_argument("--appendonly", action="store_true",
                         help="persist every write (AOF, fsync always); needs --dir")
+    server.add_argument("--cluster", action="store_true",
+                        help="a cluster instead: 3 primaries and 3 replicas on free loopback "
+                             "ports (node timeout 1000 ms), for partitioned topics")
     server.set_defaults(func=cmd_server)
+
+    topic = command("topic", "create or describe a partitioned topic")
+    topic_sub = topic.add_subparsers(dest="action", required=True)
+    create = topic_sub.add_parser("create", formatter_class=_Formatter,
+                                  help="create a topic with P partitions (again with the same P: "
+                                       "nothing changes; another P is refused)")
+    _url_option(create)
+    create.add_argument("name", help="topic name (no '{' or '}')")
+    create.add_argument("--partitions", type=int, required=True,
+                        help="number of partitions, fixed for the topic's life (1..1024)")
+    describe = topic_sub.add_parser("describe", formatter_class=_Formatter,
+                                    help="partitions: stream, cluster slot, node, length")
+    _url_option(describe)
+    describe.add_argument("name", help="topic name")
+    describe.add_argument("--json", action="store_true", help="as JSON")
+    topic.set_defaults(func=cmd_topic)
 
     produce = command("produce", "append demo entries carrying sequence numbers")
     _common(produce)
@@ -761,6 +813,15 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--maxlen", type=int, default=None,
                          help="cap the stream (approximately; default: no cap)")
     produce.add_argument("--quiet", action="store_true", help="no line per entry")
+    produce.add_argument("--topic", default=None,
+                         help="produce to this topic's partitions instead of --stream: demo "
+                              "entries carry seq, key (k0..k{K-1}) and kseq (the entry's number "
+                              "within its key)")
+    produce.add_argument("--keys", type=int, default=64,
+                         help="with --topic: how many keys the demo entries take turns on")
+    produce.add_argument("--key-field", default=None, metavar="FIELD",
+                         help="with --topic: read JSON objects from stdin (one a line) and "
+                              "route each by its FIELD, as fast as they come")
     produce.set_defaults(func=cmd_produce)
 
     consume = command("consume", "consume as the single active consumer, or wait as a standby")
