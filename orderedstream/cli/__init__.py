@@ -478,20 +478,29 @@ def _consume_async(args: argparse.Namespace, config: CoordinatorConfig,
     return 0
 
 
+def consumer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``consume``'s options as :class:`ConsumerSettings` keywords (one stream or a topic)."""
+    return {
+        "batch_size": args.batch,
+        "lease": LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch,
+                             watch_push=not args.no_push, wait_replicas=args.wait_replicas),
+        "retry": RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
+                             max_deliveries=args.max_deliveries or None,
+                             min_park_delay_ms=args.min_park_delay_ms),
+        "handler_timeout_ms": args.handler_timeout_ms,
+        "hold_key_field": args.hold_key_field,
+    }
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
+    if args.topic is not None:
+        from .member import cmd_consume_topic
+
+        return cmd_consume_topic(args, err_console)
     handler = load_callable(args.handler) if args.handler else demo_handler
-    config = CoordinatorConfig(
-        stream=args.stream, group=args.group,
-        **({"consumer": args.name} if args.name else {}),
-        batch_size=args.batch,
-        lease=LeaseConfig(ttl_ms=args.lease_ttl_ms, watch_connection=not args.no_watch,
-                          watch_push=not args.no_push, wait_replicas=args.wait_replicas),
-        retry=RetryPolicy(max_attempts=args.max_attempts, on_exhausted=args.on_exhausted,
-                          max_deliveries=args.max_deliveries or None,
-                          min_park_delay_ms=args.min_park_delay_ms),
-        handler_timeout_ms=args.handler_timeout_ms,
-        hold_key_field=args.hold_key_field,
-    )
+    config = CoordinatorConfig(stream=args.stream, group=args.group,
+                               **({"consumer": args.name} if args.name else {}),
+                               **consumer_settings(args))
     hooks: list[Hook] = [] if args.quiet else [print_event]
     client = _connected(args)
     if args.use_async:
@@ -832,6 +841,10 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--handler", default=None,
                          help="module:function to import as the handler (default: print each "
                               "entry)")
+    consume.add_argument("--topic", default=None, metavar="NAME",
+                         help="be a member of --group for every partition of this topic: own "
+                              "a balanced share of them, stand by for the rest (instead of "
+                              "--stream)")
     consume.add_argument("--async", dest="use_async", action="store_true",
                          help="run the asyncio engine (AsyncCoordinator): --handler and "
                               "--batch-handler then take an `async def`")
