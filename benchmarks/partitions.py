@@ -1,0 +1,375 @@
+"""Partitioned-topic benchmark on an embedded 3+3 cluster: member processes (``orderedstream
+consume --topic``, the recording handler) under a steady producer, all measured in one run.
+
+Parts (``--parts``, comma-separated):
+
+* ``kill``: ``--members`` members share ``--partitions`` partitions; ``--kills`` times a random
+  member is SIGKILLed (and a replacement started once the group has settled).  Per kill:
+  *owned again* = kill -> the last orphaned partition's new term (its ``acquired`` record, server
+  clock), *handled again* = per orphaned partition, the first entry handled by another process,
+  counted from the later of the kill and that entry's arrival (its stream id), the worst of them;
+* ``rebalance``: a member joins, then one leaves (SIGTERM): partitions moved (target:
+  at most ceil(P/N) + 1), the pause of each moved partition (its last entry handled by the old
+  owner -> the first by the new one, minus any time no entry was waiting), and the longest gap
+  between two handled entries of a partition that did not move, beside the same measure over an
+  equal window without a rebalance;
+* ``scale``: one process owning 256 partitions: connections it holds per node, its idle CPU
+  over ``--idle-seconds`` (from ``/proc``), and end-to-end latency (entry id -> handled) p50/p99
+  under the producer.
+
+At the end every part's record is judged (per-key order, lost, duplicates flagged or not, no
+(partition, epoch) handled by two processes).
+
+    python benchmarks/partitions.py                         # every part
+    python benchmarks/partitions.py --parts kill --kills 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orderedstream._keys import GroupKeys
+from orderedstream._topic import TopicProducer, create_topic
+from orderedstream.testing import ClusterServers, read_records, topic_verdict, wait_until
+
+KEYS = 256
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else math.nan
+
+
+class Producer(threading.Thread):
+    """Writes ``seq``/``key``/``kseq`` entries at a steady rate, keys taking turns."""
+
+    def __init__(self, client: Any, topic: str, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.producer = TopicProducer(client, topic)
+        self.rate = rate
+        self.seq = 0
+        self.kseq = [0] * KEYS
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self.halt.is_set():
+            due = started + self.seq / self.rate
+            wait = due - time.monotonic()
+            if wait > 0 and self.halt.wait(wait):
+                break
+            batch = []
+            for _ in range(max(1, int((time.monotonic() - due) * self.rate) + 1)):
+                self.seq += 1
+                k = self.seq % KEYS
+                self.kseq[k] += 1
+                batch.append((f"k{k}", {"seq": self.seq, "key": f"k{k}",
+                                        "kseq": self.kseq[k]}))
+            self.producer.send_many(batch)
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join()
+        self.producer.close()
+        return self.seq
+
+
+class Members:
+    """Member processes of one topic group."""
+
+    def __init__(self, url: str, topic: str, workdir: Path, ttl_ms: int) -> None:
+        self.url = url
+        self.topic = topic
+        self.workdir = workdir
+        self.ttl_ms = ttl_ms
+        self.record = workdir / "record.jsonl"
+        self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record),
+                        ORDEREDSTREAM_WORK_MS="0")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.count = 0
+
+    def spawn(self) -> str:
+        name = f"m{self.count}"
+        self.count += 1
+        args = [sys.executable, "-m", "orderedstream", "consume", "--redis-url", self.url,
+                "--topic", self.topic, "--group", "g", "--name", name, "--quiet",
+                "--handler", "orderedstream.testing:record_handler",
+                "--lease-ttl-ms", str(self.ttl_ms), "--batch", "50"]
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed by the OS
+        self.procs[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=log)
+        return name
+
+    def live(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {n: p for n, p in self.procs.items() if p.poll() is None}
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+
+
+def owners_now(client: Any, streams: list[str]) -> dict[int, str]:
+    """partition -> consumer name of its lease holder (absent: no owner)."""
+    out = {}
+    for p, stream in enumerate(streams):
+        token = client.get(GroupKeys(stream, "g").lease)
+        if token:
+            out[p] = token.decode().split(":")[0]
+    return out
+
+
+def settled(client: Any, streams: list[str], names: set[str]) -> bool:
+    owners = owners_now(client, streams)
+    if len(owners) != len(streams) or set(owners.values()) != names:
+        return False
+    counts = [list(owners.values()).count(n) for n in names]
+    return max(counts) - min(counts) <= 1
+
+
+def acquired_ms(client: Any, stream: str, after_ms: float) -> float | None:
+    """Server ms of the first 'acquired' record of ``stream``'s group after ``after_ms``."""
+    for _, fields in client.xrange(GroupKeys(stream, "g").events, min=f"{int(after_ms)}"):
+        if fields.get(b"type") == b"acquired":
+            return float(fields[b"ts_ms"])
+    return None
+
+
+def id_ms(entry_id: str) -> float:
+    return float(entry_id.split("-")[0]) / 1000.0
+
+
+def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    client = cluster.client()
+    topic = f"bk{os.getpid()}"
+    streams = list(create_topic(client, topic, args.partitions).streams)
+    members = Members(cluster.url, topic, work, args.ttl_ms)
+    for _ in range(args.members):
+        members.spawn()
+    wait_until(lambda: settled(client, streams, set(members.live())), 60,
+               message="members settled")
+    producer = Producer(client, topic, args.rate)
+    producer.start()
+    owned_again: list[float] = []
+    handled_again: list[float] = []
+    rng = random.Random(7)
+    try:
+        for _ in range(args.kills):
+            time.sleep(1.0)
+            live = members.live()
+            name = rng.choice(sorted(live))
+            orphaned = {p for p, owner in owners_now(client, streams).items() if owner == name}
+            victim = live[name]
+            killed = time.time()
+            victim.kill()
+            victim.wait()
+            members.spawn()  # the replacement joins later (after the orphans are taken)
+            wait_until(lambda: settled(client, streams, set(members.live())), 60,
+                       message="settled after the kill")
+            owned = [acquired_ms(client, streams[p], killed * 1000) for p in orphaned]
+            owned_again.append(max((o or math.inf) for o in owned) / 1000.0 - killed)
+            def waits(pid: int = victim.pid, since: float = killed,
+                      ps: set[int] = orphaned) -> list[float | None]:
+                return [_first_after(work, pid, since, p) for p in ps]
+
+            wait_until(lambda: all(w is not None for w in waits()), 30,
+                       message="orphans handled")
+            handled_again.append(max(w if w is not None else math.inf for w in waits()))
+    finally:
+        produced = producer.stop()
+    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+               message="everything handled")
+    members.stop_all()
+    result = topic_verdict(read_records(members.record), produced)
+    return {"part": "kill", "partitions": args.partitions, "members": args.members,
+            "kills": args.kills, "rate": args.rate,
+            "owned_again_ms": _stats(owned_again), "handled_again_ms": _stats(handled_again),
+            "verdict": result.as_dict()}
+
+
+def _first_after(work: Path, pid: int, since: float, partition: int) -> float | None:
+    """Seconds from the later of ``since`` and the entry's arrival to the first handling of an
+    entry of ``partition`` by a process other than ``pid`` after ``since``."""
+    for r in read_records(work / "record.jsonl"):
+        if r["p"] == partition and r["pid"] != pid and r["t"] >= since:
+            return float(r["t"]) - max(since, id_ms(r["id"]))
+    return None
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    ms = [v * 1000.0 for v in values]
+    return {"n": len(ms), "p50": round(pct(ms, 0.5), 1), "p99": round(pct(ms, 0.99), 1),
+            "max": round(max(ms), 1) if ms else math.nan}
+
+
+def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
+                   work: Path) -> dict[str, Any]:
+    client = cluster.client()
+    topic = f"br{os.getpid()}"
+    streams = list(create_topic(client, topic, args.partitions).streams)
+    members = Members(cluster.url, topic, work, args.ttl_ms)
+    for _ in range(args.members):
+        members.spawn()
+    wait_until(lambda: settled(client, streams, set(members.live())), 60,
+               message="members settled")
+    producer = Producer(client, topic, args.rate)
+    producer.start()
+    out: dict[str, Any] = {"part": "rebalance", "partitions": args.partitions}
+    try:
+        time.sleep(3.0)
+        quiet_from = time.time()
+        time.sleep(3.0)
+        quiet_to = time.time()
+        before = owners_now(client, streams)
+        changed_at = time.time()
+        joined = members.spawn()
+        wait_until(lambda: settled(client, streams, set(members.live())), 60,
+                   message="settled after the join")
+        time.sleep(3.0)
+        out["join"] = _moves(work, before, owners_now(client, streams), changed_at,
+                             len(members.live()), args.partitions, (quiet_from, quiet_to))
+        before = owners_now(client, streams)
+        leaver = sorted(n for n in members.live() if n != joined)[0]
+        changed_at = time.time()
+        members.procs[leaver].send_signal(signal.SIGTERM)
+        members.procs[leaver].wait(30)
+        wait_until(lambda: settled(client, streams, set(members.live())), 60,
+                   message="settled after the leave")
+        time.sleep(3.0)
+        out["leave"] = _moves(work, before, owners_now(client, streams), changed_at,
+                              len(members.live()) + 1, args.partitions, (quiet_from, quiet_to))
+    finally:
+        produced = producer.stop()
+    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+               message="everything handled")
+    members.stop_all()
+    out["verdict"] = topic_verdict(read_records(members.record), produced).as_dict()
+    return out
+
+
+def _moves(work: Path, before: dict[int, str], after: dict[int, str], at: float, n: int,
+           partitions: int, quiet: tuple[float, float]) -> dict[str, Any]:
+    moved = sorted(p for p in after if before.get(p) != after[p])
+    records = read_records(work / "record.jsonl")
+    pauses = []
+    for p in moved:
+        rows = [r for r in records if r["p"] == p]
+        old = [r for r in rows if r["t"] < at + 5 and _owner_change(rows, r)]
+        if old:
+            first_new = old[0]
+            prev = [r for r in rows if r["t"] < first_new["t"]]
+            last_old = prev[-1]["t"] if prev else at
+            pauses.append(float(first_new["t"]) - max(last_old, id_ms(first_new["id"])))
+    window = (at - 0.5, at + 2.5)
+    stayed = [p for p in range(partitions) if p not in moved]
+    gap = _longest_gap(records, stayed, window)
+    baseline = _longest_gap(records, stayed, (quiet[0], quiet[0] + 3.0))
+    return {"moved": len(moved), "bound": math.ceil(partitions / n) + 1,
+            "pause_ms": _stats(pauses),
+            "unmoved_longest_gap_ms": round(gap * 1000, 1),
+            "unmoved_longest_gap_without_rebalance_ms": round(baseline * 1000, 1)}
+
+
+def _owner_change(rows: list[dict[str, Any]], r: dict[str, Any]) -> bool:
+    i = rows.index(r)
+    return i > 0 and rows[i - 1]["pid"] != r["pid"]
+
+
+def _longest_gap(records: list[dict[str, Any]], partitions: list[int],
+                 window: tuple[float, float]) -> float:
+    """The longest time an entry of one of ``partitions`` waited beyond its arrival for the
+    previous one to be handled, inside ``window``: handled - max(arrival, previous handled)."""
+    worst = 0.0
+    wanted = set(partitions)
+    last: dict[int, float] = {}
+    for r in records:
+        p = r["p"]
+        if p not in wanted:
+            continue
+        t = float(r["t"])
+        if window[0] <= t <= window[1] and p in last:
+            worst = max(worst, t - max(last[p], id_ms(r["id"])))
+        last[p] = t
+    return worst
+
+
+def part_scale(cluster: ClusterServers, args: argparse.Namespace,
+               work: Path) -> dict[str, Any]:
+    client = cluster.client()
+    topic = f"bs{os.getpid()}"
+    streams = list(create_topic(client, topic, 256).streams)
+    members = Members(cluster.url, topic, work, args.ttl_ms)
+    name = members.spawn()
+    proc = members.procs[name]
+    wait_until(lambda: len(owners_now(client, streams)) == 256, 120, message="256 owned")
+    conns = {}
+    for node in cluster.primaries_now():
+        listed = cluster.server(node).client().client_list()
+        conns[f"{node.port}"] = sum(1 for c in listed if c["name"].startswith(f"os:{name}:"))
+    time.sleep(2.0)
+    ticks = _cpu(proc.pid)
+    started = time.monotonic()
+    time.sleep(args.idle_seconds)
+    idle = (_cpu(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started)
+    producer = Producer(client, topic, args.rate)
+    producer.start()
+    time.sleep(args.idle_seconds)
+    produced = producer.stop()
+    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+               message="everything handled")
+    records = read_records(members.record)
+    latency = [float(r["t"]) - id_ms(r["id"]) for r in records]
+    members.stop_all()
+    return {"part": "scale", "partitions": 256, "connections_per_node": conns,
+            "idle_cpu_percent": round(idle * 100, 2),
+            "end_to_end_ms": _stats(latency), "rate": args.rate,
+            "verdict": topic_verdict(records, produced).as_dict()}
+
+
+def _cpu(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="kill,rebalance,scale")
+    parser.add_argument("--partitions", type=int, default=64)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=1000.0, help="produced entries/s")
+    parser.add_argument("--ttl-ms", type=int, default=3000)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale}
+    results = []
+    with ClusterServers() as cluster:
+        print(f"embedded cluster: 3 primaries + 3 replicas at {cluster.url}", flush=True)
+        for part in args.parts.split(","):
+            work = Path(tempfile.mkdtemp(prefix=f"partitions-{part}-"))
+            try:
+                result = parts[part](cluster, args, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            results.append(result)
+            print(json.dumps(result, indent=None if args.json else 2), flush=True)
+    return 0 if all(r["verdict"]["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
