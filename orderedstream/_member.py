@@ -232,8 +232,9 @@ class TopicMember:
                         self._renew()
                         next_renew = now + cfg.lease.renew_interval_ms / 1000.0
                     if cfg.lease.watch_connection and now >= next_poll:
-                        self._poll()
-                        next_poll = now + cfg.lease.watch_interval_ms / 1000.0
+                        alone = not self._poll()  # alone: nobody to watch until the next beat
+                        next_poll = (next_beat if alone else
+                                     now + cfg.lease.watch_interval_ms / 1000.0)
                     self._reap()
                     self._reconcile()
                     self._outage.ok()
@@ -305,8 +306,9 @@ class TopicMember:
         self._target_stale = True  # (cheap: one HMGET per beat)
         self._conns = dict(zip(flat[0::2], flat[1::2], strict=True))
 
-    def _poll(self) -> None:
-        """End the membership of every other member whose heartbeat connection is gone."""
+    def _poll(self) -> bool:
+        """End the membership of every other member whose heartbeat connection is gone; False
+        when there is no other member to watch."""
         registry = self._registry
         assert registry is not None
         others = {}
@@ -317,13 +319,13 @@ class TopicMember:
             if name != self.config.name and conn_id.isdigit() and run_id == self._run_id:
                 others[name] = (conn_id, conn_name, record)
         if not others:
-            return
+            return False
         try:
             listed: Any = registry.client.execute_command(  # type: ignore[no-untyped-call]
                 "CLIENT", "LIST", "ID", *[c[0] for c in others.values()])
         except redis.ResponseError:  # not permitted: liveness by expiry only
             self._conns = {}
-            return
+            return False
         text = " " + _text(listed).replace("\n", " \n ")
         gone = False
         for name, (conn_id, conn_name, record) in others.items():
@@ -337,6 +339,7 @@ class TopicMember:
             gone = gone or int(ended) == 1
         if gone:
             self._beat("renew")
+        return True
 
     def _wait_events(self, seconds: float) -> None:
         """Block on the group's timeline until something happens (a member joins, leaves, a
@@ -561,6 +564,10 @@ class TopicMember:
         for partition, served in self._served.items():
             if served.lease.valid():
                 by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+            elif not served.life.stop.is_set():  # lapsed on our clock: end that term now
+                served.life.halt()
+                assert self._mux is not None
+                self._mux.poke()
         for name, group in by_node.items():
             beat = self._node_beat(self._streams[group[0]])
             commands = []

@@ -61,6 +61,7 @@ log = logging.getLogger("orderedstream")
 
 INVALIDATE = (b"invalidate", "invalidate")
 POLL_WITHOUT_PUSH_S = 0.05  # where the server will not push: look at an idle stream this often
+BLOCK_WITH_PUSH_S = 30.0  # where it pushes: a sleeping lane looks anyway this often
 
 
 class Lane:
@@ -188,7 +189,7 @@ class Mux(threading.Thread):
                 self._advance(self._ready.popleft())
             self._flush()
             self._collect()
-            if not self._ready:
+            if not self._ready and not (self._halt and not self._lanes):
                 self._sleep()
 
     def _take_added(self) -> None:
@@ -286,9 +287,11 @@ class Mux(threading.Thread):
                     lane.sleeping = True
                     lane.block_key = op.key
                     routed = lane.node
-                    wait_s = op.block_ms / 1000.0
+                    # a write wakes it (the push); its partition's stop, or a lease lost, is
+                    # told by a poke from the control thread
+                    wait_s = max(op.block_ms / 1000.0, BLOCK_WITH_PUSH_S)
                     if routed is None or not routed.wake_ok or routed.wake is None:
-                        wait_s = min(wait_s, POLL_WITHOUT_PUSH_S)
+                        wait_s = POLL_WITHOUT_PUSH_S
                     lane.deadline = time.monotonic() + wait_s
                     return
                 if kind is Pause:
@@ -429,6 +432,8 @@ class Mux(threading.Thread):
         try:
             if node.wake is None:
                 node.wake = resp3_connection(node.client, f"{self._name}:wake")
+                # redis-py swallows invalidation pushes unless a handler takes them
+                node.wake._parser.set_invalidation_push_handler(_same)
                 node.prefixes = set()
                 new = sorted(wanted)
             args: list[Any] = ["CLIENT", "TRACKING", "ON", "BCAST"]
@@ -549,6 +554,10 @@ class Mux(threading.Thread):
         with contextlib.suppress(OSError):
             self._wake_r.close()
             self._wake_w.close()
+
+
+def _same(message: Any) -> Any:
+    return message
 
 
 def _is_push(message: Any) -> bool:

@@ -136,8 +136,15 @@ def test_member_sigstop_is_fenced(client: redis.Redis, topic: str,
     resumed = [r for r in records if r["pid"] == a.pid][at_stop:]
     stale = [r for r in resumed if r["t"] < stopped_at + 2.0 and int(r["seq"]) <= 400]
     assert len(stale) <= 1  # the entry its handler was inside when frozen
-    result = topic_verdict(records, 1200)
-    assert not result.lost and not result.unflagged_duplicates, result.as_dict()
-    assert not result.epochs_reused, result.as_dict()
-    # a per-key step back is allowed only for the one entry a frozen handler finished late
-    assert result.out_of_order <= len(stale), result.as_dict()
+    # The one handler call the zombie was inside when frozen finishes after SIGCONT with its
+    # old epoch; a downstream store that keeps the highest epoch per partition refuses it.
+    # Judge what such a store accepted.
+    newest: dict[int, int] = {}
+    accepted = []
+    for r in records:
+        if int(r["epoch"]) >= newest.get(int(r["p"]), 0):
+            newest[int(r["p"])] = int(r["epoch"])
+            accepted.append(r)
+    assert len(records) - len(accepted) <= len(stale)
+    result = topic_verdict(accepted, 1200)
+    assert result.ok, result.as_dict()
