@@ -138,3 +138,54 @@ def test_connect_url_refuses_in_one_line_when_nothing_listens() -> None:
     saying what to check."""
     with pytest.raises(ConnectionFailed, match="cannot reach a Redis server"):
         connect_url(f"redis://127.0.0.1:{free_port()}")
+
+
+def test_cli_server_cluster_runs_until_ctrl_c() -> None:
+    """`orderedstream server --cluster` prints a URL where a 3 + 3 cluster answers; Ctrl+C
+    (SIGINT to its process group) stops it with exit 0 and no node left running."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "orderedstream", "server", "--cluster"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "ready at" in line:
+                url = line.split("ready at ")[1].split()[0]
+        assert url is not None and url.startswith("redis://127.0.0.1:"), \
+            proc.stderr.read() if proc.stderr else ""
+        client = connect_url(url)
+        try:
+            assert isinstance(client, redis.RedisCluster)
+            primaries = client.get_primaries()
+            assert len(primaries) == 3 and len(client.get_replicas()) == 3
+            for node in client.get_nodes():
+                info = client.get_redis_connection(node).info("server")
+                pids.append(int(info["process_id"]))
+        finally:
+            client.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 5, message="every node gone")
+    assert len(pids) == 6
+
+
+def test_cli_server_cluster_refuses_single_server_options() -> None:
+    """--cluster with --port / --dir / --appendonly: one line, exit 2."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("server", "--cluster", "--port", "7000"),
+                          r"--cluster .* leave out --port")
