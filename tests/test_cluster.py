@@ -8,7 +8,13 @@ import time
 import pytest
 import redis
 
-from orderedstream._server import connect_url, node_client
+from orderedstream._server import (
+    clone_client,
+    connect_check,
+    connect_url,
+    describe_url,
+    node_client,
+)
 from orderedstream.exceptions import ConnectionFailed
 from orderedstream.testing import ClusterServers, free_port, wait_until
 
@@ -123,6 +129,16 @@ def test_connect_url_detects_cluster_mode(cluster: ClusterServers, server: objec
                 assert plain.connection_pool.connection_kwargs["port"] == \
                     cluster.primary_for(key).port
                 plain.set(key, "1")  # no MOVED: it is the slot's primary
+            own = clone_client(node_client(client, "a"), name="os:test", single=True)
+            try:  # a clone of a node's client: named, on that node, not tied to the cluster
+                assert own.client_getname() == "os:test"
+                assert own.connection_pool.connection_kwargs["port"] == \
+                    cluster.primary_for("a").port
+                assert "redis_connect_func" not in own.connection_pool.connection_kwargs
+            finally:
+                own.close()
+            assert connect_check(client).name in ("valkey", "redis")
+            assert describe_url(client).endswith("(cluster)")
         finally:
             client.close()
     single = connect_url(server.url)  # type: ignore[attr-defined]
