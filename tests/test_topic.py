@@ -16,8 +16,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from orderedstream._keys import TopicKeys
+from orderedstream._assign import moves
+from orderedstream._keys import TopicGroupKeys, TopicKeys
 from orderedstream._server import AnyClient, connect_url
+from orderedstream._target import Target, read_target, settle_target
 from orderedstream._topic import (
     AsyncTopicProducer,
     TopicProducer,
@@ -333,3 +335,68 @@ def test_cli_produce_goes_on_through_a_primary_failover(own_cluster: ClusterServ
     seqs = _check_demo_entries(client, name, None)
     assert len(seqs) >= 2990, f"{3000 - len(seqs)} lost"
     client.close()
+
+
+# -- the stored target --------------------------------------------------------------------------
+
+def _live(client: AnyClient, topic: str, group: str, members: dict[str, int]) -> None:
+    """Set members' expiry: +60 s from the server's now (live) or -1 s (expired)."""
+    seconds, micros = client.time()  # type: ignore[misc]
+    now = int(seconds) * 1000 + int(micros) // 1000
+    client.zadd(TopicGroupKeys(topic, group).members,
+                {m: now + (60_000 if alive else -1_000) for m, alive in members.items()})
+
+
+def test_target_follows_joins_and_leaves_stickily(any_client: AnyClient,
+                                                  topic_name: str) -> None:
+    """settle_target: a first target for the live members (version 1); the same members again:
+    the same version, nothing written; a join: version 2 moving only the newcomer's share; an
+    expired member: version 3 moving only its partitions."""
+    topic = create_topic(any_client, topic_name, 12)
+    group = "g"
+    try:
+        _live(any_client, topic_name, group, {"a": True, "b": True, "c": True})
+        first = settle_target(any_client, topic, group)
+        assert first.version == 1 and first.members == ("a", "b", "c")
+        assert sorted(len(first.partitions_of(m)) for m in "abc") == [4, 4, 4]
+        assert settle_target(any_client, topic, group) == first
+        _live(any_client, topic_name, group, {"d": True})
+        second = settle_target(any_client, topic, group)
+        assert second.version == 2 and second.members == ("a", "b", "c", "d")
+        assert set(moves(first.assignment, second.assignment)) == set(second.partitions_of("d"))
+        assert len(second.partitions_of("d")) == 3
+        _live(any_client, topic_name, group, {"b": False})
+        third = settle_target(any_client, topic, group)
+        assert third.version == 3 and third.members == ("a", "c", "d")
+        assert set(moves(second.assignment, third.assignment)) == \
+            set(second.partitions_of("b"))
+        assert read_target(any_client, topic, group).stored == third
+    finally:
+        any_client.delete(*TopicGroupKeys(topic_name, group).all())
+
+
+def test_racing_members_store_one_target(any_client: AnyClient, topic_name: str) -> None:
+    """Eight members settling the target at once after a change: one stores it (the version
+    moves by one) and all of them return that same target."""
+    topic = create_topic(any_client, topic_name, 16)
+    group = "g"
+    try:
+        _live(any_client, topic_name, group, {f"m{n}": True for n in range(4)})
+        before = settle_target(any_client, topic, group)
+        _live(any_client, topic_name, group, {"m4": True})
+        results: list[Target] = []
+        barrier = threading.Barrier(8)
+
+        def settle() -> None:
+            barrier.wait()
+            results.append(settle_target(any_client, topic, group))
+
+        threads = [threading.Thread(target=settle) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(results) == 8 and len(set(map(repr, results))) == 1
+        assert results[0].version == before.version + 1
+    finally:
+        any_client.delete(*TopicGroupKeys(topic_name, group).all())
