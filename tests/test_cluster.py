@@ -205,3 +205,31 @@ def test_cli_server_cluster_refuses_single_server_options() -> None:
 
     assert_one_line_error(run_cli("server", "--cluster", "--port", "7000"),
                           r"--cluster .* leave out --port")
+
+
+def test_cluster_with_a_password() -> None:
+    """On a cluster that requires a password: a wrong one is refused in one line like on a
+    single server; the right one in the URL of any node reaches every shard, and so do the
+    clients orderedstream makes from it (a topic producer's own cluster client)."""
+    from orderedstream._keys import TopicKeys
+    from orderedstream._topic import TopicProducer, create_topic, load_topic
+
+    with ClusterServers(password="s3cret-Pa55") as servers:
+        port = servers.nodes[4].port
+        with pytest.raises(ConnectionFailed, match="refused the credentials"):
+            connect_url(f"redis://:wrong@127.0.0.1:{port}")
+        with pytest.raises(ConnectionFailed, match=r"refused the credentials|NOAUTH"):
+            connect_url(f"redis://127.0.0.1:{port}")
+        client = connect_url(f"redis://:s3cret-Pa55@127.0.0.1:{port}")
+        try:
+            assert isinstance(client, redis.RedisCluster)
+            create_topic(client, "paid", 6)
+            producer = TopicProducer(client, "paid")
+            producer.send_many([(f"k{n}", {"n": n}) for n in range(60)])
+            producer.close()
+            topic = load_topic(client, "paid")
+            assert sum(client.xlen(s) for s in topic.streams) == 60
+            assert len({servers.primary_for(s).port for s in topic.streams}) == 3
+            client.delete(TopicKeys("paid").meta)
+        finally:
+            client.close()
