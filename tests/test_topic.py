@@ -242,8 +242,8 @@ def test_cli_topic_create_describe_produce(cluster: ClusterServers) -> None:
                       "0", "--redis-url", url)
         assert out.returncode == 0 and "produced 300 entries" in out.stdout, out.stderr
         _check_demo_entries(client, name, 300)
-        lines = "".join(json.dumps({"customer": f"c{n % 3}", "n": n, "nested": {"a": n}}) + "\n"
-                        for n in range(9))
+        lines = "".join(json.dumps({"customer": f"c{n % 3}", "n": n, "nested": {"a": n},
+                                    "ok": True, "none": None}) + "\n" for n in range(9))
         out = subprocess.run([sys.executable, "-m", "orderedstream", "produce", "--topic", name,
                               "--key-field", "customer", "--redis-url", url], input=lines,
                              capture_output=True, text=True, timeout=60)
@@ -254,6 +254,7 @@ def test_cli_topic_create_describe_produce(cluster: ClusterServers) -> None:
         for e in users:
             assert e in _partition_records(client, name)[partition_for(e["customer"], 6)]
             assert json.loads(e["nested"]) == {"a": int(e["n"])}
+            assert e["ok"] == "true" and e["none"] == "null"
         out = run_cli("topic", "describe", name, "--json", "--redis-url", url)
         desc = json.loads(out.stdout)
         assert desc["partitions"] == 6 and desc["cluster"] is True
