@@ -638,6 +638,41 @@ class ClusterServers:
         return wait_until(promoted, timeout, 0.02,  # type: ignore[no-any-return]
                           f"node {port} promoted")
 
+    def move_slot(self, slot: int, to: ClusterNode | int, timeout: float = 15.0) -> None:
+        """Reshard one slot to primary ``to`` the way ``redis-cli --cluster reshard`` does:
+        ``SETSLOT IMPORTING`` / ``MIGRATING``, ``MIGRATE`` of its keys in batches (a client
+        meanwhile gets ``ASK`` redirections), then ``SETSLOT NODE`` on every primary; returns
+        once every node agrees.  A key's slot: ``redis.crc.key_slot(key.encode())``."""
+        dst_port = to if isinstance(to, int) else to.port
+        src = next((n for n in self.primaries_now() if n.owns(slot)), None)
+        if src is None:
+            raise LookupError(f"no running primary serves slot {slot}")
+        if src.port == dst_port:
+            return
+        dst_id, src_id = self.ids[dst_port], self.ids[src.port]
+        source = self.server(src.port).client(socket_timeout=10)
+        target = self.server(dst_port).client(socket_timeout=10)
+        try:
+            _command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            _command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = _command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                auth = ["AUTH", self.password] if self.password is not None else []
+                _command(source, "MIGRATE", "127.0.0.1", dst_port, "", 0, 10_000, *auth,
+                         "KEYS", *keys)
+            for node in self.primaries_now():
+                client = self.server(node.port).client(socket_timeout=10)
+                try:
+                    _command(client, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                finally:
+                    client.close()
+        finally:
+            source.close()
+            target.close()
+        self.wait_healthy(timeout)
+
     def wait_failover(self, dead: ClusterNode, timeout: float = 15.0) -> ClusterNode:
         """After ``dead`` (a primary, as it was before it died) was killed: wait until one of
         its former replicas serves its slots and the cluster is healthy; returns that node."""

@@ -237,3 +237,25 @@ def test_cluster_with_a_password() -> None:
             client.delete(TopicKeys("paid").meta)
         finally:
             client.close()
+
+
+def test_move_slot_reshards_and_clients_follow(own_cluster: ClusterServers) -> None:
+    """``move_slot`` moves a slot with its keys to another primary; a cluster client follows
+    (MOVED) and ``node_client`` then names the new primary."""
+    from redis.crc import key_slot
+
+    client = connect_url(own_cluster.url)
+    try:
+        assert isinstance(client, redis.RedisCluster)
+        stream = "{moving}:s"
+        for n in range(250):
+            client.xadd(stream, {"n": n})
+        before = own_cluster.primary_for(stream)
+        dest = next(p for p in own_cluster.primaries_now() if p.port != before.port)
+        own_cluster.move_slot(key_slot(stream.encode()), dest)
+        assert own_cluster.primary_for(stream).port == dest.port
+        assert client.xlen(stream) == 250  # followed the MOVED reply
+        assert node_client(client, stream).connection_pool.connection_kwargs["port"] == dest.port
+        assert own_cluster.server(dest).client().xlen(stream) == 250
+    finally:
+        client.close()
