@@ -39,6 +39,16 @@ from ._fixer import Fixer, Repair, identity_repair
 from ._keys import GroupKeys, hash_tag
 from ._message import Message
 from ._producer import Producer
+from ._server import connect_url
+from ._topic import (
+    AsyncTopicProducer,
+    Topic,
+    TopicProducer,
+    create_topic,
+    describe_topic,
+    load_topic,
+    partition_for,
+)
 from .exceptions import (
     ConfigError,
     ConnectionFailed,
@@ -50,6 +60,8 @@ from .exceptions import (
     NotOwner,
     OrderedStreamError,
     ReplicasNotAcknowledged,
+    TopicMismatch,
+    TopicMissing,
     Undecodable,
     Unrepairable,
     UnsupportedServer,
@@ -66,6 +78,7 @@ __all__ = [
     "AsyncCoordinator",
     "AsyncHandler",
     "AsyncProducer",
+    "AsyncTopicProducer",
     "BatchHandled",
     "BatchHandler",
     "ConfigError",
@@ -114,11 +127,20 @@ __all__ = [
     "ServerUnavailable",
     "Standby",
     "TakeoverCompleted",
+    "Topic",
+    "TopicMismatch",
+    "TopicMissing",
+    "TopicProducer",
     "Undecodable",
     "Unrepairable",
     "UnsupportedServer",
     "WatchDisabled",
     "__version__",
+    "connect_url",
+    "create_topic",
+    "describe_topic",
     "hash_tag",
     "identity_repair",
+    "load_topic",
+    "partition_for",
 ]

@@ -28,7 +28,8 @@ both exactly balanced and move only the newcomer's share (for three partitions a
 names there is always a trio whose three rankings give two partitions the same top member);
 measured over 2000 random joins (P in 1..256, N <= 11) this one exceeded ``ceil(P/N) + 1``
 moves in 69 % of them, by up to 15.  A runtime that wants the bound keeps the last target where
-every member reads it and derives the next one with :func:`rebalance`.
+every member reads it and derives the next one with :func:`rebalance` (:mod:`._target` does
+that on the server, with a compare-and-set).
 """
 
 from __future__ import annotations

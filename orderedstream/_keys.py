@@ -9,6 +9,7 @@ hash alike.  ``tests/test_keys.py`` pins the names.
 from __future__ import annotations
 
 import attrs
+from redis.crc import key_slot
 
 from .exceptions import ConfigError
 
@@ -138,8 +139,6 @@ def partition_stream(topic: str, index: int, partitions: int) -> str:
     partitions spread evenly over any even contiguous split of the slots (a 3-shard cluster's
     default one included).  Stored in the topic's metadata at creation: a later change of this
     naming never renames an existing topic's partitions."""
-    from redis.crc import key_slot
-
     check_topic_name(topic)
     if not 0 <= index < partitions:
         raise ValueError(f"partition {index} out of range 0..{partitions - 1}")

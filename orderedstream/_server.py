@@ -16,6 +16,10 @@ from redis.retry import Retry
 
 from .exceptions import ConnectionFailed, UnsupportedServer
 
+AnyClient = redis.Redis | redis.RedisCluster
+"""A client for one server or for a Redis / Valkey Cluster."""
+
+
 MIN_REDIS = (7, 0)
 EMBEDDED_HINT = "or run `orderedstream server` for an embedded Valkey"
 
@@ -62,7 +66,17 @@ def check_supported(server: ServerInfo) -> None:
         )
 
 
-def describe_url(client: redis.Redis) -> str:
+def _a_node(client: AnyClient) -> redis.Redis:
+    """``client``, or for a cluster its client of the default node."""
+    if isinstance(client, redis.RedisCluster):
+        return client.get_redis_connection(
+            client.get_default_node())  # type: ignore[no-untyped-call]
+    return client
+
+
+def describe_url(client: AnyClient) -> str:
+    if isinstance(client, redis.RedisCluster):
+        return f"{describe_url(_a_node(client)).rsplit('/', 1)[0]} (cluster)"
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"
@@ -105,6 +119,8 @@ def _own_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     for key in list(out):  # RESP3-only features of the caller's client (we speak RESP2)
         if key.startswith(("maint_notifications", "oss_cluster_maint")):
             del out[key]
+    if isinstance(getattr(out.get("redis_connect_func"), "__self__", None), redis.RedisCluster):
+        del out["redis_connect_func"]  # a cluster's node client: the clone stands on its own
     return out
 
 
@@ -156,11 +172,12 @@ def client_from_url(url: str) -> redis.Redis:
                                f"{str(err).replace(url, _shown(url))}") from err
 
 
-def connect_check(client: redis.Redis) -> ServerInfo:
-    """Ping the server and check it is supported; errors say what to do."""
+def connect_check(client: AnyClient) -> ServerInfo:
+    """Ping the server (a cluster: its default node) and check it is supported; errors say
+    what to do."""
     where = describe_url(client)
     try:
-        info = client.info("server")
+        info = _a_node(client).info("server")
     except redis.AuthenticationError as err:
         raise ConnectionFailed(f"{where} refused the credentials: {err}. "
                                "Put user:password in the URL.") from err
@@ -171,10 +188,6 @@ def connect_check(client: redis.Redis) -> ServerInfo:
     server = parse_info(info)
     check_supported(server)
     return server
-
-
-AnyClient = redis.Redis | redis.RedisCluster
-"""A client for one server or for a Redis / Valkey Cluster."""
 
 
 def cluster_enabled(client: redis.Redis) -> bool:

@@ -95,8 +95,10 @@ class ServerProcess:
 
     def __init__(self, binary: str | None = None, *, port: int | None = None,
                  appendonly: bool = False, extra_args: Sequence[str] = (),
-                 dir: Path | None = None) -> None:
+                 dir: Path | None = None, password: str | None = None) -> None:
         self.binary = binary or find_server_binary()
+        self.password = password
+        """``requirepass`` (and ``masterauth``) of the server; :meth:`client` uses it."""
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
@@ -109,6 +111,8 @@ class ServerProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
+        if self.password is not None:
+            kwargs.setdefault("password", self.password)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self, timeout: float = 10.0) -> ServerProcess:
@@ -123,6 +127,8 @@ class ServerProcess:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
                 str(self.dir), "--save", "", "--logfile", "server.log",
                 "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
+        if self.password is not None:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         if self.appendonly:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -415,19 +421,21 @@ class ClusterServers:
     """
 
     def __init__(self, binary: str | None = None, *, primaries: int = 3, replicas: int = 1,
-                 node_timeout_ms: int = 1000, extra_args: Sequence[str] = ()) -> None:
+                 node_timeout_ms: int = 1000, extra_args: Sequence[str] = (),
+                 password: str | None = None) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one primary")
         self.primaries = primaries
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        self.password = password
         self.servers: list[ServerProcess] = []
         self.bus_ports: dict[int, int] = {}
         taken: set[int] = set()
         for _ in range(primaries * (1 + replicas)):
             port, bus = self._two_free_ports(taken)
             self.bus_ports[port] = bus
-            self.servers.append(ServerProcess(binary, port=port, extra_args=[
+            self.servers.append(ServerProcess(binary, port=port, password=password, extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
                 "--cluster-require-full-coverage", "no",
@@ -528,10 +536,12 @@ class ClusterServers:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>`` of a running node (any node serves as an entry point)."""
+        """``redis://127.0.0.1:<port>`` of a running node (any node serves as an entry point;
+        with the password, if the cluster has one)."""
+        auth = f":{self.password}@" if self.password is not None else ""
         for server in self.servers:
             if server.proc is not None and server.proc.poll() is None:
-                return f"redis://127.0.0.1:{server.port}"
+                return f"redis://{auth}127.0.0.1:{server.port}"
         raise RuntimeError("no cluster node is running")
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
@@ -627,6 +637,41 @@ class ClusterServers:
 
         return wait_until(promoted, timeout, 0.02,  # type: ignore[no-any-return]
                           f"node {port} promoted")
+
+    def move_slot(self, slot: int, to: ClusterNode | int, timeout: float = 15.0) -> None:
+        """Reshard one slot to primary ``to`` the way ``redis-cli --cluster reshard`` does:
+        ``SETSLOT IMPORTING`` / ``MIGRATING``, ``MIGRATE`` of its keys in batches (a client
+        meanwhile gets ``ASK`` redirections), then ``SETSLOT NODE`` on every primary; returns
+        once every node agrees.  A key's slot: ``redis.crc.key_slot(key.encode())``."""
+        dst_port = to if isinstance(to, int) else to.port
+        src = next((n for n in self.primaries_now() if n.owns(slot)), None)
+        if src is None:
+            raise LookupError(f"no running primary serves slot {slot}")
+        if src.port == dst_port:
+            return
+        dst_id, src_id = self.ids[dst_port], self.ids[src.port]
+        source = self.server(src.port).client(socket_timeout=10)
+        target = self.server(dst_port).client(socket_timeout=10)
+        try:
+            _command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            _command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = _command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                auth = ["AUTH", self.password] if self.password is not None else []
+                _command(source, "MIGRATE", "127.0.0.1", dst_port, "", 0, 10_000, *auth,
+                         "KEYS", *keys)
+            for node in self.primaries_now():
+                client = self.server(node.port).client(socket_timeout=10)
+                try:
+                    _command(client, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                finally:
+                    client.close()
+        finally:
+            source.close()
+            target.close()
+        self.wait_healthy(timeout)
 
     def wait_failover(self, dead: ClusterNode, timeout: float = 15.0) -> ClusterNode:
         """After ``dead`` (a primary, as it was before it died) was killed: wait until one of

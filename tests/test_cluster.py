@@ -8,7 +8,13 @@ import time
 import pytest
 import redis
 
-from orderedstream._server import connect_url, node_client
+from orderedstream._server import (
+    clone_client,
+    connect_check,
+    connect_url,
+    describe_url,
+    node_client,
+)
 from orderedstream.exceptions import ConnectionFailed
 from orderedstream.testing import ClusterServers, free_port, wait_until
 
@@ -123,6 +129,16 @@ def test_connect_url_detects_cluster_mode(cluster: ClusterServers, server: objec
                 assert plain.connection_pool.connection_kwargs["port"] == \
                     cluster.primary_for(key).port
                 plain.set(key, "1")  # no MOVED: it is the slot's primary
+            own = clone_client(node_client(client, "a"), name="os:test", single=True)
+            try:  # a clone of a node's client: named, on that node, not tied to the cluster
+                assert own.client_getname() == "os:test"
+                assert own.connection_pool.connection_kwargs["port"] == \
+                    cluster.primary_for("a").port
+                assert "redis_connect_func" not in own.connection_pool.connection_kwargs
+            finally:
+                own.close()
+            assert connect_check(client).name in ("valkey", "redis")
+            assert describe_url(client).endswith("(cluster)")
         finally:
             client.close()
     single = connect_url(server.url)  # type: ignore[attr-defined]
@@ -138,3 +154,108 @@ def test_connect_url_refuses_in_one_line_when_nothing_listens() -> None:
     saying what to check."""
     with pytest.raises(ConnectionFailed, match="cannot reach a Redis server"):
         connect_url(f"redis://127.0.0.1:{free_port()}")
+
+
+def test_cli_server_cluster_runs_until_ctrl_c() -> None:
+    """`orderedstream server --cluster` prints a URL where a 3 + 3 cluster answers; Ctrl+C
+    (SIGINT to its process group) stops it with exit 0 and no node left running."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "orderedstream", "server", "--cluster"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "ready at" in line:
+                url = line.split("ready at ")[1].split()[0]
+        assert url is not None and url.startswith("redis://127.0.0.1:"), \
+            proc.stderr.read() if proc.stderr else ""
+        client = connect_url(url)
+        try:
+            assert isinstance(client, redis.RedisCluster)
+            assert len(client.get_primaries()) == 3
+            nodes = client.get_redis_connection(client.get_default_node()).execute_command(
+                "CLUSTER", "NODES").decode()  # Redis 7.0 lists a replica in CLUSTER SLOTS
+            assert nodes.count("slave") == 3, nodes  # only once it replicated something
+            for line in nodes.splitlines():
+                port = int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+                node = redis.Redis(port=port)
+                pids.append(int(node.info("server")["process_id"]))  # type: ignore[index]
+                node.close()
+        finally:
+            client.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 5, message="every node gone")
+    assert len(pids) == 6
+
+
+def test_cli_server_cluster_refuses_single_server_options() -> None:
+    """--cluster with --port / --dir / --appendonly: one line, exit 2."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("server", "--cluster", "--port", "7000"),
+                          r"--cluster .* leave out --port")
+
+
+def test_cluster_with_a_password() -> None:
+    """On a cluster that requires a password: a wrong one is refused in one line like on a
+    single server; the right one in the URL of any node reaches every shard, and so do the
+    clients orderedstream makes from it (a topic producer's own cluster client)."""
+    from orderedstream._keys import TopicKeys
+    from orderedstream._topic import TopicProducer, create_topic, load_topic
+
+    with ClusterServers(password="s3cret-Pa55") as servers:
+        port = servers.nodes[4].port
+        with pytest.raises(ConnectionFailed, match="refused the credentials"):
+            connect_url(f"redis://:wrong@127.0.0.1:{port}")
+        with pytest.raises(ConnectionFailed, match=r"refused the credentials|NOAUTH"):
+            connect_url(f"redis://127.0.0.1:{port}")
+        client = connect_url(f"redis://:s3cret-Pa55@127.0.0.1:{port}")
+        try:
+            assert isinstance(client, redis.RedisCluster)
+            create_topic(client, "paid", 6)
+            producer = TopicProducer(client, "paid")
+            producer.send_many([(f"k{n}", {"n": n}) for n in range(60)])
+            producer.close()
+            topic = load_topic(client, "paid")
+            assert sum(client.xlen(s) for s in topic.streams) == 60
+            assert len({servers.primary_for(s).port for s in topic.streams}) == 3
+            client.delete(TopicKeys("paid").meta)
+        finally:
+            client.close()
+
+
+def test_move_slot_reshards_and_clients_follow(own_cluster: ClusterServers) -> None:
+    """``move_slot`` moves a slot with its keys to another primary; a cluster client follows
+    (MOVED) and ``node_client`` then names the new primary."""
+    from redis.crc import key_slot
+
+    client = connect_url(own_cluster.url)
+    try:
+        assert isinstance(client, redis.RedisCluster)
+        stream = "{moving}:s"
+        for n in range(250):
+            client.xadd(stream, {"n": n})
+        before = own_cluster.primary_for(stream)
+        dest = next(p for p in own_cluster.primaries_now() if p.port != before.port)
+        own_cluster.move_slot(key_slot(stream.encode()), dest)
+        assert own_cluster.primary_for(stream).port == dest.port
+        assert client.xlen(stream) == 250  # followed the MOVED reply
+        assert node_client(client, stream).connection_pool.connection_kwargs["port"] == dest.port
+        assert own_cluster.server(dest).client().xlen(stream) == 250
+    finally:
+        client.close()

@@ -4,6 +4,9 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,8 +16,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from orderedstream._keys import TopicKeys
+from orderedstream._assign import moves
+from orderedstream._keys import TopicGroupKeys, TopicKeys
 from orderedstream._server import AnyClient, connect_url
+from orderedstream._target import Target, read_target, settle_target
 from orderedstream._topic import (
     AsyncTopicProducer,
     TopicProducer,
@@ -24,7 +29,7 @@ from orderedstream._topic import (
     partition_for,
 )
 from orderedstream.exceptions import TopicMismatch, TopicMissing
-from orderedstream.testing import ClusterServers
+from orderedstream.testing import ClusterServers, free_port, wait_until
 
 
 def test_golden_routing() -> None:
@@ -189,3 +194,210 @@ def test_async_producer_routes_like_the_sync_one(any_url: str, any_client: AnyCl
     found = {int(e["n"]): i for i, s in enumerate(topic.streams) for e in _entries(any_client, s)}
     assert found[0] == partition_for("alpha", 3)
     assert all(found[n] == partition_for(f"key{n}", 3) for n in range(1, 30))
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def _partition_records(client: AnyClient, topic: str) -> dict[int, list[dict[str, str]]]:
+    t = load_topic(client, topic)
+    return {i: _entries(client, s) for i, s in enumerate(t.streams)}
+
+
+def _check_demo_entries(client: AnyClient, topic: str, count: int | None) -> list[int]:
+    """Every partition holds only its keys' entries, each key's kseq 1, 2, 3... in order, no
+    seq twice; returns the seqs found."""
+    t = load_topic(client, topic)
+    seqs: list[int] = []
+    for index, entries in _partition_records(client, topic).items():
+        last: dict[str, int] = {}
+        for e in entries:
+            assert partition_for(e["key"], t.partitions) == index
+            kseq = int(e["kseq"])
+            assert kseq > last.get(e["key"], 0), (e, last)
+            last[e["key"]] = kseq
+            seqs.append(int(e["seq"]))
+    assert len(seqs) == len(set(seqs)), "a seq written twice"
+    if count is not None:
+        assert sorted(seqs) == list(range(1, count + 1))
+    return seqs
+
+
+def test_cli_topic_create_describe_produce(cluster: ClusterServers) -> None:
+    """`topic create` (again: fine; another P: one line, exit 2), `produce --topic` (seq, key,
+    kseq per key in order in its partition), `produce --key-field` (JSON lines routed by that
+    field), `topic describe [--json]` (slot, node, length of each partition)."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    url = cluster.url
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client = connect_url(url)
+    try:
+        out = run_cli("topic", "create", name, "--partitions", "6", "--redis-url", url)
+        assert out.returncode == 0 and "6 partitions" in out.stdout, out.stdout + out.stderr
+        assert run_cli("topic", "create", name, "--partitions", "6",
+                       "--redis-url", url).returncode == 0
+        assert_one_line_error(run_cli("topic", "create", name, "--partitions", "7",
+                                      "--redis-url", url), r"exists with 6 partitions.*order")
+        out = run_cli("produce", "--topic", name, "--keys", "5", "--count", "300", "--rate",
+                      "0", "--redis-url", url)
+        assert out.returncode == 0 and "produced 300 entries" in out.stdout, out.stderr
+        _check_demo_entries(client, name, 300)
+        lines = "".join(json.dumps({"customer": f"c{n % 3}", "n": n, "nested": {"a": n},
+                                    "ok": True, "none": None}) + "\n" for n in range(9))
+        out = subprocess.run([sys.executable, "-m", "orderedstream", "produce", "--topic", name,
+                              "--key-field", "customer", "--redis-url", url], input=lines,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "produced 9 entries" in out.stdout, out.stderr
+        users = [e for es in _partition_records(client, name).values() for e in es
+                 if "customer" in e]
+        assert len(users) == 9
+        for e in users:
+            assert e in _partition_records(client, name)[partition_for(e["customer"], 6)]
+            assert json.loads(e["nested"]) == {"a": int(e["n"])}
+            assert e["ok"] == "true" and e["none"] == "null"
+        out = run_cli("topic", "describe", name, "--json", "--redis-url", url)
+        desc = json.loads(out.stdout)
+        assert desc["partitions"] == 6 and desc["cluster"] is True
+        assert sum(p["length"] for p in desc["partition_list"]) == 309
+        for p in desc["partition_list"]:
+            assert p["node"] == f"127.0.0.1:{cluster.primary_for(p['stream']).port}"
+        out = run_cli("topic", "describe", name, "--redis-url", url)
+        assert out.returncode == 0 and "partition" in out.stdout and name in out.stdout
+    finally:
+        t = load_topic(client, name)
+        for key in (TopicKeys(name).meta, *t.streams):
+            client.delete(key)
+        client.close()
+
+
+def test_cli_topic_errors_are_one_line(cluster: ClusterServers) -> None:
+    """A topic never created, a server that is down, --key-field without --topic, a stdin line
+    that is not JSON or lacks the field: one `error:` line each, exit 2."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    url = cluster.url
+    assert_one_line_error(run_cli("topic", "describe", "nope", "--redis-url", url),
+                          r"topic 'nope' does not exist.*topic create")
+    assert_one_line_error(run_cli("produce", "--topic", "nope", "--redis-url", url),
+                          r"does not exist")
+    assert_one_line_error(run_cli("topic", "create", "x", "--partitions", "2", "--redis-url",
+                                  f"redis://127.0.0.1:{free_port()}"), r"cannot reach")
+    assert_one_line_error(run_cli("topic", "create", "a{b}", "--partitions", "2",
+                                  "--redis-url", url), r"topic name")
+    assert_one_line_error(run_cli("produce", "--key-field", "k", "--redis-url", url),
+                          r"--key-field .* --topic")
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client = connect_url(url)
+    try:
+        create_topic(client, name, 2)
+        for text, match in (("not json\n", r"line 1 is not JSON"),
+                            ('{"other": 1}\n', r"line 1: .*no field 'customer'")):
+            out = subprocess.run([sys.executable, "-m", "orderedstream", "produce", "--topic",
+                                  name, "--key-field", "customer", "--redis-url", url],
+                                 input=text, capture_output=True, text=True, timeout=60)
+            assert_one_line_error(out, match)
+    finally:
+        client.delete(TopicKeys(name).meta)
+        client.close()
+
+
+@pytest.mark.slow
+def test_cli_produce_goes_on_through_a_primary_failover(own_cluster: ClusterServers) -> None:
+    """`produce --topic` while the primary of some partitions is SIGKILLed: it waits for the
+    replica's promotion and goes on; per-key order holds in every partition and no entry is
+    written twice (an entry the old primary acknowledged but never replicated can be lost:
+    replication is asynchronous)."""
+    url = own_cluster.url
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client = connect_url(url)
+    topic = create_topic(client, name, 6)
+    victim = own_cluster.primary_for(topic.streams[5])
+    if victim.port == int(url.rsplit(":", 1)[1]):
+        url = next(f"redis://127.0.0.1:{n.port}" for n in own_cluster.primaries_now()
+                   if n.port != victim.port)
+    proc = subprocess.Popen([sys.executable, "-m", "orderedstream", "produce", "--topic", name,
+                             "--keys", "12", "--count", "3000", "--rate", "1000", "--quiet",
+                             "--redis-url", url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: client.xlen(topic.streams[5]) > 50, 10,
+                   message="entries on the victim's partition")
+        own_cluster.kill(victim)
+        own_cluster.wait_failover(victim)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "server unavailable" in err and "available again" in err, err
+    client.close()
+    client = connect_url(url)
+    seqs = _check_demo_entries(client, name, None)
+    assert len(seqs) >= 2990, f"{3000 - len(seqs)} lost"
+    client.close()
+
+
+# -- the stored target --------------------------------------------------------------------------
+
+def _live(client: AnyClient, topic: str, group: str, members: dict[str, int]) -> None:
+    """Set members' expiry: +60 s from the server's now (live) or -1 s (expired)."""
+    seconds, micros = client.time()  # type: ignore[misc]
+    now = int(seconds) * 1000 + int(micros) // 1000
+    client.zadd(TopicGroupKeys(topic, group).members,
+                {m: now + (60_000 if alive else -1_000) for m, alive in members.items()})
+
+
+def test_target_follows_joins_and_leaves_stickily(any_client: AnyClient,
+                                                  topic_name: str) -> None:
+    """settle_target: a first target for the live members (version 1); the same members again:
+    the same version, nothing written; a join: version 2 moving only the newcomer's share; an
+    expired member: version 3 moving only its partitions."""
+    topic = create_topic(any_client, topic_name, 12)
+    group = "g"
+    try:
+        _live(any_client, topic_name, group, {"a": True, "b": True, "c": True})
+        first = settle_target(any_client, topic, group)
+        assert first.version == 1 and first.members == ("a", "b", "c")
+        assert sorted(len(first.partitions_of(m)) for m in "abc") == [4, 4, 4]
+        assert settle_target(any_client, topic, group) == first
+        _live(any_client, topic_name, group, {"d": True})
+        second = settle_target(any_client, topic, group)
+        assert second.version == 2 and second.members == ("a", "b", "c", "d")
+        assert set(moves(first.assignment, second.assignment)) == set(second.partitions_of("d"))
+        assert len(second.partitions_of("d")) == 3
+        _live(any_client, topic_name, group, {"b": False})
+        third = settle_target(any_client, topic, group)
+        assert third.version == 3 and third.members == ("a", "c", "d")
+        assert set(moves(second.assignment, third.assignment)) == \
+            set(second.partitions_of("b"))
+        assert read_target(any_client, topic, group).stored == third
+    finally:
+        any_client.delete(*TopicGroupKeys(topic_name, group).all())
+
+
+def test_racing_members_store_one_target(any_client: AnyClient, topic_name: str) -> None:
+    """Eight members settling the target at once after a change: one stores it (the version
+    moves by one) and all of them return that same target."""
+    topic = create_topic(any_client, topic_name, 16)
+    group = "g"
+    try:
+        _live(any_client, topic_name, group, {f"m{n}": True for n in range(4)})
+        before = settle_target(any_client, topic, group)
+        _live(any_client, topic_name, group, {"m4": True})
+        results: list[Target] = []
+        barrier = threading.Barrier(8)
+
+        def settle() -> None:
+            barrier.wait()
+            results.append(settle_target(any_client, topic, group))
+
+        threads = [threading.Thread(target=settle) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(results) == 8 and len(set(map(repr, results))) == 1
+        assert results[0].version == before.version + 1
+    finally:
+        any_client.delete(*TopicGroupKeys(topic_name, group).all())

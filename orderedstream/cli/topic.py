@@ -82,8 +82,8 @@ def _user_entries(args: argparse.Namespace) -> Iterator[tuple[Any, dict[str, Any
                               "a line") from err
         if not isinstance(fields, dict) or not fields:
             raise ConfigError(f"stdin line {number} is not a non-empty JSON object")
-        flat = {k: v if isinstance(v, str | int | float) else json.dumps(v)
-                for k, v in fields.items()}
+        flat = {k: v if isinstance(v, str | int | float) and not isinstance(v, bool)
+                else json.dumps(v) for k, v in fields.items()}  # objects, lists, true, null
         try:
             yield fields_key(flat, args.key_field), flat
         except ConfigError as err:
@@ -113,9 +113,10 @@ def _stored_seqs(client: AnyClient, streams: set[str]) -> dict[str, int]:
 def cmd_produce_topic(args: argparse.Namespace, console: Console, err_console: Console,
                       stop: threading.Event) -> int:
     """Demo entries (``seq``, ``key``, ``kseq``) or JSON lines from stdin (``--key-field``),
-    each to its key's partition.  A batch whose fate is unknown (connection lost, a shard
+    each to its key's partition.  A demo batch whose fate is unknown (connection lost, a shard
     failing over) is not simply sent again: once the cluster answers, the entries of each
-    partition up to the ``seq`` that partition's stream already holds are skipped."""
+    partition up to the ``seq`` that partition's stream already holds are skipped.  Entries
+    from stdin carry no sequence number to tell: they are sent again, with a warning."""
     if args.keys < 1:
         raise ConfigError(f"--keys must be >= 1, got {args.keys}")
     client = connect_url(args.redis_url)
@@ -141,9 +142,12 @@ def cmd_produce_topic(args: argparse.Namespace, console: Console, err_console: C
                 if down is not None and not args.key_field:  # what did the lost send store?
                     streams = {topic.stream_for(k) for k, _ in pending}
                     stored = _stored_seqs(producer.client, streams)
-                    pending = [(k, f) for k, f in pending
-                               if int(f["seq"]) > stored[topic.stream_for(k)]]
+                    unsent = [(k, f) for k, f in pending
+                              if int(f["seq"]) > stored[topic.stream_for(k)]]
+                    sent += len(pending) - len(unsent)
+                    pending = unsent
                     if not pending:
+                        err_console.print("[green]server available again[/]")
                         down = None
                         continue
                 ids = producer.send_many(pending)
@@ -154,6 +158,9 @@ def cmd_produce_topic(args: argparse.Namespace, console: Console, err_console: C
                 if down is None:
                     err_console.print(f"[yellow]server unavailable ({reason}); retrying[/]",
                                       soft_wrap=True)
+                    if args.key_field:
+                        err_console.print(f"[yellow]the {len(pending)} entries being sent "
+                                          "will be sent again: some may be written twice[/]")
                 down = reason
                 stop.wait(0.1)
                 if isinstance(producer.client, redis.RedisCluster):
