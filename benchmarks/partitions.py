@@ -43,9 +43,10 @@ from typing import Any
 
 from orderedstream._keys import GroupKeys
 from orderedstream._topic import TopicProducer, create_topic
-from orderedstream.testing import ClusterServers, read_records, topic_verdict, wait_until
+from orderedstream.testing import ClusterServers, RecordTail, topic_verdict, wait_until
 
 KEYS = 256
+STARTED: list[Members] = []  # every group of member processes, stopped on the way out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -95,11 +96,12 @@ class Members:
         self.topic = topic
         self.workdir = workdir
         self.ttl_ms = ttl_ms
-        self.record = workdir / "record.jsonl"
-        self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record),
+        self.record = RecordTail(workdir / "record.jsonl")
+        self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record.path),
                         ORDEREDSTREAM_WORK_MS="0")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.count = 0
+        STARTED.append(self)
 
     def spawn(self) -> str:
         name = f"m{self.count}"
@@ -184,27 +186,29 @@ def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> 
             owned_again.append(max((o or math.inf) for o in owned) / 1000.0 - killed)
             def waits(pid: int = victim.pid, since: float = killed,
                       ps: set[int] = orphaned) -> list[float | None]:
-                return [_first_after(work, pid, since, p) for p in ps]
+                rows = members.record.read()
+                return [_first_after(rows, pid, since, p) for p in ps]
 
             wait_until(lambda: all(w is not None for w in waits()), 30,
                        message="orphans handled")
             handled_again.append(max(w if w is not None else math.inf for w in waits()))
     finally:
         produced = producer.stop()
-    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+    wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
     members.stop_all()
-    result = topic_verdict(read_records(members.record), produced)
+    result = topic_verdict(members.record.read(), produced)
     return {"part": "kill", "partitions": args.partitions, "members": args.members,
             "kills": args.kills, "rate": args.rate,
             "owned_again_ms": _stats(owned_again), "handled_again_ms": _stats(handled_again),
             "verdict": result.as_dict()}
 
 
-def _first_after(work: Path, pid: int, since: float, partition: int) -> float | None:
+def _first_after(rows: list[dict[str, Any]], pid: int, since: float,
+                 partition: int) -> float | None:
     """Seconds from the later of ``since`` and the entry's arrival to the first handling of an
     entry of ``partition`` by a process other than ``pid`` after ``since``."""
-    for r in read_records(work / "record.jsonl"):
+    for r in rows:
         if r["p"] == partition and r["pid"] != pid and r["t"] >= since:
             return float(r["t"]) - max(since, id_ms(r["id"]))
     return None
@@ -240,7 +244,7 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
         wait_until(lambda: settled(client, streams, set(members.live())), 60,
                    message="settled after the join")
         time.sleep(3.0)
-        out["join"] = _moves(work, before, owners_now(client, streams), changed_at,
+        out["join"] = _moves(members.record.read(), before, owners_now(client, streams), changed_at,
                              len(members.live()), args.partitions, (quiet_from, quiet_to))
         before = owners_now(client, streams)
         leaver = sorted(n for n in members.live() if n != joined)[0]
@@ -250,21 +254,20 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
         wait_until(lambda: settled(client, streams, set(members.live())), 60,
                    message="settled after the leave")
         time.sleep(3.0)
-        out["leave"] = _moves(work, before, owners_now(client, streams), changed_at,
+        out["leave"] = _moves(members.record.read(), before, owners_now(client, streams), changed_at,
                               len(members.live()) + 1, args.partitions, (quiet_from, quiet_to))
     finally:
         produced = producer.stop()
-    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+    wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
     members.stop_all()
-    out["verdict"] = topic_verdict(read_records(members.record), produced).as_dict()
+    out["verdict"] = topic_verdict(members.record.read(), produced).as_dict()
     return out
 
 
-def _moves(work: Path, before: dict[int, str], after: dict[int, str], at: float, n: int,
-           partitions: int, quiet: tuple[float, float]) -> dict[str, Any]:
+def _moves(records: list[dict[str, Any]], before: dict[int, str], after: dict[int, str],
+           at: float, n: int, partitions: int, quiet: tuple[float, float]) -> dict[str, Any]:
     moved = sorted(p for p in after if before.get(p) != after[p])
-    records = read_records(work / "record.jsonl")
     pauses = []
     for p in moved:
         rows = [r for r in records if r["p"] == p]
@@ -329,9 +332,9 @@ def part_scale(cluster: ClusterServers, args: argparse.Namespace,
     producer.start()
     time.sleep(args.idle_seconds)
     produced = producer.stop()
-    wait_until(lambda: len({r["seq"] for r in read_records(members.record)}) >= produced, 60,
+    wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
-    records = read_records(members.record)
+    records = members.record.read()
     latency = [float(r["t"]) - id_ms(r["id"]) for r in records]
     members.stop_all()
     return {"part": "scale", "partitions": 256, "connections_per_node": conns,
@@ -357,6 +360,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale}
+    # SIGTERM (``timeout``, a CI runner) ends the run like Ctrl+C: every process it started is
+    # stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     with ClusterServers() as cluster:
         print(f"embedded cluster: 3 primaries + 3 replicas at {cluster.url}", flush=True)
@@ -365,6 +371,8 @@ def main() -> int:
             try:
                 result = parts[part](cluster, args, work)
             finally:
+                for members in STARTED:
+                    members.stop_all()
                 shutil.rmtree(work, ignore_errors=True)
             results.append(result)
             print(json.dumps(result, indent=None if args.json else 2), flush=True)

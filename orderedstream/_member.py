@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import json
 import logging
 import os
 import secrets
@@ -44,7 +43,6 @@ from typing import Any
 import attrs
 import redis
 
-from ._assign import moves, rebalance
 from ._config import MemberConfig
 from ._deadletter import Parker
 from ._events import Emitter, Event, Hook, LeaseAcquired
@@ -58,7 +56,8 @@ from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
 from ._server import NodeMap, client_name, connect_url
 from ._takeover import ensure_group
-from ._topic import load_topic
+from ._target import Target, settle_target
+from ._topic import Topic, load_topic
 from ._wire import Rebalance as R
 from .exceptions import ConfigError, OrderedStreamError
 
@@ -115,9 +114,8 @@ class TopicMember:
         self._handler = handler
         self._client = client
         self._streams: list[str] = []  # the topic's partition streams (read at the start)
-        self._target_version = "0"
-        self._target_members: tuple[str, ...] = ()
-        self._target: dict[str, tuple[int, ...]] = {}
+        self._topic: Topic | None = None
+        self._target: Target | None = None
         self._target_stale = True
         self._emitter = Emitter(hooks)
         self._keys = TopicGroupKeys(config.topic, config.group)
@@ -211,7 +209,8 @@ class TopicMember:
     def _main(self) -> None:
         cfg = self.config
         try:
-            self._streams = list(load_topic(self._client, cfg.topic).streams)
+            self._topic = load_topic(self._client, cfg.topic)
+            self._streams = list(self._topic.streams)
             self._connect()
             for stream in self._streams:
                 ensure_group(self._client, cfg.partition(stream), None)
@@ -389,8 +388,8 @@ class TopicMember:
     def _reconcile(self) -> None:
         """Hand over what is no longer ours; take what is."""
         me = self.config.name
-        live = tuple(sorted(self._live if me in self._live else (*self._live, me)))
-        target = set(self._next_target(live).get(me, ()))
+        live = set(self._live) | {me}
+        target = set(self._next_target().partitions_of(me))
         for partition, served in self._served.items():
             if partition not in target and not served.handing_over:
                 served.handing_over = True
@@ -404,45 +403,19 @@ class TopicMember:
             if partition not in target or partition in self._served:
                 del self._retry_at[partition]
         if wanted and not self._stop.is_set():
-            self._acquire(wanted, set(live))
+            self._acquire(wanted, live)
 
-    def _next_target(self, live: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-        """The group's target assignment for the ``live`` members: the stored one when it was
-        made for them; else the next one, derived from the stored one (sticky: only what must
-        move moves) and stored with a compare-and-set, so every member follows one line of
-        targets with no leader."""
-        if not self._target_stale and self._target_members == live:
-            return self._target
-        registry = self._registry
-        assert registry is not None
-        keys = self._keys
-        have: Any = registry.client.hmget(keys.assignment, ["version", "members", "target"])
-        self._adopt(have)
-        self._target_stale = False
-        while self._target_members != live:
-            target = rebalance(self._target, len(self._streams), live)
-            moved = moves(self._target, target)
-            reply = registry.scripts.run(
-                "target_set", [keys.assignment, keys.events],
-                [self._target_version, json.dumps(list(live)), json.dumps(target),
-                 self.config.name, ",".join(map(str, moved)), EVENTS_MAXLEN])
-            if int(reply[0]) == 1:
-                self._target_version = _text(reply[1])
-                self._target_members, self._target = live, target
-            else:  # another member stored one first: adopt it, derive from it if need be
-                self._adopt(reply[1:])
-                if set(self._target_members) != set(live):
-                    # made for another view of the members: ours is fresher (just read) or
-                    # theirs is; the next beat settles it either way
-                    break
+    def _next_target(self) -> Target:
+        """The group's target for the live members (:func:`~._target.settle_target`: the
+        stored one when it was made for them, else the next one, derived from it and stored
+        with a compare-and-set), read again after every heartbeat or rebalance record."""
+        if self._target is None or self._target_stale:
+            registry = self._registry
+            assert registry is not None and self._topic is not None
+            self._target = settle_target(registry.client, self._topic, self.config.group,
+                                         by=self.config.name)
+            self._target_stale = False
         return self._target
-
-    def _adopt(self, stored: Any) -> None:
-        version, members, target = stored
-        self._target_version = _text(version) if version is not None else "0"
-        self._target_members = tuple(sorted(json.loads(members))) if members else ()
-        self._target = ({m: tuple(ps) for m, ps in json.loads(target).items()} if target
-                        else {})
 
     def _acquire(self, partitions: list[int], live: set[str]) -> None:
         """Ask for the leases of ``partitions`` (pipelined per node); a lease held by a member

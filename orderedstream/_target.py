@@ -20,9 +20,9 @@ from typing import Any
 
 import attrs
 
-from ._assign import Assignment, owners, rebalance
+from ._assign import Assignment, moves, owners, rebalance
 from ._keys import TopicGroupKeys
-from ._scripts import script_text
+from ._scripts import EVENTS_MAXLEN, script_text
 from ._server import AnyClient
 from ._topic import Topic
 
@@ -77,11 +77,12 @@ def read_target(client: AnyClient, topic: Topic, group: str) -> TargetView:
     return TargetView(int(_text(now)), _by_bytes(live), stored)
 
 
-def settle_target(client: AnyClient, topic: Topic, group: str, *,
+def settle_target(client: AnyClient, topic: Topic, group: str, *, by: str = "",
                   attempts: int = 20) -> Target:
     """The target for the members live now: the stored one if it was derived for exactly
     them, else the next one (derived from the stored one, stored by this call or by a member
-    that raced it).  With no live member, the stored target as it is."""
+    that raced it, and recorded on the group's timeline as ``assigned`` by ``by``).  With no
+    live member, the stored target as it is."""
     keys = TopicGroupKeys(topic.name, group)
     write = client.register_script(script_text("target_write"))
     for _ in range(attempts):
@@ -90,10 +91,11 @@ def settle_target(client: AnyClient, topic: Topic, group: str, *,
         if not view.live or (stored.version and stored.members == view.live):
             return stored
         nxt = rebalance(stored.assignment, topic.partitions, view.live)
-        reply: Any = write(keys=[keys.members, keys.assignment],
+        reply: Any = write(keys=[keys.members, keys.assignment, keys.events],
                            args=[stored.version, json.dumps(list(view.live)),
                                  json.dumps({m: list(ps) for m, ps in nxt.items()}),
-                                 *view.live],
+                                 by, ",".join(map(str, moves(stored.assignment, nxt))),
+                                 EVENTS_MAXLEN, *view.live],
                            client=client)
         if int(reply[0]) == 1:
             return Target(int(_text(reply[1])), view.live, nxt)

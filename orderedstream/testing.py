@@ -914,6 +914,30 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete if line.strip()]
 
 
+class RecordTail:
+    """A handlers' record file read incrementally: :meth:`read` parses only the lines appended
+    since the last call (benchmarks poll their record often; re-parsing all of it each time
+    would load the machine they measure)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self.rows: list[dict[str, Any]] = []
+
+    def read(self) -> list[dict[str, Any]]:
+        import json
+
+        if not self.path.exists():
+            return self.rows
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # complete lines only
+        self.offset += end
+        self.rows += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return self.rows
+
+
 def process_stopped(pid: int) -> bool:
     """True once ``pid`` is really stopped (state T), not merely sent SIGSTOP (Linux)."""
     try:
