@@ -244,7 +244,8 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
         wait_until(lambda: settled(client, streams, set(members.live())), 60,
                    message="settled after the join")
         time.sleep(3.0)
-        out["join"] = _moves(members.record.read(), before, owners_now(client, streams), changed_at,
+        out["join"] = _moves(members.record.read(), before, owners_now(client, streams),
+                             changed_at,
                              len(members.live()), args.partitions, (quiet_from, quiet_to))
         before = owners_now(client, streams)
         leaver = sorted(n for n in members.live() if n != joined)[0]
@@ -254,8 +255,9 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
         wait_until(lambda: settled(client, streams, set(members.live())), 60,
                    message="settled after the leave")
         time.sleep(3.0)
-        out["leave"] = _moves(members.record.read(), before, owners_now(client, streams), changed_at,
-                              len(members.live()) + 1, args.partitions, (quiet_from, quiet_to))
+        out["leave"] = _moves(members.record.read(), before, owners_now(client, streams),
+                              changed_at, len(members.live()) + 1, args.partitions,
+                              (quiet_from, quiet_to))
     finally:
         produced = producer.stop()
     wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
