@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orderedstream._keys import GroupKeys
+from orderedstream._keys import GroupKeys, TopicGroupKeys
 from orderedstream._topic import TopicProducer, create_topic
 from orderedstream.testing import ClusterServers, RecordTail, topic_verdict, wait_until
 
@@ -168,6 +168,7 @@ def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> 
     producer.start()
     owned_again: list[float] = []
     handled_again: list[float] = []
+    detail: list[dict[str, Any]] = []
     rng = random.Random(7)
     try:
         for _ in range(args.kills):
@@ -184,6 +185,9 @@ def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> 
                        message="settled after the kill")
             owned = [acquired_ms(client, streams[p], killed * 1000) for p in orphaned]
             owned_again.append(max((o or math.inf) for o in owned) / 1000.0 - killed)
+            detail.append({"orphaned": len(orphaned),
+                           "timeline_ms": _timeline(client, topic, killed),
+                           "owned_ms": round(owned_again[-1] * 1000, 1)})
             def waits(pid: int = victim.pid, since: float = killed,
                       ps: set[int] = orphaned) -> list[float | None]:
                 rows = members.record.read()
@@ -201,7 +205,17 @@ def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> 
     return {"part": "kill", "partitions": args.partitions, "members": args.members,
             "kills": args.kills, "rate": args.rate,
             "owned_again_ms": _stats(owned_again), "handled_again_ms": _stats(handled_again),
+            "per_kill": detail if args.detail else None,
             "verdict": result.as_dict()}
+
+
+def _timeline(client: Any, topic: str, since: float) -> list[str]:
+    """The group's rebalance records after ``since``: "<ms after since> <type> <member>"."""
+    out = []
+    for _, f in client.xrange(TopicGroupKeys(topic, "g").events, min=f"{int(since * 1000)}"):
+        at = float(f[b"ts_ms"]) - since * 1000 if b"ts_ms" in f else math.nan
+        out.append(f"{at:.0f} {f[b'type'].decode()} {f.get(b'member', b'').decode()}")
+    return out[:6]
 
 
 def _first_after(rows: list[dict[str, Any]], pid: int, since: float,
@@ -360,6 +374,7 @@ def main() -> int:
     parser.add_argument("--ttl-ms", type=int, default=3000)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--detail", action="store_true", help="kill: each kill's timeline")
     args = parser.parse_args()
     parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale}
     # SIGTERM (``timeout``, a CI runner) ends the run like Ctrl+C: every process it started is

@@ -65,6 +65,8 @@ log = logging.getLogger("orderedstream")
 
 __all__ = ["TopicMember"]
 
+RETRY_HELD_S = 0.1  # a target partition its live holder has not handed over yet: ask again
+
 
 class _Life:
     """One partition's term: ``_halting`` (read by the handling loop per entry) and the stop
@@ -388,8 +390,11 @@ class TopicMember:
     def _reconcile(self) -> None:
         """Hand over what is no longer ours; take what is."""
         me = self.config.name
-        live = set(self._live) | {me}
-        target = set(self._next_target().partitions_of(me))
+        settled = self._next_target()
+        # the members the target was derived for: live on the server's clock at that moment
+        # (fresher than this member's own view between two heartbeats)
+        live = set(settled.members) | {me}
+        target = set(settled.partitions_of(me))
         for partition, served in self._served.items():
             if partition not in target and not served.handing_over:
                 served.handing_over = True
@@ -439,7 +444,7 @@ class TopicMember:
                 if holder in live and holder != cfg.name:
                     # the holder hands it over when it sees the same target; its 'released'
                     # record wakes us; look again meanwhile now and then
-                    self._retry_at[partition] = time.monotonic() + cfg.lease.ttl_ms / 3000.0
+                    self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
                     continue
                 keys = GroupKeys(self._streams[partition], cfg.group)
                 ends.append(beat.scripts.command(
