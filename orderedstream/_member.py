@@ -567,7 +567,10 @@ class TopicMember:
                 if owned is None:
                     continue
                 if isinstance(reply, Exception):
-                    if passing_fault(reply) is None:
+                    if isinstance(reply, redis.exceptions.AskError):  # MOVED too: resharded
+                        self._beats.pop(name, None)
+                        self._nodes.refresh()
+                    elif passing_fault(reply) is None:
                         owned.lease.lose(f"renewal failed: {reply}")
                 elif int(reply) == 1:
                     owned.lease.renewed(sent)

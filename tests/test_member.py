@@ -261,3 +261,45 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
     # writes the old primary acknowledged but never passed on are lost with it (the cluster's
     # asynchronous replication); anything the promoted replica holds is handled
     assert len(result.lost) <= 5, result.as_dict()
+
+
+@pytest.mark.slow
+def test_cluster_member_follows_a_slot_that_moves(own_cluster: Any) -> None:
+    """Resharding: a partition's slot is migrated to another primary under load (its keys move,
+    clients meet ASK, then MOVED): the member follows it (lease, reads, acks, renewals on the
+    new node) and goes on handling that partition, in order, nothing lost."""
+    from redis.crc import key_slot
+
+    cluster = own_cluster
+    client = cluster.client()
+    topic = Topic(client, partitions=6)
+    member = topic.member(cluster.client(), "solo", ttl_ms=2000)
+    member.start()
+    try:
+        wait_until(lambda: len(member.owned) == 6, 15)
+        topic.produce_steadily(rate=200)
+        wait_until(lambda: len(topic.handled()) > 100, 10)
+        stream = topic.streams[0]
+        source = cluster.primary_for(stream)
+        target = next(n for n in cluster.primaries_now() if n != source)
+        cluster.move_slot(key_slot(stream.encode()), target)
+        moved_at = topic.seq
+        latest = moved_at
+        # entries of partition 0 written after the move are handled by the same member
+        epoch = member.owned[0]
+        wait_until(lambda: any(r["p"] == 0 and r["seq"] > moved_at + 50
+                               for r in list(topic.records)), 20)
+        # past two lease TTLs: renewed on the new node, the same term goes on
+        end = time.monotonic() + 4.5
+        wait_until(lambda: time.monotonic() > end and 0 in member.owned, 10)
+        assert member.owned[0] == epoch
+        latest = moved_at
+        wait_until(lambda: any(r["p"] == 0 and r["seq"] > latest + 600
+                               for r in list(topic.records)), 20)
+        topic.stop_producing()
+        topic.all_handled(20)
+    finally:
+        topic.stop_producing()
+        member.stop()
+    result = topic_verdict(topic.records, topic.seq)
+    assert result.ok, result.as_dict()
