@@ -6,7 +6,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from ._aio import AsyncBatchHandler, AsyncCoordinator, AsyncHandler, AsyncProducer
-from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
+from ._config import (
+    ConsumerSettings,
+    CoordinatorConfig,
+    FixerConfig,
+    LeaseConfig,
+    MemberConfig,
+    RetryPolicy,
+)
 from ._coordinator import BatchHandler, Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
 from ._dlq import DeadLetterCounts, DeadLetters, ListedEntry
@@ -37,6 +44,7 @@ from ._events import (
 )
 from ._fixer import Fixer, Repair, identity_repair
 from ._keys import GroupKeys, hash_tag
+from ._member import TopicMember
 from ._message import Message
 from ._producer import Producer
 from ._server import connect_url
@@ -83,6 +91,7 @@ __all__ = [
     "BatchHandler",
     "ConfigError",
     "ConnectionFailed",
+    "ConsumerSettings",
     "Coordinator",
     "CoordinatorConfig",
     "DeadLetterCounts",
@@ -110,6 +119,7 @@ __all__ = [
     "LeaseReleased",
     "ListedEntry",
     "MalformedRecord",
+    "MemberConfig",
     "Message",
     "NotOwner",
     "OrderedStreamError",
@@ -128,6 +138,7 @@ __all__ = [
     "Standby",
     "TakeoverCompleted",
     "Topic",
+    "TopicMember",
     "TopicMismatch",
     "TopicMissing",
     "TopicProducer",
