@@ -338,10 +338,12 @@ def test_dlq_retry_is_due_now_and_ids_never_wrap(server: ServerProcess, client: 
     table = run_cli("dlq", "list", *url).stdout
     for entry_id in ids:
         assert entry_id in table, table
-    assert "due now" in table and "in 60 min" in table, table
+    # "due now" within a second of the retry; a slow machine may list it later, as overdue
+    assert re.search(r"due now|overdue \d", table) and "in 60 min" in table, table
     assert not re.search(r"(?<![\w-])-\d{6,}", table), table
     status = run_cli("status", *url).stdout
-    assert "next due now" in status and not re.search(r"(?<![\w-])-\d{6,}", status), status
+    assert re.search(r"next due (now|overdue \d)", status), status
+    assert not re.search(r"(?<![\w-])-\d{6,}", status), status
 
 
 def test_graveyard_requeue_and_purge(server: ServerProcess, client: redis.Redis,

@@ -62,6 +62,21 @@ def _members(consumers: Consumers, topic: str, names: str, **kw: Any) -> dict[st
     return {n: consumers.start(n, extra=("--topic", topic, "--quiet"), **kw) for n in names}
 
 
+def produce_until_all_handle(client: redis.Redis, topic: str, consumers: Consumers,
+                             members: dict[str, Any], kseq: list[int]) -> int:
+    """Produce batches of 100 until every member has handled something (members join at
+    their own pace; a batch may be done before the last one owns a partition); returns the
+    last seq produced."""
+    seq = 0
+    deadline = time.monotonic() + 30
+    while len({r["pid"] for r in read_records(consumers.record)}) < len(members):
+        assert time.monotonic() < deadline, "not every member handles"
+        produce(client, topic, seq + 1, 100, kseq)
+        seq += 100
+        time.sleep(0.2)
+    return seq
+
+
 def test_member_sigkill_partitions_handled_again_at_once(
         client: redis.Redis, topic: str, consumers: Consumers) -> None:
     """SIGKILL one of three members under load: the others end its membership by the
@@ -69,10 +84,9 @@ def test_member_sigkill_partitions_handled_again_at_once(
     nothing lost, per-key order kept, duplicates only flagged, no term handed out twice."""
     kseq = [0] * KEYS
     members = _members(consumers, topic, "abc", ttl_ms=5000, work_ms=0.5, batch=20)
-    produce(client, topic, 1, 300, kseq)
-    wait_until(lambda: len({r["pid"] for r in read_records(consumers.record)}) == 3, 20,
-               message="all three members handle")
-    produce(client, topic, 301, 1500, kseq)
+    seq = produce_until_all_handle(client, topic, consumers, members, kseq)
+    produce(client, topic, seq + 1, 1500, kseq)
+    seq += 1500
     victim = members["a"]
     wait_until(lambda: len(owned_by(consumers.record, victim.pid, time.time() - 0.3)) > 0, 10,
                message="a is handling")
@@ -80,12 +94,13 @@ def test_member_sigkill_partitions_handled_again_at_once(
     killed_at = time.time()
     victim.kill()
     victim.wait()
-    produce(client, topic, 1801, 400, kseq)  # load on every partition after the kill
-    wait_until(lambda: len(handled(consumers.record)) >= 2200, 30, message="all handled")
+    produce(client, topic, seq + 1, 400, kseq)  # load on every partition after the kill
+    seq += 400
+    wait_until(lambda: len(handled(consumers.record)) >= seq, 30, message="all handled")
     taken = first_handled_after(consumers.record, victim.pid, killed_at, orphaned)
     # TTL is 5 s: only the connection watch explains a takeover this fast
     assert taken - killed_at < 2.0, taken - killed_at
-    result = topic_verdict(read_records(consumers.record), 2200)
+    result = topic_verdict(read_records(consumers.record), seq)
     assert result.ok, result.as_dict()
 
 
@@ -95,17 +110,16 @@ def test_member_graceful_stop_hands_over(client: redis.Redis, topic: str,
     all of them), nothing is lost or reordered, and nothing is handled twice."""
     kseq = [0] * KEYS
     members = _members(consumers, topic, "ab", ttl_ms=3000, work_ms=0.2, batch=20)
-    produce(client, topic, 1, 400, kseq)
-    wait_until(lambda: len({r["pid"] for r in read_records(consumers.record)}) == 2, 20,
-               message="both members handle")
+    seq = produce_until_all_handle(client, topic, consumers, members, kseq)
+    wait_until(lambda: len(handled(consumers.record)) >= seq, 30, message="first part handled")
     members["a"].send_signal(signal.SIGTERM)
     assert members["a"].wait(20) == 0
-    produce(client, topic, 401, 400, kseq)
-    wait_until(lambda: len(handled(consumers.record)) >= 800, 30, message="all handled")
-    result = topic_verdict(read_records(consumers.record), 800)
+    produce(client, topic, seq + 1, 400, kseq)
+    wait_until(lambda: len(handled(consumers.record)) >= seq + 400, 30, message="all handled")
+    result = topic_verdict(read_records(consumers.record), seq + 400)
     assert result.ok, result.as_dict()
     assert result.duplicates == 0, result.as_dict()
-    late = {r["pid"] for r in read_records(consumers.record) if int(r["seq"]) > 400}
+    late = {r["pid"] for r in read_records(consumers.record) if int(r["seq"]) > seq}
     assert late == {members["b"].pid}
 
 
@@ -117,24 +131,24 @@ def test_member_sigstop_is_fenced(client: redis.Redis, topic: str,
     handler was inside, its late terms are fenced, and it rejoins; per-key order holds."""
     kseq = [0] * KEYS
     members = _members(consumers, topic, "ab", ttl_ms=1000, work_ms=1, batch=10)
-    produce(client, topic, 1, 400, kseq)
-    wait_until(lambda: len({r["pid"] for r in read_records(consumers.record)}) == 2, 20,
-               message="both members handle")
+    first = produce_until_all_handle(client, topic, consumers, members, kseq)
     a = members["a"]
     a.send_signal(signal.SIGSTOP)
     wait_until(lambda: process_stopped(a.pid), 5, message="a stopped")
     stopped_at = time.time()
     at_stop = sum(1 for r in read_records(consumers.record) if r["pid"] == a.pid)
-    produce(client, topic, 401, 400, kseq)
-    wait_until(lambda: len(handled(consumers.record)) >= 800, 30, message="b took all over")
+    produce(client, topic, first + 1, 400, kseq)
+    wait_until(lambda: len(handled(consumers.record)) >= first + 400, 30,
+               message="b took all over")
     assert all(r["pid"] == members["b"].pid for r in read_records(consumers.record)
                if r["t"] > stopped_at + 0.05)
     a.send_signal(signal.SIGCONT)
-    produce(client, topic, 801, 400, kseq)
-    wait_until(lambda: len(handled(consumers.record)) >= 1200, 30, message="all handled")
+    produce(client, topic, first + 401, 400, kseq)
+    wait_until(lambda: len(handled(consumers.record)) >= first + 800, 30,
+               message="all handled")
     records = read_records(consumers.record)
     resumed = [r for r in records if r["pid"] == a.pid][at_stop:]
-    stale = [r for r in resumed if r["t"] < stopped_at + 2.0 and int(r["seq"]) <= 400]
+    stale = [r for r in resumed if r["t"] < stopped_at + 2.0 and int(r["seq"]) <= first]
     assert len(stale) <= 1  # the entry its handler was inside when frozen
     # The one handler call the zombie was inside when frozen finishes after SIGCONT with its
     # old epoch; a downstream store that keeps the highest epoch per partition refuses it.
@@ -146,5 +160,5 @@ def test_member_sigstop_is_fenced(client: redis.Redis, topic: str,
             newest[int(r["p"])] = int(r["epoch"])
             accepted.append(r)
     assert len(records) - len(accepted) <= len(stale)
-    result = topic_verdict(accepted, 1200)
+    result = topic_verdict(accepted, first + 800)
     assert result.ok, result.as_dict()

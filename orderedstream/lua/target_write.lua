@@ -24,8 +24,9 @@ for i, member in ipairs(live) do
   end
 end
 local version = string.format('%d', tonumber(stored) + 1)
+local now_ms = string.format('%d', now)
 redis.call('HSET', KEYS[2], 'version', version, 'members', ARGV[2], 'target', ARGV[3],
-           'updated_ms', string.format('%d', now))
+           'updated_ms', now_ms)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'type', 'assigned', 'member', ARGV[4],
-  'partitions', ARGV[5], 'ts_ms', string.format('%d', now))
+  'partitions', ARGV[5], 'ts_ms', now_ms)
 return {1, version}
