@@ -45,7 +45,7 @@ import redis
 
 from ._config import MemberConfig
 from ._deadletter import Parker
-from ._events import Emitter, Event, Hook, LeaseAcquired
+from ._events import Emitter, Event, HandlerStalled, Hook, LeaseAcquired
 from ._handling import Handler, Handling
 from ._holdkey import HoldGate
 from ._keys import GroupKeys, TopicGroupKeys
@@ -87,7 +87,10 @@ class _Served:
 
     lease: Lease
     life: _Life
+    handling: Handling
     handing_over: bool = False
+    progress: int = 0  # the handling loop's progress when last seen to move
+    since: float = 0.0  # ... and when
 
 
 @attrs.define
@@ -144,6 +147,8 @@ class TopicMember:
         self._host = socket.gethostname()
         self._last_event = "$"
         self._outage = Outage(self._event)
+        self._stalled: int | None = None  # the partition whose handler is stuck
+        self._next_poll = 0.0  # when to look at the other members' connections next
 
     @classmethod
     def from_url(cls, url: str, config: MemberConfig, handler: Handler,
@@ -220,27 +225,34 @@ class TopicMember:
             assert mux is not None
             mux.start()
             self._beat("join")
-            next_beat = next_renew = next_poll = 0.0
+            next_beat = next_renew = 0.0
+            stall_check = min(cfg.handler_timeout_ms / 4000.0, 1.0)
             while not self._stop.is_set():
                 try:
                     if self._registry is None:
                         self._connect()
                     now = time.monotonic()
+                    self._watch_stalls(now)
+                    if self._stalled is not None:  # out of the group until the handler returns
+                        self._reap()
+                        self._wait_events(cfg.lease.renew_interval_ms / 1000.0)
+                        continue
                     if now >= next_beat:
                         self._beat("renew")
                         next_beat = now + cfg.lease.renew_interval_ms / 1000.0
                     if now >= next_renew:
                         self._renew()
                         next_renew = now + cfg.lease.renew_interval_ms / 1000.0
-                    if cfg.lease.watch_connection and now >= next_poll:
+                    if cfg.lease.watch_connection and now >= self._next_poll:
                         alone = not self._poll()  # alone: nobody to watch until the next beat
-                        next_poll = (next_beat if alone else
-                                     now + cfg.lease.watch_interval_ms / 1000.0)
+                        self._next_poll = (next_beat if alone else
+                                           now + cfg.lease.watch_interval_ms / 1000.0)
                     self._reap()
                     self._reconcile()
                     self._outage.ok()
                     wake = min(next_beat, next_renew, *self._retry_at.values(),
-                               next_poll if cfg.lease.watch_connection else next_beat)
+                               self._next_poll if cfg.lease.watch_connection else next_beat,
+                               now + stall_check if self._served else next_beat)
                     self._wait_events(max(wake - time.monotonic(), 0.001))
                 except Exception as err:
                     reason = passing_fault(err)
@@ -289,6 +301,8 @@ class TopicMember:
 
     def _beat(self, mode: str) -> None:
         """Renew (or join) this membership; learn the live members."""
+        if self._stalled is not None and mode == "renew":
+            return  # out of the group until the stuck handler returns
         registry = self._registry
         assert registry is not None
         if not registry.conn_id:
@@ -303,6 +317,8 @@ class TopicMember:
             self._beat("join")
             return
         flat = [_text(v) for v in reply[3:]]
+        if tuple(flat[0::2]) != self._live:
+            self._next_poll = 0.0  # other members now: watch them from now on
         self._live = tuple(flat[0::2])
         self._target_stale = True  # (cheap: one HMGET per beat)
         self._conns = dict(zip(flat[0::2], flat[1::2], strict=True))
@@ -446,11 +462,8 @@ class TopicMember:
                     # record wakes us; look again meanwhile now and then
                     self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
                     continue
-                keys = GroupKeys(self._streams[partition], cfg.group)
-                ends.append(beat.scripts.command(
-                    "end_term", [keys.lease, keys.events],
-                    [got.holder, "ended", cfg.name, f"member {holder} is gone",
-                     EVENTS_MAXLEN]))
+                ends.append(self._end_command(beat, partition, got.holder, "ended",
+                                              f"member {holder} is gone"))
                 retry.append(partition)
             if ends:
                 commands = [*ends, *[self._acquire_command(beat, p) for p in retry]]
@@ -505,7 +518,7 @@ class TopicMember:
         handling = Handling(life, self._handler, pcfg, parker, gate, emit, self._emitter)
         handling.partition = partition
         owner = Owner(scripts, keys, pcfg, handling, gate, Outage(emit), life.stop, emit)
-        self._served[partition] = _Served(lease, life)
+        self._served[partition] = _Served(lease, life, handling, since=time.monotonic())
         self._retry_at.pop(partition, None)
         emit(LeaseAcquired, epoch=lease.epoch)
 
@@ -514,6 +527,63 @@ class TopicMember:
             self._poke()
 
         self._mux.add(Lane(stream, owner.serve(lease), life.stop, done))
+
+    def _watch_stalls(self, now: float) -> None:
+        """The handler timeout: every partition's handler runs on the driver's one thread, so a
+        handler call stuck past ``handler_timeout_ms`` stalls every partition of this member.
+        Step down at once (:class:`HandlerStalled`): every lease is given up (compare-and-delete,
+        so the other members take the partitions without waiting for the TTL) and the member
+        leaves the group; it joins again once the stuck call has returned."""
+        if self._stalled is not None:
+            served = self._served.get(self._stalled)
+            if served is None or served.handling.progress() != served.progress:
+                self._stalled = None  # it returned: its terms end (lost) and we join again
+                self._beat("join")
+            return
+        timeout = self.config.handler_timeout_ms / 1000.0
+        for partition, served in self._served.items():
+            handling = served.handling
+            progress = handling.progress()
+            if handling.busy is None or handling.pausing or progress != served.progress:
+                served.progress, served.since = progress, now
+            elif now - served.since >= timeout:
+                self._step_down(partition, served, (now - served.since) * 1000.0)
+                return
+
+    def _step_down(self, stuck: int, served: _Served, running_ms: float) -> None:
+        cfg = self.config
+        entry = served.handling.current_entry()
+        reason = (f"handler stalled: running {running_ms:.0f} ms on entry {entry} of partition "
+                  f"{stuck} (handler timeout {cfg.handler_timeout_ms} ms)")
+        self._stalled = stuck
+        stream = self._streams[stuck]
+        self._emitter(HandlerStalled(stream=stream, group=cfg.group, consumer=cfg.name,
+                                     epoch=served.lease.epoch, entry_id=entry,
+                                     running_ms=round(running_ms, 1)))
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for partition, other in self._served.items():
+            other.lease.lose(reason)
+            other.life.halt()
+            by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+        for group in by_node.values():
+            beat = self._node_beat(self._streams[group[0]])
+            with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
+                self._pipeline(beat, [self._end_command(
+                    beat, p, self._served[p].lease.token, "stalled", reason) for p in group])
+        registry = self._registry
+        if registry is not None:
+            keys = self._keys
+            with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):
+                registry.scripts.run(
+                    "member_leave", [keys.members, keys.conns, keys.events],
+                    [cfg.name, "left", cfg.name, reason, EVENTS_MAXLEN, ""])
+
+    def _end_command(self, beat: _Beat, partition: int, token: str, kind: str,
+                     reason: str) -> tuple[Any, ...]:
+        """``end_term`` of ``partition``'s term ``token`` (compare-and-delete), for a pipeline."""
+        keys = GroupKeys(self._streams[partition], self.config.group)
+        return beat.scripts.command("end_term", [keys.lease, keys.events],
+                                    [token, kind, self.config.name, reason, EVENTS_MAXLEN])
 
     def _reap(self) -> None:
         """Partitions whose term ended: forget them; a handover is announced (wakes the

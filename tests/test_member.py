@@ -303,3 +303,57 @@ def test_cluster_member_follows_a_slot_that_moves(own_cluster: Any) -> None:
         member.stop()
     result = topic_verdict(topic.records, topic.seq)
     assert result.ok, result.as_dict()
+
+
+def test_a_stuck_handler_hands_every_partition_over(single: ServerProcess) -> None:
+    """A handler call stuck past ``handler_timeout_ms`` stalls every partition of its member
+    (they share one driver thread): the member steps down at once (HandlerStalled, every lease
+    given up, out of the group), the other member takes all partitions well before the lease
+    TTL, and once the stuck call returns the member joins again; what an epoch-keeping store
+    accepts is complete and in per-key order."""
+    from orderedstream import HandlerStalled, LeaseConfig, MemberConfig, TopicMember
+
+    topic = Topic(single.client(), partitions=6)
+    release = threading.Event()
+    stuck_on: list[int] = []
+    events: list[Any] = []
+
+    def stuck(message: Any) -> None:
+        if not stuck_on and int(message.fields["seq"]) >= 60:
+            stuck_on.append(int(message.fields["seq"]))
+            release.wait(30)
+        topic.handler("a")(message)
+
+    config = MemberConfig(topic=topic.name, group="g", name="a", handler_timeout_ms=500,
+                          lease=LeaseConfig(ttl_ms=10_000), batch_size=10)
+    a = TopicMember(config, stuck, single.client(), hooks=[events.append])
+    b = topic.member(single.client(), "b", ttl_ms=10_000)
+    a.start()
+    try:
+        wait_until(lambda: len(a.owned) == 6, 10)
+        b.start()
+        wait_until(lambda: _settled([a, b], 6), 10)
+        topic.produce_steadily(rate=200)
+        wait_until(lambda: bool(stuck_on), 10)
+        started = time.monotonic()
+        wait_until(lambda: len(b.owned) == 6, 5)
+        assert time.monotonic() - started < 3.0  # handler timeout 0.5 s; the TTL is 10 s
+        assert any(isinstance(e, HandlerStalled) for e in events)
+        release.set()
+        wait_until(lambda: _settled([a, b], 6), 15)  # a joined again
+        topic.stop_producing()
+        topic.all_handled()
+    finally:
+        release.set()
+        topic.stop_producing()
+        a.stop()
+        b.stop()
+    newest: dict[int, int] = {}
+    accepted = []
+    for r in topic.records:
+        if r["epoch"] >= newest.get(r["p"], 0):
+            newest[r["p"]] = r["epoch"]
+            accepted.append(r)
+    assert len(topic.records) - len(accepted) <= 1  # the stuck call, finished late
+    result = topic_verdict(accepted, topic.seq)
+    assert result.ok, result.as_dict()
