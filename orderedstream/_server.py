@@ -326,13 +326,9 @@ class NodeMap:
         does not answer raises :class:`redis.ConnectionError` (a passing fault: the caller
         waits it out and asks again, maybe another node by then)."""
         try:
-            if not self.cluster:
-                return "", clone_client(self.client, name=name, socket_timeout_s=self._timeout,
-                                        single=single)
-            node = self.client.get_node_from_key(key)
-            base = self.client.get_redis_connection(node)
-            return str(node.name), clone_client(base, name=name,
-                                                socket_timeout_s=self._timeout, single=single)
+            return self.node_name(key), clone_client(node_client(self.client, key), name=name,
+                                                     socket_timeout_s=self._timeout,
+                                                     single=single)
         except ConnectionFailed as err:
             raise redis.ConnectionError(str(err)) from err
 
