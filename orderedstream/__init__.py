@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._aio import AsyncBatchHandler, AsyncCoordinator, AsyncHandler, AsyncProducer
+from ._aio import (
+    AsyncBatchHandler,
+    AsyncCoordinator,
+    AsyncHandler,
+    AsyncProducer,
+    MessageStream,
+)
 from ._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from ._coordinator import BatchHandler, Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
@@ -98,6 +104,7 @@ __all__ = [
     "ListedEntry",
     "MalformedRecord",
     "Message",
+    "MessageStream",
     "NotOwner",
     "OrderedStreamError",
     "OwnerConnectionGone",

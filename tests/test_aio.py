@@ -22,8 +22,14 @@ from orderedstream import (
     ConfigError,
     Coordinator,
     CoordinatorConfig,
+    Defer,
+    Event,
+    GroupKeys,
+    HandlerError,
+    HandlerFailed,
     LeaseConfig,
     Message,
+    RetryPolicy,
     Role,
 )
 from orderedstream.testing import ServerProcess, read_records, verdict, wait_until
@@ -32,8 +38,9 @@ from .conftest import Consumers, External
 
 
 def config(stream: str, name: str, **overrides: object) -> CoordinatorConfig:
+    overrides.setdefault("lease", LeaseConfig(ttl_ms=1000))
     return CoordinatorConfig(stream=stream, group="g", consumer=name,
-                             lease=LeaseConfig(ttl_ms=1000), **overrides)  # type: ignore[arg-type]
+                             **overrides)  # type: ignore[arg-type]
 
 
 async def until(predicate: object, timeout: float = 10.0, message: str = "condition") -> None:
@@ -286,3 +293,166 @@ def test_consume_async_from_the_command_line(server: ServerProcess | External,
                          capture_output=True, timeout=30)
     text = out.stderr.decode()
     assert out.returncode == 2 and "async def" in text and "Traceback" not in text, text
+
+
+def fill(client: redis.Redis, stream: str, n: int, start: int = 1) -> None:
+    pipe = client.pipeline(transaction=False)
+    for s in range(start, start + n):
+        pipe.xadd(stream, {"seq": s})
+    pipe.execute()
+
+
+def test_messages_in_order_acked_when_the_body_ends(server: ServerProcess | External,
+                                                    client: redis.Redis, stream: str) -> None:
+    """``async for message in coordinator.messages()``: every entry once, in stream order, the
+    next one only after the body before it ended; a body that ends normally acknowledges its
+    message when the loop asks for the next, so stopping right after the last body leaves
+    nothing pending; the loop ends (StopAsyncIteration) when the coordinator stops."""
+    fill(client, stream, 300)
+    seen: list[int] = []
+    inside: list[int] = []
+
+    async def main() -> None:
+        c = AsyncCoordinator(config(stream, "a", batch_size=50), None, aclient(server))
+        async with c.messages() as stream_:
+            async for message in stream_:
+                seq = int(message.fields["seq"])
+                inside.append(seq)
+                assert len(inside) == 1, "two bodies at once"
+                await asyncio.sleep(0)  # another task could take a message here: none may
+                seen.append(seq)
+                inside.remove(seq)
+                if seq == 300:  # stop once the loop asks for the next one
+                    asyncio.get_running_loop().create_task(c.stop())
+
+    asyncio.run(main())
+    assert seen == list(range(1, 301))
+    assert client.xpending(stream, "g")["pending"] == 0
+
+
+def test_settle_acks_defer_parks_an_exception_is_retried_then_parked(
+        server: ServerProcess | External, client: redis.Redis, stream: str) -> None:
+    """``async with stream.settle(message)``: a normal exit acks; ``Defer`` parks the entry; an
+    exception is retried per the RetryPolicy (the same entry comes back as the next message,
+    attempt + 1) and succeeds or, after max_attempts, is parked; the next entry comes only
+    after that; the exceptions do not leave the loop (HandlerError events report them)."""
+    fill(client, stream, 20)
+    seen: list[tuple[int, int]] = []
+    events: list[Event] = []
+    policy = RetryPolicy(max_attempts=3, initial_backoff_ms=10, multiplier=1.0)
+
+    async def main() -> None:
+        c = AsyncCoordinator(config(stream, "a", batch_size=8, retry=policy), None,
+                             aclient(server), hooks=[events.append])
+        async with c.messages() as messages:
+            async for message in messages:
+                seq = int(message.fields["seq"])
+                seen.append((seq, message.attempt))
+                async with messages.settle(message):
+                    if seq == 3 and message.attempt == 1:
+                        raise ValueError("3 fails once")
+                    if seq == 5:
+                        raise ValueError("5 always fails")
+                    if seq == 7:
+                        raise Defer("7 is parked", delay_ms=60_000)
+                if seq == 20:
+                    break  # settled already: acknowledged
+
+    asyncio.run(main())
+    assert seen == [(1, 1), (2, 1), (3, 1), (3, 2), (4, 1), (5, 1), (5, 2), (5, 3),
+                    *[(s, 1) for s in range(6, 21)]]
+    assert client.xpending(stream, "g")["pending"] == 0
+    delay = {m.decode() for m in client.zrange(GroupKeys(stream, "g").delay, 0, -1)}
+    parked = {client.xrange(stream, i, i)[0][1][b"seq"] for i in delay}
+    assert parked == {b"5", b"7"}
+    actions = [(e.attempt, e.action) for e in events if isinstance(e, HandlerError)]
+    assert actions == [(1, "retry"), (1, "retry"), (2, "retry"), (3, "park")]
+
+
+def test_leaving_the_loop_never_acks_the_message_in_hand(server: ServerProcess | External,
+                                                         client: redis.Redis,
+                                                         stream: str) -> None:
+    """``break`` with a message in hand (its body done, but not settled): leaving ``async
+    with`` stops the coordinator and hands the lease over at once (a 10 s TTL, taken over in
+    well under it); that message was not acknowledged: the sync standby hands it out first,
+    flagged redelivered, then the rest, in order."""
+    fill(client, stream, 10)
+    seen: list[int] = []
+    again: list[tuple[int, bool]] = []
+    long_ttl = LeaseConfig(ttl_ms=10_000)
+    standby = Coordinator(config(stream, "s", lease=long_ttl),
+                          lambda m: again.append((int(m.fields["seq"]), m.redelivered)), client)
+
+    async def main() -> float:
+        c = AsyncCoordinator(config(stream, "a", lease=long_ttl), None, aclient(server))
+        async with c.messages() as messages:
+            async for message in messages:
+                seen.append(int(message.fields["seq"]))
+                if seen[-1] == 1:
+                    standby.start()
+                    await until(lambda: standby.role is Role.STANDBY, message="standby")
+                if seen[-1] == 4:
+                    break
+        return time.monotonic()
+
+    left = asyncio.run(main())
+    try:
+        wait_until(lambda: len(again) >= 7, 5, message="the standby handled 4..10")
+        assert time.monotonic() - left < 3, "handed over, not expired"
+    finally:
+        standby.stop(5)
+    assert seen == [1, 2, 3, 4]
+    assert again[0] == (4, True) and [s for s, _ in again] == list(range(4, 11))
+
+
+def test_an_exception_that_leaves_the_loop(server: ServerProcess | External,
+                                           client: redis.Redis, stream: str) -> None:
+    """An exception that leaves the loop (no ``settle()``) is re-raised from ``async with``
+    after the coordinator stopped: a ``Defer`` parked its message first; another exception
+    left its message pending (not acknowledged) for the next owner; and with
+    ``on_exhausted="stop"`` a settled failure ends the loop with HandlerFailed."""
+    fill(client, stream, 6)
+    keys = GroupKeys(stream, "g")
+
+    async def leave(exc: Exception, at: int) -> None:
+        c = AsyncCoordinator(config(stream, "a"), None, aclient(server))
+        async with c.messages() as messages:
+            async for message in messages:
+                if int(message.fields["seq"]) == at:
+                    raise exc
+
+    def pending_seqs() -> list[int]:
+        return [int(client.xrange(stream, p["message_id"], p["message_id"])[0][1][b"seq"])
+                for p in client.xpending_range(stream, "g", "-", "+", 100)]
+
+    with pytest.raises(Defer):
+        asyncio.run(leave(Defer("no", delay_ms=60_000), 2))
+    assert client.zcard(keys.delay) == 1
+    assert 2 not in pending_seqs() and 1 not in pending_seqs()
+    with pytest.raises(KeyError):
+        asyncio.run(leave(KeyError("boom"), 4))
+    assert pending_seqs()[:1] == [4] and 3 not in pending_seqs()
+
+    async def stop_on_failure() -> None:
+        strict = RetryPolicy(max_attempts=2, initial_backoff_ms=10, on_exhausted="stop")
+        c = AsyncCoordinator(config(stream, "b", retry=strict), None, aclient(server))
+        async with c.messages() as messages:
+            async for message in messages:
+                async with messages.settle(message):
+                    raise ValueError(message.id)
+
+    with pytest.raises(HandlerFailed):
+        asyncio.run(stop_on_failure())
+    assert pending_seqs()[:1] == [4]
+
+
+def test_messages_needs_a_coordinator_without_a_handler(server: ServerProcess | External,
+                                                        stream: str) -> None:
+    """messages() on a coordinator that calls a handler is refused, saying what to build."""
+
+    async def handle(message: Message) -> None:
+        pass
+
+    c = AsyncCoordinator(config(stream, "a"), handle, aclient(server))
+    with pytest.raises(ConfigError, match="without a handler"):
+        c.messages()
