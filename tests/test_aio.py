@@ -10,7 +10,9 @@ import random
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
@@ -456,3 +458,66 @@ def test_messages_needs_a_coordinator_without_a_handler(server: ServerProcess | 
     c = AsyncCoordinator(config(stream, "a"), handle, aclient(server))
     with pytest.raises(ConfigError, match="without a handler"):
         c.messages()
+
+
+@pytest.mark.slow
+def test_a_standby_blocked_30s_with_default_client_settings_raises_nothing(
+        server: ServerProcess | External, client: redis.Redis, stream: str) -> None:
+    """Two async standbys built with redis.asyncio's defaults (``redis.asyncio.Redis(host=,
+    port=)`` and ``AsyncCoordinator.from_url``) wait 32 s behind an owner that keeps renewing:
+    no exception, no fault event (only ``standby``), both still standing by; when the owner
+    stops, one takes over at once, and when that one stops, the other does."""
+    parsed = urllib.parse.urlparse(server.url)
+    fill(client, stream, 1)
+    seen: list[tuple[str, int]] = []
+    events: dict[str, list[Event]] = {"defaults": [], "url": []}
+
+    def handler(name: str) -> Any:
+        async def handle(message: Message) -> None:
+            seen.append((name, int(message.fields["seq"])))
+        return handle
+
+    async def main() -> None:
+        owner = Coordinator(config(stream, "owner"), lambda m: seen.append(
+            ("owner", int(m.fields["seq"]))), client)
+        owner.start()
+        await until(lambda: len(seen) == 1, message="the owner handled 1")
+        defaults = AsyncCoordinator(
+            config(stream, "defaults"), handler("defaults"),
+            redis.asyncio.Redis(host=parsed.hostname or "localhost", port=parsed.port or 6379),
+            hooks=[events["defaults"].append])
+        by_url = AsyncCoordinator.from_url(server.url, config(stream, "url"), handler("url"),
+                                           hooks=[events["url"].append])
+        standbys = [defaults, by_url]
+        for c in standbys:
+            await c.start()
+        await until(lambda: all(c.role is Role.STANDBY for c in standbys), message="standbys")
+        deadline = time.monotonic() + 32
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            assert all(c.role is Role.STANDBY and c._task is not None and not c._task.done()
+                       for c in standbys)
+        assert {type(e).__name__ for es in events.values() for e in es} == {"Standby"}
+        t0 = time.monotonic()
+        await asyncio.to_thread(owner.stop, 5)
+        await until(lambda: any(c.role is Role.OWNER for c in standbys), 3, "a takeover")
+        first = next(c for c in standbys if c.role is Role.OWNER)
+        second = next(c for c in standbys if c is not first)
+        took_first = time.monotonic() - t0
+        await until(lambda: second.role is Role.STANDBY, message="the other stands by")
+        fill(client, stream, 1, start=2)
+        await until(lambda: len(seen) == 2, message="the new owner handled 2")
+        t0 = time.monotonic()
+        assert await first.stop(5)
+        await until(lambda: second.role is Role.OWNER, 3, "the second takeover")
+        took_second = time.monotonic() - t0
+        fill(client, stream, 1, start=3)
+        await until(lambda: len(seen) == 3, message="the last owner handled 3")
+        assert await second.stop(5)
+        for c in standbys:
+            await c.join()  # re-raises any error that ended its loop
+            await c.aclose()
+        assert took_first < 1.0 and took_second < 1.0, (took_first, took_second)
+
+    asyncio.run(main())
+    assert [s for _, s in seen] == [1, 2, 3] and len({n for n, _ in seen}) == 3
