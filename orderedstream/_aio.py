@@ -136,6 +136,7 @@ class AsyncDriver:
         do = self._do
         handler = self._handler
         task = asyncio.current_task()
+        cancelling: Callable[[], int] = getattr(task, "cancelling", None) or _no_cancelling
         cancelled = False  # a cancellation was thrown into the step already
         value: Any = None
         error: BaseException | None = None
@@ -145,21 +146,23 @@ class AsyncDriver:
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
             value = error = None
-            try:
-                if type(op) is Handle:  # the per-entry call, without a dispatch
-                    try:
-                        await handler(op.message)
-                    except StopRequested:
-                        raise  # a messages() loop was left: thrown into the step, never acked
-                    except Exception as err:
-                        value = err
-                else:
+            if type(op) is Handle:  # the per-entry call, without a dispatch
+                try:
+                    await handler(op.message)
+                except StopRequested as err:
+                    error = err  # a messages() loop was left: thrown into the step, never acked
+                except Exception as err:
+                    value = err
+                except BaseException as err:
+                    error = err
+            else:
+                try:
                     value = await do[type(op)](op)
-            except BaseException as err:
-                error = err
+                except BaseException as err:
+                    error = err
             if isinstance(error, asyncio.CancelledError):
                 cancelled = True
-            elif not cancelled and task is not None and _cancelling(task):
+            elif not cancelled and cancelling():
                 # redis-py writes under asyncio.wait_for, which on Python 3.11 can swallow a
                 # cancellation that arrives as the write completes: deliver it here
                 cancelled = True
@@ -662,10 +665,9 @@ class Settling:
         return self.__exit__(exc_type, exc, tb)
 
 
-def _cancelling(task: asyncio.Task[Any]) -> bool:
-    """Has cancellation of ``task`` been requested (Python 3.11+; False before)?"""
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
+def _no_cancelling() -> int:
+    """``Task.cancelling()`` where there is none (Python < 3.11, or no task): never."""
+    return 0
 
 
 def _not_called(message: Message) -> None:  # pragma: no cover - async handlers are yielded
