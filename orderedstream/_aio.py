@@ -503,6 +503,8 @@ class _Feed:
         ``_STOPPED``."""
         self.waiter: asyncio.Future[None] | None = None
         """The loop's wait for an offer (or for the end of the run)."""
+        self.taken: Message | None = None
+        """The last message the loop took."""
 
     async def __call__(self, message: Message) -> None:
         stop = self.stop
@@ -529,6 +531,8 @@ class _Feed:
 
     def settle(self, message: Message, error: BaseException | None) -> None:
         if self.in_hand is not message:
+            if message is self.taken:
+                return  # settled already, or the run ended under it (not acknowledged)
             raise ConfigError(f"settle({message!r}): not the message in hand (each message is "
                               "settled once, inside the loop that took it)")
         self.in_hand = None
@@ -614,7 +618,7 @@ class MessageStream:
             finally:
                 feed.waiter = None
         feed.offer = None
-        feed.in_hand = message
+        feed.in_hand = feed.taken = message
         return message
 
     async def __aenter__(self) -> MessageStream:

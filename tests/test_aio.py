@@ -521,3 +521,28 @@ def test_a_standby_blocked_30s_with_default_client_settings_raises_nothing(
 
     asyncio.run(main())
     assert [s for _, s in seen] == [1, 2, 3] and len({n for n, _ in seen}) == 3
+
+
+def test_stop_while_a_body_runs_ends_the_loop_without_an_ack(
+        server: ServerProcess | External, client: redis.Redis, stream: str) -> None:
+    """stop() (a SIGTERM handler, say) while the loop's body is inside ``settle()``: the body
+    finishes without an error, its message is not acknowledged (the run ended under it: the
+    next owner gets it), the entries before it are, and the loop ends."""
+    fill(client, stream, 5)
+    seen: list[int] = []
+
+    async def main() -> None:
+        c = AsyncCoordinator(config(stream, "a"), None, aclient(server))
+        async with c.messages() as messages:
+            async for message in messages:
+                async with messages.settle(message):
+                    seen.append(int(message.fields["seq"]))
+                    if seen[-1] == 3:
+                        await c.stop()
+                        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert seen == [1, 2, 3]
+    pending = client.xpending_range(stream, "g", "-", "+", 10)
+    assert [int(client.xrange(stream, p["message_id"], p["message_id"])[0][1][b"seq"])
+            for p in pending][:1] == [3]
