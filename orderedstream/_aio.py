@@ -306,6 +306,7 @@ class AsyncCoordinator(OwnerView):
         self._stop = threading.Event()
         self._astop = asyncio.Event()
         self._halting = False
+        self._running = False  # run() was entered (by start(), or called directly)
         if feed is not None:
             feed.stop = self._astop
         parts = assemble(self, config, keys, _not_called, self._sync_cmd, sync_waiter,
@@ -373,6 +374,7 @@ class AsyncCoordinator(OwnerView):
     async def run(self, *, max_messages: int | None = None) -> None:
         """Run until ``stop()``, ``max_messages`` or a fatal error (or until cancelled)."""
         self._handling.budget = max_messages
+        self._running = True
         try:
             await asyncio.to_thread(connect_check, self._sync_cmd)
             while not self._stop.is_set() and self._handling.budget != 0:
@@ -394,9 +396,11 @@ class AsyncCoordinator(OwnerView):
         finally:
             self._stop.set()
             self._astop.set()
-            if self._feed is not None:
-                self._feed.halt()
-            await asyncio.to_thread(self._close)
+            try:
+                await asyncio.to_thread(self._close)
+            finally:
+                if self._feed is not None:
+                    self._feed.halt()  # after _close: a waiting loop sees the run has ended
 
     def _wait_for_lease(self) -> Lease | None:
         start = ensure_group(self._sync_cmd, self.config, self._owner.cursor)
@@ -598,13 +602,11 @@ class MessageStream:
         if in_hand is not None:  # the body ended normally: acknowledge
             feed.settle(in_hand, None)
         coordinator = self._coordinator
-        task = coordinator._task
-        if task is None:
+        if not coordinator._running and coordinator._task is None:
             await coordinator.start()
-            task = coordinator._task
-            assert task is not None
         while (message := feed.offer) is None:
-            if task.done():
+            task = coordinator._task
+            if task.done() if task is not None else coordinator._role is Role.STOPPED:
                 if coordinator._error is not None:
                     raise coordinator._error
                 raise StopAsyncIteration
@@ -623,7 +625,7 @@ class MessageStream:
 
     async def __aenter__(self) -> MessageStream:
         coordinator = self._coordinator
-        if coordinator._task is None:
+        if not coordinator._running and coordinator._task is None:
             await coordinator.start()
         return self
 

@@ -590,3 +590,30 @@ def test_messages_loop_cancelled_at_random_points_loses_nothing(
     v = verdict(record, total)
     assert not v.lost and not v.out_of_order and v.unflagged_duplicates == 0, v.as_dict()
     wait_until(lambda: client.xpending(stream, "g")["pending"] == 0, 5, message="all acked")
+
+
+def test_messages_of_a_coordinator_run_by_hand(server: ServerProcess | External,
+                                               client: redis.Redis, stream: str) -> None:
+    """A coordinator without a handler run by ``await run()`` in a task of its own: a loop
+    over messages() in another task takes its entries (no second run is started), and ends
+    when the run ends (stop())."""
+    fill(client, stream, 10)
+    seen: list[int] = []
+
+    async def main() -> None:
+        c = AsyncCoordinator(config(stream, "a"), None, aclient(server))
+        runner = asyncio.get_running_loop().create_task(c.run())
+
+        async def loop() -> None:
+            async for message in c.messages():
+                seen.append(int(message.fields["seq"]))
+
+        consumer = asyncio.get_running_loop().create_task(loop())
+        await until(lambda: len(seen) >= 10, message="10 taken")
+        await c.stop(5)
+        await asyncio.wait_for(runner, 10)
+        await asyncio.wait_for(consumer, 10)
+        await c.aclose()
+
+    asyncio.run(main())
+    assert seen == list(range(1, 11))
