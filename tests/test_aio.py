@@ -210,10 +210,6 @@ def test_a_handler_that_blocks_the_loop_does_not_let_the_lease_lapse(
     """An async handler that blocks the event loop for 2 x the lease TTL (a blocking call by
     mistake): the lease is renewed from a thread of its own, so it does not lapse, the standby
     does not take over, and every entry is handled once, in order."""
-    pipe = client.pipeline(transaction=False)
-    for s in range(1, 21):
-        pipe.xadd(stream, {"seq": s})
-    pipe.execute()
     seen: list[tuple[str, int]] = []
 
     async def blocking(message: Message) -> None:
@@ -228,6 +224,8 @@ def test_a_handler_that_blocks_the_loop_does_not_let_the_lease_lapse(
                                     aclient(server)) as owner:
             await until(lambda: owner.role is Role.OWNER, message="async owner")
             standby.start()
+            await until(lambda: standby.role is Role.STANDBY, message="sync standby")
+            fill(client, stream, 20)  # now: the standby stands by while the loop is blocked
             await until(lambda: len(seen) >= 20, message="20 handled")
             assert owner.role is Role.OWNER and standby.role is Role.STANDBY
         await asyncio.to_thread(standby.stop, 5)
