@@ -11,6 +11,8 @@ loops, in the same run, on the same server and pre-filled stream.
 * raw asyncio:   the raw batched loop with redis.asyncio and an awaited no-op handler
 * async coordinator / async batch: AsyncCoordinator(batch_size=500), awaited no-op handler /
   batch handler
+* async for messages(): AsyncCoordinator(batch_size=500) without a handler, an empty
+  ``async for`` body
 * coordinator + prometheus hook: the same with ``orderedstream.metrics.PrometheusHook`` as a
   hook (event-derived series: one update per batch), scraped once at the end
 * + timed handler: also the per-entry handler histogram (``hook.timed(handler)``: two clock
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -46,6 +49,13 @@ STREAM = "bench-throughput"
 CPU_US: dict[str, list[float]] = {"": [], "hook": [], "timed": []}
 """The client process's CPU time per entry (all its threads), by metrics mode: less at the
 mercy of other processes on a shared machine than the wall-clock rates."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def noop_handler(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -189,6 +199,31 @@ def coordinator_async(url: str, group: str, total: int, batched: bool = False) -
     return rate
 
 
+def coordinator_messages(url: str, group: str, total: int) -> float:
+    """AsyncCoordinator (batch_size 500) without a handler: ``async for`` over messages(),
+    each body acknowledged when the loop asks for the next one."""
+
+    async def run() -> float:
+        config = CoordinatorConfig(stream=STREAM, group=group, consumer="amsg", batch_size=500)
+        client = redis.asyncio.Redis.from_url(url)
+        c = AsyncCoordinator(config, None, client)
+        await c.start(max_messages=total)  # the run ends after the last one (acks flushed)
+        first = 0.0
+        async with c.messages() as stream:
+            async for _ in stream:
+                if not first:
+                    first = time.perf_counter()
+        elapsed = time.perf_counter() - first
+        await client.aclose()
+        return total / elapsed
+
+    rate = asyncio.run(run())
+    cleanup = redis.Redis.from_url(url)
+    cleanup.delete(*GroupKeys(STREAM, group).all())
+    cleanup.close()
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,27 +247,34 @@ def main() -> int:
         pipe.execute()
         rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": [],
                                          "batch handler": [], "raw asyncio": [],
-                                         "async coordinator": [], "async batch": []}
+                                         "async coordinator": [], "async batch": [],
+                                         "async for messages()": []}
         if not args.no_metrics:
             rates["coordinator + prometheus hook"] = []
             rates["  + timed handler"] = []
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in rates}
+        n = args.entries
+
+        def run(name: str, contender: Callable[..., float], *call: object) -> None:
+            """One run of ``contender``: its rate, and the CPU per entry of this process
+            (all its threads) and of the server over the run."""
+            client_cpu, server_cpu = time.process_time(), cpu_seconds(server.proc.pid)
+            rates[name].append(contender(*call))
+            cpu[name].append(((time.process_time() - client_cpu) / n * 1e6,
+                              (cpu_seconds(server.proc.pid) - server_cpu) / n * 1e6))
+
         for r in range(args.rounds):
-            rates["raw"].append(raw_batched(client, f"raw{r}", args.entries))
-            rates["coordinator"].append(coordinator(client, f"coord{r}", args.entries))
+            run("raw", raw_batched, client, f"raw{r}", n)
+            run("coordinator", coordinator, client, f"coord{r}", n)
             if not args.no_metrics:
-                rates["coordinator + prometheus hook"].append(
-                    coordinator(client, f"prom{r}", args.entries, "hook"))
-                rates["  + timed handler"].append(
-                    coordinator(client, f"timed{r}", args.entries, "timed"))
-            rates["raw, no handler"].append(
-                raw_batched(client, f"bare{r}", args.entries, call_handler=False))
-            rates["batch handler"].append(
-                coordinator_batched(client, f"batch{r}", args.entries))
-            rates["raw asyncio"].append(raw_async(server.url, f"araw{r}", args.entries))
-            rates["async coordinator"].append(
-                coordinator_async(server.url, f"acoord{r}", args.entries))
-            rates["async batch"].append(
-                coordinator_async(server.url, f"abatch{r}", args.entries, batched=True))
+                run("coordinator + prometheus hook", coordinator, client, f"prom{r}", n, "hook")
+                run("  + timed handler", coordinator, client, f"timed{r}", n, "timed")
+            run("raw, no handler", raw_batched, client, f"bare{r}", n, False)
+            run("batch handler", coordinator_batched, client, f"batch{r}", n)
+            run("raw asyncio", raw_async, server.url, f"araw{r}", n)
+            run("async coordinator", coordinator_async, server.url, f"acoord{r}", n)
+            run("async batch", coordinator_async, server.url, f"abatch{r}", n, True)
+            run("async for messages()", coordinator_messages, server.url, f"amsg{r}", n)
         naive_rate = naive(client, "naive", args.naive_entries)
     print(f"throughput on {label}, redis-py {redis.__version__}, one Python process, "
           f"{args.entries} pre-filled entries, {args.rounds} alternating rounds")
@@ -240,6 +282,13 @@ def main() -> int:
         median = statistics.median(values)
         print(f"  {name:<30} best {max(values):>9,.0f}/s  median {median:>9,.0f}/s"
               f"  runs {', '.join(f'{v:,.0f}' for v in values)}")
+    print("  CPU per entry, medians (client: this process, all threads; server: the server "
+          "process; /proc/<pid>/stat, 10 ms ticks):")
+    for name, pairs in cpu.items():
+        client_us = statistics.median(c for c, _ in pairs)
+        server_us = statistics.median(s for _, s in pairs)
+        print(f"    {name.strip():<28} client {client_us:5.2f} us  server {server_us:5.2f} us  "
+              f"sum {client_us + server_us:5.2f} us")
     print(f"  {'naive':<30} {naive_rate:>14,.0f}/s  (COUNT 1 + XACK each, {args.naive_entries} "
           "entries)")
     ratio = statistics.median(rates["coordinator"]) / statistics.median(rates["raw"])
@@ -249,7 +298,7 @@ def main() -> int:
     print(f"  coordinator / raw batched, per round: "
           f"{', '.join(f'{p:.2f}' for p in paired)}  (median {statistics.median(paired):.2f}x)")
     for name, over in (("batch handler", "raw"), ("async coordinator", "raw asyncio"),
-                       ("async batch", "raw")):
+                       ("async batch", "raw"), ("async for messages()", "raw asyncio")):
         ratios = [b / r for b, r in zip(rates[name], rates[over], strict=True)]
         print(f"  {name} / {over}, per round: {', '.join(f'{p:.2f}' for p in ratios)}  "
               f"(median {statistics.median(ratios):.2f}x)")

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._aio import AsyncBatchHandler, AsyncCoordinator, AsyncHandler, AsyncProducer
+from ._aio import (
+    AsyncBatchHandler,
+    AsyncCoordinator,
+    AsyncHandler,
+    AsyncProducer,
+    MessageStream,
+)
 from ._config import (
     ConsumerSettings,
     CoordinatorConfig,
@@ -121,6 +127,7 @@ __all__ = [
     "MalformedRecord",
     "MemberConfig",
     "Message",
+    "MessageStream",
     "NotOwner",
     "OrderedStreamError",
     "OwnerConnectionGone",

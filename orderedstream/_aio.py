@@ -9,6 +9,11 @@ the handler-timeout watch, and the standby's wait for the lease (a blocking ``XR
 group's events stream).  Same keys, same scripts: async and sync consumers of one group hand over
 to each other.
 
+Instead of a handler, the entries can be taken with ``async for``
+(:meth:`AsyncCoordinator.messages`, :class:`MessageStream`): the engine's handler call (its
+:class:`~orderedstream._engine.Handle` op) is then a :class:`_Feed` that offers the entry to the
+loop and awaits its outcome; the loop's body is the handler.
+
 Cancelling :meth:`AsyncCoordinator.run` (or the task it runs in) never acknowledges the entry in
 flight: the cancellation is thrown into the term where it waited, the acks of entries handled
 before it are sent, the lease is handed over, and ``CancelledError`` goes on up.  A connection
@@ -55,7 +60,7 @@ from ._scripts import ScriptOp, Scripts, pack_command, translate
 from ._server import client_name, clone_client, connect_check
 from ._status import record_member
 from ._takeover import ensure_group
-from .exceptions import BudgetSpent, ConfigError, GroupMissing
+from .exceptions import BudgetSpent, ConfigError, GroupMissing, StopRequested
 
 T = TypeVar("T")
 AsyncHandler = Callable[[Message], Awaitable[object]]
@@ -131,6 +136,7 @@ class AsyncDriver:
         do = self._do
         handler = self._handler
         task = asyncio.current_task()
+        cancelling: Callable[[], int] = getattr(task, "cancelling", None) or _no_cancelling
         cancelled = False  # a cancellation was thrown into the step already
         value: Any = None
         error: BaseException | None = None
@@ -140,19 +146,23 @@ class AsyncDriver:
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
             value = error = None
-            try:
-                if type(op) is Handle:  # the per-entry call, without a dispatch
-                    try:
-                        await handler(op.message)
-                    except Exception as err:
-                        value = err
-                else:
+            if type(op) is Handle:  # the per-entry call, without a dispatch
+                try:
+                    await handler(op.message)
+                except StopRequested as err:
+                    error = err  # a messages() loop was left: thrown into the step, never acked
+                except Exception as err:
+                    value = err
+                except BaseException as err:
+                    error = err
+            else:
+                try:
                     value = await do[type(op)](op)
-            except BaseException as err:
-                error = err
+                except BaseException as err:
+                    error = err
             if isinstance(error, asyncio.CancelledError):
                 cancelled = True
-            elif not cancelled and task is not None and _cancelling(task):
+            elif not cancelled and cancelling():
                 # redis-py writes under asyncio.wait_for, which on Python 3.11 can swallow a
                 # cancellation that arrives as the write completes: deliver it here
                 cancelled = True
@@ -267,12 +277,17 @@ class AsyncCoordinator(OwnerView):
     ...     ...  # start() on enter; stop() on exit (re-raising the loop's error)
     """
 
-    def __init__(self, config: CoordinatorConfig, handler: AsyncHandler,
+    def __init__(self, config: CoordinatorConfig, handler: AsyncHandler | None,
                  client: redis.asyncio.Redis, *, hooks: Sequence[Hook] = ()) -> None:
-        if not asyncio.iscoroutinefunction(handler) and not _is_async_callable(handler):
+        feed = None
+        if handler is None:  # the entries are taken with `async for` (messages())
+            feed = _Feed()
+            handler = feed
+        elif not asyncio.iscoroutinefunction(handler) and not _is_async_callable(handler):
             raise ConfigError(f"{handler!r} is not an async function: AsyncCoordinator awaits "
                               "its handler; pass an `async def` one, or use Coordinator for a "
                               "plain function")
+        self._feed = feed
         self.config = config
         self._keys = keys = GroupKeys(config.stream, config.group)
         self._emitter = Emitter(hooks)
@@ -291,6 +306,9 @@ class AsyncCoordinator(OwnerView):
         self._stop = threading.Event()
         self._astop = asyncio.Event()
         self._halting = False
+        self._running = False  # run() was entered (by start(), or called directly)
+        if feed is not None:
+            feed.stop = self._astop
         parts = assemble(self, config, keys, _not_called, self._sync_cmd, sync_waiter,
                          self._event, self._emitter, self._stop,
                          lambda: self._set_role(Role.STANDBY))
@@ -304,16 +322,35 @@ class AsyncCoordinator(OwnerView):
         self._error: BaseException | None = None
 
     @classmethod
-    def from_url(cls, url: str, config: CoordinatorConfig, handler: AsyncHandler,
+    def from_url(cls, url: str, config: CoordinatorConfig, handler: AsyncHandler | None = None,
                  *, hooks: Sequence[Hook] = ()) -> AsyncCoordinator:
-        """Build with a client for ``url`` (redis://, rediss:// or unix://)."""
+        """Build with a client for ``url`` (redis://, rediss:// or unix://); without a handler,
+        take the entries with :meth:`messages`."""
         return cls(config, handler, redis.asyncio.Redis.from_url(url), hooks=hooks)
+
+    def messages(self) -> MessageStream:
+        """The entries as an ``async for`` loop, for a coordinator built without a handler
+        (``handler=None``): see :class:`MessageStream`.
+
+        >>> async with coordinator.messages() as stream:  # doctest: +SKIP
+        ...     async for message in stream:
+        ...         async with stream.settle(message):
+        ...             await handle(message)
+        """
+        if self._feed is None:
+            raise ConfigError("messages() is for a coordinator built without a handler: "
+                              "AsyncCoordinator(config, None, client); this one calls its "
+                              "handler")
+        return MessageStream(self, self._feed)
 
     @classmethod
     def batched(cls, config: CoordinatorConfig, handler: AsyncBatchHandler,
                 client: redis.asyncio.Redis, *, hooks: Sequence[Hook] = ()
                 ) -> AsyncCoordinator:
         """Batch mode, as :meth:`Coordinator.batched <orderedstream.Coordinator.batched>`."""
+        if handler is None:
+            raise ConfigError("AsyncCoordinator.batched needs a batch handler (messages() "
+                              "hands out one entry at a time)")
         coordinator = cls(config, handler, client, hooks=hooks)  # type: ignore[arg-type]
         coordinator._handling.batch_handler = handler
         return coordinator
@@ -321,7 +358,10 @@ class AsyncCoordinator(OwnerView):
     async def start(self, *, max_messages: int | None = None) -> None:
         """Run in a task of the running loop; returns at once."""
         self._handling.budget = max_messages
-        self._task = asyncio.get_running_loop().create_task(self._run_task())
+        self._task = task = asyncio.get_running_loop().create_task(self._run_task())
+        feed = self._feed
+        if feed is not None:  # a loop waiting in messages() learns that the run ended
+            task.add_done_callback(lambda _: feed.wake())
 
     async def _run_task(self) -> None:
         try:
@@ -334,6 +374,7 @@ class AsyncCoordinator(OwnerView):
     async def run(self, *, max_messages: int | None = None) -> None:
         """Run until ``stop()``, ``max_messages`` or a fatal error (or until cancelled)."""
         self._handling.budget = max_messages
+        self._running = True
         try:
             await asyncio.to_thread(connect_check, self._sync_cmd)
             while not self._stop.is_set() and self._handling.budget != 0:
@@ -355,7 +396,11 @@ class AsyncCoordinator(OwnerView):
         finally:
             self._stop.set()
             self._astop.set()
-            await asyncio.to_thread(self._close)
+            try:
+                await asyncio.to_thread(self._close)
+            finally:
+                if self._feed is not None:
+                    self._feed.halt()  # after _close: a waiting loop sees the run has ended
 
     def _wait_for_lease(self) -> Lease | None:
         start = ensure_group(self._sync_cmd, self.config, self._owner.cursor)
@@ -387,6 +432,8 @@ class AsyncCoordinator(OwnerView):
         self._halting = True
         self._stop.set()
         self._astop.set()
+        if self._feed is not None:
+            self._feed.halt()
         await asyncio.to_thread(self._unblock)
         task = self._task
         if task is None:
@@ -440,10 +487,193 @@ class AsyncCoordinator(OwnerView):
                           consumer=self.config.consumer, **fields))
 
 
-def _cancelling(task: asyncio.Task[Any]) -> bool:
-    """Has cancellation of ``task`` been requested (Python 3.11+; False before)?"""
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
+_STOPPED: Any = object()  # the outcome of an entry whose loop was left: not acknowledged
+
+
+class _Feed:
+    """The handler of a coordinator whose entries are taken with ``async for``: the engine calls
+    it on each entry (and on each retry of one); it offers the entry to the loop and awaits its
+    outcome, so the engine goes on (acks, parks, retries, hands out the next) only once the loop
+    has settled it.  One entry at a time: order by construction."""
+
+    def __init__(self) -> None:
+        self.stop: asyncio.Event | None = None
+        self.offer: Message | None = None
+        """Offered by the engine, not yet taken by the loop."""
+        self.in_hand: Message | None = None
+        """Taken by the loop, not yet settled."""
+        self.outcome: asyncio.Future[Any] | None = None
+        """What the engine awaits: None (acknowledge), the exception the body raised, or
+        ``_STOPPED``."""
+        self.waiter: asyncio.Future[None] | None = None
+        """The loop's wait for an offer (or for the end of the run)."""
+        self.taken: Message | None = None
+        """The last message the loop took."""
+
+    async def __call__(self, message: Message) -> None:
+        stop = self.stop
+        if stop is not None and stop.is_set():
+            raise StopRequested
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.offer, self.outcome = message, outcome
+        self.wake()
+        try:
+            result = await outcome
+        finally:
+            self.offer = self.outcome = None
+            if self.in_hand is message:
+                self.in_hand = None  # cancelled or stopped: the loop's message is not settled
+        if result is _STOPPED:
+            raise StopRequested
+        if result is not None:
+            raise result  # to the engine: Defer parks, another exception is retried
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def settle(self, message: Message, error: BaseException | None) -> None:
+        if self.in_hand is not message:
+            if message is self.taken:
+                return  # settled already, or the run ended under it (not acknowledged)
+            raise ConfigError(f"settle({message!r}): not the message in hand (each message is "
+                              "settled once, inside the loop that took it)")
+        self.in_hand = None
+        outcome = self.outcome
+        if outcome is not None and not outcome.done():
+            outcome.set_result(error)
+
+    def halt(self) -> None:
+        """The run ends: the entry in hand, if any, is not acknowledged."""
+        outcome = self.outcome
+        if outcome is not None and not outcome.done():
+            outcome.set_result(_STOPPED)
+        self.wake()
+
+
+class MessageStream:
+    """The entries of an :class:`AsyncCoordinator` built without a handler, as an ``async for``
+    loop (:meth:`AsyncCoordinator.messages`)::
+
+        async with coordinator.messages() as stream:  # starts the coordinator; stops it on exit
+            async for message in stream:              # standby until it owns the group
+                async with stream.settle(message):    # the body's outcome: see below
+                    await handle(message)
+
+    The loop's body is the handler: the next message is handed out only once the one before is
+    settled (order by construction), and the same guarantees hold as for a handler (fencing,
+    retry policy, parking, ``handler_timeout_ms`` for a body that never ends).
+
+    * ``stream.settle(message)`` gives the body's outcome, as aio-pika's ``message.process()``:
+      a normal exit acknowledges; :class:`~orderedstream.Defer` parks the entry; another
+      exception is retried per the :class:`~orderedstream.RetryPolicy` (the same entry comes
+      back as the next message, ``attempt`` + 1, after the backoff) and parked when the
+      attempts are spent (``on_exhausted="stop"``: the loop ends with
+      :class:`~orderedstream.HandlerFailed`).  The exception is not re-raised (a
+      :class:`~orderedstream.HandlerError` event reports it, as for a handler); a cancellation
+      or ``KeyboardInterrupt`` settles nothing and goes on.
+    * Without ``settle()``: a body that ends normally acknowledges its message when the loop
+      asks for the next one.
+    * Leaving the loop with a message in hand (``break``, ``return``, an exception, a
+      cancellation) never acknowledges it.  Leaving ``async with`` stops the coordinator and
+      hands the lease over: the entry comes again to the next owner, flagged ``redelivered``.
+      An exception that leaves it is first given to the engine as the message's outcome
+      (``Defer`` parks it; a retry is left to the next owner) and then re-raised.
+
+    The loop ends (``StopAsyncIteration``) when the coordinator is stopped, or raises the error
+    that ended it.  One loop at a time takes from a coordinator.
+    """
+
+    def __init__(self, coordinator: AsyncCoordinator, feed: _Feed) -> None:
+        self._coordinator = coordinator
+        self._feed = feed
+
+    def settle(self, message: Message) -> Settling:
+        """The scope of ``message``'s handling: its exit settles it (see the class)."""
+        return Settling(self._feed, message)
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        feed = self._feed
+        in_hand = feed.in_hand
+        if in_hand is not None:  # the body ended normally: acknowledge
+            feed.settle(in_hand, None)
+        coordinator = self._coordinator
+        if not coordinator._running and coordinator._task is None:
+            await coordinator.start()
+        while (message := feed.offer) is None:
+            task = coordinator._task
+            if task.done() if task is not None else coordinator._role is Role.STOPPED:
+                if coordinator._error is not None:
+                    raise coordinator._error
+                raise StopAsyncIteration
+            if feed.waiter is not None and not feed.waiter.done():
+                raise ConfigError("another loop is already waiting on this coordinator's "
+                                  "messages (one loop at a time)")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            feed.waiter = waiter
+            try:
+                await waiter
+            finally:
+                feed.waiter = None
+        feed.offer = None
+        feed.in_hand = feed.taken = message
+        return message
+
+    async def __aenter__(self) -> MessageStream:
+        coordinator = self._coordinator
+        if not coordinator._running and coordinator._task is None:
+            await coordinator.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> None:
+        feed = self._feed
+        in_hand = feed.in_hand
+        if in_hand is not None and isinstance(exc, Exception):
+            feed.settle(in_hand, exc)  # Defer parks it; a retry is left to the next owner
+        coordinator = self._coordinator
+        await coordinator.stop()
+        await coordinator.aclose()
+        if exc is None and coordinator._error is not None:
+            raise coordinator._error
+
+
+class Settling:
+    """``async with stream.settle(message)`` (or ``with``): the exit settles ``message``."""
+
+    __slots__ = ("_feed", "_message")
+
+    def __init__(self, feed: _Feed, message: Message) -> None:
+        self._feed, self._message = feed, message
+
+    def __enter__(self) -> Message:
+        return self._message
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> bool:
+        if exc is None:
+            self._feed.settle(self._message, None)
+            return False
+        if isinstance(exc, Exception):
+            self._feed.settle(self._message, exc)
+            return True  # the engine deals with it: parked, or retried as the next message
+        return False  # a cancellation, KeyboardInterrupt: nothing settled
+
+    async def __aenter__(self) -> Message:
+        return self._message
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+
+def _no_cancelling() -> int:
+    """``Task.cancelling()`` where there is none (Python < 3.11, or no task): never."""
+    return 0
 
 
 def _not_called(message: Message) -> None:  # pragma: no cover - async handlers are yielded

@@ -181,8 +181,22 @@ class Handling:
         messages: list[Message] = []
         ids: list[Any] = []
         redelivered = 0
+        own_group = self._own_group
+        for_header = wire.FOR
+        if counts is None and gate is None:
+            # hot path (new entries, no hold key): one Message per entry, no other work;
+            # only a copy re-streamed for another group is passed over (acked unseen)
+            messages = [Message(entry_id, flat, term) for entry_id, flat in rows
+                        if flat[0] != for_header or flat[1] == own_group]
+            if len(messages) == len(rows):
+                ids = [row[0] for row in rows]
+            else:
+                ids = [m._id for m in messages]
+                kept = set(ids)
+                acks.extend(row[0] for row in rows if row[0] not in kept)
+            rows = []  # done: the loop below has nothing left to look at
         for index, (entry_id, flat) in enumerate(rows):
-            if flat[0] == wire.FOR and flat[1] != self._own_group:
+            if flat[0] == for_header and flat[1] != own_group:
                 acks.append(entry_id)
                 continue
             if gate is not None and not (yield from gate.admit(lease, entry_id, flat)):
@@ -224,9 +238,9 @@ class Handling:
             self.budget -= len(messages)
             if self.budget <= 0:
                 raise BudgetSpent
-        if rows:
-            self._emit(BatchHandled, epoch=lease.epoch, count=len(rows),
-                       last_id=_text(rows[-1][0]), redelivered=redelivered,
+        if page.rows:
+            self._emit(BatchHandled, epoch=lease.epoch, count=len(page.rows),
+                       last_id=_text(page.rows[-1][0]), redelivered=redelivered,
                        handler_ms=(monotonic() - started) * 1000.0)
 
     def _call(self, messages: Sequence[Message], handler: BatchHandler
