@@ -43,6 +43,7 @@ from typing import Any
 import attrs
 import redis
 
+from ._background import Background
 from ._config import MemberConfig
 from ._deadletter import Parker
 from ._events import Emitter, Event, HandlerStalled, Hook, LeaseAcquired
@@ -59,7 +60,7 @@ from ._takeover import ensure_group
 from ._target import Target, settle_target
 from ._topic import Topic, load_topic
 from ._wire import Rebalance as R
-from .exceptions import ConfigError, OrderedStreamError
+from .exceptions import ConfigError
 
 log = logging.getLogger("orderedstream")
 
@@ -102,7 +103,7 @@ class _Beat:
     conn_id: int = 0
 
 
-class TopicMember:
+class TopicMember(Background):
     """One member of a consumer group of a partitioned topic; see the module's docstring.
 
     ``start()`` returns, ``stop(timeout)`` hands every owned partition over and leaves the group,
@@ -126,11 +127,10 @@ class TopicMember:
         self._keys = TopicGroupKeys(config.topic, config.group)
         timeout_s = config.socket_timeout_ms / 1000.0
         self._nodes = NodeMap(client, socket_timeout_s=timeout_s)
-        self._stop = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._base = f"os:{config.name}"
+        # the command connection that wakes the control thread (CLIENT UNBLOCK), on the node
+        # of the topic's slot
+        super().__init__(self._nodes.node_for(self._keys.members, f"{self._base}:poke")[1])
         self._served: dict[int, _Served] = {}
         self._ended: collections.deque[tuple[int, BaseException | None]] = collections.deque()
         self._live: tuple[str, ...] = ()
@@ -140,8 +140,6 @@ class TopicMember:
         self._retry_at: dict[int, float] = {}
         self._registry: _Beat | None = None
         self._waiter: redis.Redis | None = None
-        self._waiter_id: int | None = None
-        self._poker: redis.Redis | None = None
         self._mux: Mux | None = None
         self._scripts: Scripts | None = None
         self._host = socket.gethostname()
@@ -168,48 +166,17 @@ class TopicMember:
         """The live members, as this member last saw them (sorted)."""
         return self._live
 
-    # -- life cycle -----------------------------------------------------------------------------
+    # -- life cycle (Background: stop, join, with) -----------------------------------------
+
+    _kind = "topic member"
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise OrderedStreamError("topic member already started")
-        self._thread = threading.Thread(target=self._thread_main, daemon=True,
-                                        name="orderedstream-member")
-        self._thread.start()
+        """Run in a background thread; returns at once.  Errors surface from ``join``."""
+        self._start_thread()
 
     def run(self) -> None:
+        """Run in the caller's thread until ``stop()`` or a fatal error."""
         self._main()
-
-    def _thread_main(self) -> None:
-        try:
-            self._main()
-        except BaseException as err:
-            self._error = err
-            log.error("topic member stopped on error: %r", err)
-
-    def join(self, timeout: float | None = None) -> bool:
-        ended = self._stopped.wait(timeout)
-        if ended and self._error is not None:
-            raise self._error
-        return ended
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Hand every partition over, leave the group, and wait up to ``timeout`` seconds.
-        Idempotent; True once stopped."""
-        self._stop.set()
-        self._poke()
-        if self._thread is None or threading.current_thread() is self._thread:
-            return self._stopped.is_set()
-        return self._stopped.wait(timeout)
-
-    def __enter__(self) -> TopicMember:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        if exc[1] is None and self._stopped.is_set() and self._error is not None:
-            raise self._error
 
     # -- the control loop -------------------------------------------------------------------
 
@@ -272,20 +239,21 @@ class TopicMember:
         self._registry = _Beat(client, Scripts(client))
         # the waiting connection's BLOCK is at most a renew interval: below its socket timeout
         _, self._waiter = self._nodes.node_for(registry_key, f"{self._base}:wait", single=True)
-        _, self._poker = self._nodes.node_for(registry_key, f"{self._base}:poke")
-        self._waiter_id = None
+        if self._cmd is None:
+            self._cmd = self._nodes.node_for(registry_key, f"{self._base}:poke")[1]
+        self._wait_id = None
         if self._scripts is None:
             self._scripts = Scripts(client)
             self._mux = Mux(self._nodes, self._scripts, self._base)
 
     def _close_registry(self) -> None:
         for client in (self._registry.client if self._registry else None, self._waiter,
-                       self._poker):
+                       self._cmd):
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
-        self._registry = self._waiter = self._poker = None
-        self._waiter_id = None
+        self._registry = self._waiter = self._cmd = None  # type: ignore[assignment]
+        self._wait_id = None
 
     def _reset_connections(self) -> None:
         """After a fault: every connection of the control thread is opened again on next use
@@ -363,15 +331,15 @@ class TopicMember:
         partition is released) or ``seconds`` passed; learn the members again if it did."""
         waiter = self._waiter
         assert waiter is not None
-        if self._waiter_id is None:
-            self._waiter_id = int(waiter.client_id())
+        if self._wait_id is None:
+            self._wait_id = int(waiter.client_id())
         if self._ended or self._stop.is_set():
             return
         try:
             got: Any = waiter.xread({self._keys.events: self._last_event}, count=100,
                                     block=max(int(seconds * 1000), 1))
         except CONNECTION_ERRORS:
-            self._waiter_id = None
+            self._wait_id = None
             waiter.connection_pool.disconnect()  # never reuse a connection cut mid-command
             raise
         if got:
@@ -386,10 +354,8 @@ class TopicMember:
 
     def _poke(self) -> None:
         """Wake the control thread (parked in its XREAD BLOCK)."""
-        poker, wait_id = self._poker, self._waiter_id
-        if poker is not None and wait_id is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                poker.execute_command("CLIENT", "UNBLOCK", wait_id)  # type: ignore[no-untyped-call]
+        if self._cmd is not None:
+            self._unblock()
 
     # -- partitions ---------------------------------------------------------------------------
 
