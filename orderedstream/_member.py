@@ -143,7 +143,7 @@ class TopicMember(Background):
         self._mux: Mux | None = None
         self._scripts: Scripts | None = None
         self._host = socket.gethostname()
-        self._last_event = "$"
+        self._last_event = "0-0"  # the newest timeline record seen (set at the start)
         self._outage = Outage(self._event)
         self._stalled: int | None = None  # the partition whose handler is stuck
         self._next_poll = 0.0  # when to look at the other members' connections next
@@ -191,6 +191,7 @@ class TopicMember(Background):
             mux = self._mux
             assert mux is not None
             mux.start()
+            self._last_event = self._tail_id()  # every record from here on wakes us
             self._beat("join")
             next_beat = next_renew = 0.0
             stall_check = min(cfg.handler_timeout_ms / 4000.0, 1.0)
@@ -317,11 +318,11 @@ class TopicMember(Background):
             if f" id={conn_id} " in text and f" name={conn_name} " in text:
                 continue
             keys = self._keys
-            ended = registry.scripts.run(
+            registry.scripts.run(
                 "member_leave", [keys.members, keys.conns, keys.events],
                 [name, "gone", self.config.name, "heartbeat connection gone", EVENTS_MAXLEN,
                  record])
-            gone = gone or int(ended) == 1
+            gone = True  # ended by us or by another member: learn the members again
         if gone:
             self._beat("renew")
         return True
@@ -351,6 +352,13 @@ class TopicMember(Background):
             if b"assigned" in kinds:
                 self._target_stale = True
             self._retry_at = {p: 0.0 for p in self._retry_at}  # look again at once
+
+    def _tail_id(self) -> str:
+        """The id of the group timeline's newest record ('0-0' when empty)."""
+        registry = self._registry
+        assert registry is not None
+        last: Any = registry.client.xrevrange(self._keys.events, count=1)
+        return _text(last[0][0]) if last else "0-0"
 
     def _poke(self) -> None:
         """Wake the control thread (parked in its XREAD BLOCK)."""
