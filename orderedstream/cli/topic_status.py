@@ -88,11 +88,8 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
     count = len(parts)
     orphans = count - status.owned
     head = Text()
-    head.append(f"{count} partitions", style="bold")
-    if orphans:
-        head.append(f"  {orphans} without owner", style="bold red")
-    else:
-        head.append("  all owned", style="green")
+    head.append(f"{status.owned}/{count} partitions owned",
+                style="bold red" if orphans else "bold green")
     live = [m for m in status.members if m.live]
     head.append(f"  {len(live)} members  target v{status.target_version}")
     lag = sum(p.lag or 0 for p in parts)
@@ -101,9 +98,9 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
     head.append(f"  parked {parked}", style="cyan" if parked else "")
     if rate is not None:
         head.append(f"  {rate:,.0f}/s", style="bold")
-    if note:
-        head.append(f"  {note}", style="yellow")
     lines: list[RenderableType] = [_line(head)]
+    if note:
+        lines.append(_line(Text(note, style="yellow")))
     if not any(p.entries_read is not None or p.owner for p in parts) and not status.members:
         lines.append(_line(Text(f"no member has joined group {status.group} yet: start one "
                                 f"with `orderedstream consume --topic {status.topic} --group "
@@ -123,10 +120,10 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
     table = _table()
     table.add_column("part", justify="right", no_wrap=True)
     table.add_column("owner", no_wrap=True, overflow="ellipsis", ratio=2)
-    for column in ("epoch", "lease", "lag", "pending", "parked", "length"):
+    for column in ("epoch", "lease", "lag", "pending", "parked"):
         table.add_column(column, justify="right", no_wrap=True)
     if status.cluster:
-        table.add_column("node", no_wrap=True, overflow="ellipsis", ratio=2)
+        table.add_column("node", no_wrap=True, overflow="ellipsis", min_width=9)
     shown = list(parts)
     if rows["partitions"] < count:
         def urgency(p: PartitionState) -> tuple[bool, int, int, int]:
@@ -138,7 +135,7 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
                  Text(p.owner, style="green") if p.owner else Text("nobody", style="bold red"),
                  _epoch(p.epoch), ms_text(p.lease_remaining_ms),
                  "?" if p.lag is None else str(p.lag), str(p.pending),
-                 Text(str(p.parked), style="cyan" if p.parked else ""), str(p.length)]
+                 Text(str(p.parked), style="cyan" if p.parked else "")]
         if status.cluster:
             cells.append(p.node)
         table.add_row(*cells)
@@ -153,12 +150,13 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
     members = _table()
     members.add_column("member", no_wrap=True, overflow="ellipsis", ratio=2)
     members.add_column("state", no_wrap=True)
+    members.add_column("expires", justify="right", no_wrap=True)
     members.add_column("owns", justify="right", no_wrap=True)
     members.add_column("partitions", no_wrap=True, overflow="ellipsis", ratio=3)
     members.add_column("target", no_wrap=True, overflow="ellipsis", ratio=2)
     for m in status.members[: rows["members"]]:
         if m.live:
-            state = Text(f"live {ms_text(m.expires_in_ms)}", style="green")
+            state = Text("live", style="green")
         else:
             state = Text("not live", style="bold red" if m.owned else "dim")
         if set(m.target) == set(m.owned):
@@ -168,7 +166,8 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
             lose = sorted(set(m.owned) - set(m.target))
             target = Text(" ".join(([f"+{_ranges(gain)}"] if gain else [])
                                    + ([f"-{_ranges(lose)}"] if lose else [])), style="yellow")
-        members.add_row(m.name, state, str(len(m.owned)), _ranges(m.owned), target)
+        members.add_row(m.name, state, ms_text(m.expires_in_ms) if m.live else "-",
+                        str(len(m.owned)), _ranges(m.owned), target)
     hidden = len(status.members) - rows["members"]
     if hidden > 0:
         members.columns[0].header = f"member (+{hidden})"
