@@ -242,11 +242,14 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
                 if (primary_at is not None and now >= primary_at and cluster is not None
                         and status is not None):
                     primary_at = None
-                    node = cluster.primary_for(topic.streams[0])
+                    # the last partition's primary: not the node of the URL every process was
+                    # given (new members are given a running node's URL anyway)
+                    node = cluster.primary_for(topic.streams[-1])
                     where = f"{node.host}:{node.port}"
                     parts = {p.index for p in status.partitions if p.node == where}
                     at = time.time()
                     cluster.kill(node)
+                    cast.url = cluster.url
                     faults.append(_Failover("primary killed", f":{node.port}", at, parts))
                 live.update(panel(f"orderedstream demo - {name}/{group} - "
                                   f"{time.monotonic() - started:.0f}/{args.duration:.0f} s"))
