@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,7 +215,48 @@ def test_status_topic_compact_form_for_many_partitions() -> None:
                                               owned=tuple(range(256)), target=tuple(range(256))),),
                          timeline=())
     text = "\n".join(_fits(render_topic_status(status, height=23)))
-    assert "255/256 partitions owned" in text
+    assert "255/256 owned" in text
     assert "nobody" in text  # partition 200, shown first
     assert " 17 " in text and " 50 " in text  # the one with lag next
     assert "more partitions (owned" in text
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_status_topic_watch_in_a_terminal(server: ServerProcess, tmp_path: Path) -> None:
+    """`status --topic --watch` in a real 80x24 terminal (tmux): before the topic exists it
+    says so and waits; once created and a member runs, the panel shows that member owning
+    every partition, and its join in the timeline; Ctrl+C ends it."""
+    name = f"w{uuid.uuid4().hex[:6]}"
+    session = f"ostopic{os.getpid()}"
+    cmd = (f"{sys.executable} -m orderedstream status --redis-url {server.url} --topic {name} "
+           f"--group g --watch --interval 0.2; sleep 30")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd],
+                   check=True, env=dict(os.environ, TERM="xterm-256color"))
+    screens: list[str] = []
+
+    def screen() -> str:
+        screens.append(subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                      capture_output=True, text=True).stdout)
+        return screens[-1]
+
+    client = connect_url(server.url)
+    member = None
+    try:
+        wait_until(lambda: "does not exist" in " ".join(screen().split()), 30, 0.1,
+                   message="the missing topic on screen")
+        create_topic(client, name, 3)
+        member = TopicMember(MemberConfig(topic=name, group="g", name="solo"), _handler,
+                             client)
+        member.start()
+        wait_until(lambda: "3/3 owned" in screen() and screens[-1].count(" solo ") >= 4, 30,
+                   0.1, message="the panel: solo owns the 3 partitions")
+        assert re.search(r"joined\s+solo", screens[-1]), screens[-1]
+        assert all(len(line) <= 80 for line in screens[-1].splitlines())
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        wait_until(lambda: "stopping" in screen(), 10, 0.1, message="Ctrl+C ends it")
+    finally:
+        (tmp_path / "screen.txt").write_text(screens[-1] if screens else "")
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+        if member is not None:
+            member.stop(15)
+        client.close()

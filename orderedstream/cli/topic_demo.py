@@ -142,8 +142,9 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
     if args.kill_primary and args.redis_url is not None:
         raise ConfigError("--kill-primary kills a node of the demo's own cluster: leave out "
                           "--redis-url")
-    if args.consumers < 1 or args.keys < 1:
-        raise ConfigError("--consumers and --keys must be >= 1")
+    if args.consumers < 2 or args.keys < 1:
+        raise ConfigError("the partitioned demo needs --consumers >= 2 (a killed member's "
+                          "partitions go to the others) and --keys >= 1")
     out = Console(stderr=True) if args.json else console
     cluster: ClusterServers | None = None
     cast: _Cast | None = None
@@ -225,7 +226,10 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
                 look()
                 now = time.monotonic()
                 members_open = any(f.open and f.pid is not None for f in faults)
-                if status is not None and now >= next_kill and not members_open:
+                # a kill once the previous one is over and two members at least are live
+                # (the replacement of the last victim may still be starting)
+                if (status is not None and now >= next_kill and not members_open
+                        and sum(m.live for m in status.members) >= 2):
                     owners = {p.owner for p in status.partitions if p.owner}
                     alive = {n: p for n, p in cast.consumers.items() if p.poll() is None}
                     choices = sorted(n for n in alive if n in owners)

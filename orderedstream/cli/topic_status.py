@@ -88,7 +88,7 @@ def render_topic_status(status: TopicStatus, *, rate: float | None = None,
     count = len(parts)
     orphans = count - status.owned
     head = Text()
-    head.append(f"{status.owned}/{count} partitions owned",
+    head.append(f"{status.owned}/{count} owned",
                 style="bold red" if orphans else "bold green")
     live = [m for m in status.members if m.live]
     head.append(f"  {len(live)} members  target v{status.target_version}")
