@@ -910,7 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "partitioned topic on an embedded cluster")
     demo.add_argument("--redis-url", default=None,
                       help="use this server (default: start an embedded valkey-server)")
-    demo.add_argument("--stream", default=None, help="stream (default: a new demo-xxxxxx one)")
+    demo.add_argument("--stream", default=None,
+                      help="stream, or with --partitions the topic (default: a new "
+                           "demo-xxxxxx one)")
     demo.add_argument("--group", default="workers", help="consumer group")
     demo.add_argument("--duration", type=float, default=30.0,
                       help="seconds of kills (Ctrl+C ends them early)")
