@@ -15,9 +15,10 @@ import attrs
 import redis
 
 from ._dlq import DeadLetterCounts, DeadLetters
-from ._keys import GroupKeys, id_order
+from ._keys import GroupKeys, TopicGroupKeys, id_order
 from ._lease import parse_token
-from ._server import server_ms
+from ._server import AnyClient, node_client, server_ms
+from ._topic import Topic, _node_of, load_topic
 
 
 @attrs.frozen(kw_only=True)
@@ -274,7 +275,7 @@ def _event(entry_id: Any, fields: Any, partition: int | None) -> TopicEvent:
                       detail=f)
 
 
-def topic_status(client: Any, topic: Any, group: str, *, timeline: int = 20,
+def topic_status(client: AnyClient, topic: str | Topic, group: str, *, timeline: int = 20,
                  partition_events: int = 3) -> TopicStatus:
     """Read the state of (topic, group) on one server or a cluster (``client`` from
     :func:`~._server.connect_url`; ``topic`` a name or a loaded :class:`~._topic.Topic`):
@@ -284,10 +285,6 @@ def topic_status(client: Any, topic: Any, group: str, *, timeline: int = 20,
     ``timeline``: records of the group's rebalance timeline; ``partition_events``: the newest
     records of each partition's failover timeline, those where a term began or ended (merged
     in, by time)."""
-    from ._keys import TopicGroupKeys
-    from ._server import node_client
-    from ._topic import Topic, _node_of, load_topic
-
     if not isinstance(topic, Topic):
         topic = load_topic(client, topic)
     gkeys = TopicGroupKeys(topic.name, group)
