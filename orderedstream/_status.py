@@ -15,9 +15,10 @@ import attrs
 import redis
 
 from ._dlq import DeadLetterCounts, DeadLetters
-from ._keys import GroupKeys, id_order
+from ._keys import GroupKeys, TopicGroupKeys, id_order
 from ._lease import parse_token
-from ._server import server_ms
+from ._server import AnyClient, node_client, server_ms
+from ._topic import Topic, _node_of, load_topic
 
 
 @attrs.frozen(kw_only=True)
@@ -176,3 +177,180 @@ def group_status(client: redis.Redis, stream: str, group: str,
         lag=int(lag) if lag is not None else None, pending=pending,
         oldest_pending_age_ms=oldest_age,
         dead_letters=DeadLetters(client, stream, group).counts(), timeline=tuple(line))
+
+
+# -- partitioned topics ------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class PartitionState:
+    """One partition of a topic's group: who owns it (its lease), how far behind it is."""
+
+    index: int
+    stream: str
+    node: str
+    """``host:port`` of the primary serving its slot ('' on a single server)."""
+    owner: str | None
+    epoch: int | None
+    lease_remaining_ms: int | None
+    owner_pid: int | None
+    owner_since_ms: int | None
+    length: int
+    entries_read: int | None
+    lag: int | None
+    """Entries not yet delivered to the group (XINFO GROUPS lag; None when the server cannot
+    tell, or when no member created the group on this partition yet)."""
+    pending: int
+    """Delivered, not yet acknowledged."""
+    parked: int
+    """In the delay set (waiting for the fixer)."""
+    graveyard: int
+
+
+@attrs.frozen(kw_only=True)
+class MemberState:
+    """One member of a topic's group: live (its membership not expired on the server's
+    clock) or not (only seen as a lease holder), what it owns and what the target gives it."""
+
+    name: str
+    live: bool
+    expires_in_ms: int | None
+    owned: tuple[int, ...]
+    """Partitions whose lease it holds now."""
+    target: tuple[int, ...]
+    """Partitions the stored target gives it."""
+
+
+@attrs.frozen(kw_only=True)
+class TopicEvent:
+    """A record of the group's rebalance timeline (``partition`` None: 'joined', 'left',
+    'gone', 'expired', 'assigned', 'released') or of one partition's failover timeline
+    ('acquired', 'released', 'ended', 'stalled': a term began or ended)."""
+
+    ts_ms: int
+    type: str
+    member: str
+    partition: int | None
+    epoch: int | None
+    detail: dict[str, str]
+
+
+@attrs.frozen(kw_only=True)
+class TopicStatus:
+    topic: str
+    group: str
+    cluster: bool
+    server_ms: int
+    target_version: int
+    target_members: tuple[str, ...]
+    partitions: tuple[PartitionState, ...]
+    members: tuple[MemberState, ...]
+    timeline: tuple[TopicEvent, ...]
+    """Oldest first (newest last)."""
+
+    @property
+    def owned(self) -> int:
+        return sum(1 for p in self.partitions if p.owner is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["partition_count"] = len(self.partitions)
+        out["owned"] = self.owned
+        out["lag"] = sum(p.lag or 0 for p in self.partitions)
+        out["pending"] = sum(p.pending for p in self.partitions)
+        out["parked"] = sum(p.parked for p in self.partitions)
+        return out
+
+
+_TERM_EVENTS = (b"acquired", b"released", b"ended", b"stalled")
+
+
+def _event(entry_id: Any, fields: Any, partition: int | None) -> TopicEvent:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    kind = f.pop("type", "?")
+    member = f.pop("member", None) or f.pop("consumer", "?")
+    epoch = f.pop("epoch", None)
+    ts = int(f.pop("ts_ms", _text(entry_id).split("-")[0]))
+    return TopicEvent(ts_ms=ts, type=kind, member=member, partition=partition,
+                      epoch=int(epoch) if epoch is not None and epoch.isdigit() else None,
+                      detail=f)
+
+
+def topic_status(client: AnyClient, topic: str | Topic, group: str, *, timeline: int = 20,
+                 partition_events: int = 3) -> TopicStatus:
+    """Read the state of (topic, group) on one server or a cluster (``client`` from
+    :func:`~._server.connect_url`; ``topic`` a name or a loaded :class:`~._topic.Topic`):
+    one round trip for the clock of the topic's node, then one pipeline for the rest, sent to
+    every node at once (the group's records, and every partition's lease, owner, group info,
+    length, dead-letter counts and newest timeline records, each on its own node).
+    ``timeline``: records of the group's rebalance timeline; ``partition_events``: the newest
+    records of each partition's failover timeline, those where a term began or ended (merged
+    in, by time)."""
+    if not isinstance(topic, Topic):
+        topic = load_topic(client, topic)
+    gkeys = TopicGroupKeys(topic.name, group)
+    now = server_ms(node_client(client, gkeys.members))
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(gkeys.members, 0, -1, withscores=True)
+    pipe.hmget(gkeys.assignment, ["version", "members", "target"])
+    pipe.xrevrange(gkeys.events, count=timeline)
+    per = 8
+    for stream in topic.streams:
+        keys = GroupKeys(stream, group)
+        pipe.get(keys.lease)
+        pipe.pttl(keys.lease)
+        pipe.hmget(keys.owner, ["token", "pid", "since_ms"])
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        pipe.zcard(keys.delay)
+        pipe.xlen(keys.graveyard)
+        pipe.xrevrange(keys.events, count=max(partition_events, 1))
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for reply in replies[:3]:
+        if isinstance(reply, Exception):
+            raise reply
+    scored, (version, members_json, target_json), events = replies[:3]
+    target: dict[str, list[int]] = json.loads(_text(target_json)) if target_json else {}
+    owners: dict[str, list[int]] = {}
+    parts = []
+    line = [_event(i, f, None) for i, f in reversed(events)]
+    for index, stream in enumerate(topic.streams):
+        mine = replies[3 + per * index: 3 + per * (index + 1)]
+        for n, reply in enumerate(mine):
+            if isinstance(reply, Exception) and n != 4:  # 4: XINFO GROUPS of no stream yet
+                raise reply
+        lease, pttl, (token, pid, since), length, groups, parked, graveyard, pevents = mine
+        owner = epoch = None
+        if lease:
+            owner, epoch, _ = parse_token(_text(lease))
+            owners.setdefault(owner, []).append(index)
+        same_term = bool(lease) and token is not None and _text(token) == _text(lease)
+        ginfo: Any = {}
+        if not isinstance(groups, Exception):  # no stream yet: no group either
+            ginfo = next((g for g in groups if _text(g["name"]) == group), {})
+        lag = ginfo.get("lag") if ginfo else None
+        parts.append(PartitionState(
+            index=index, stream=stream, node=_node_of(client, stream) if
+            isinstance(client, redis.RedisCluster) else "",
+            owner=owner, epoch=epoch, lease_remaining_ms=int(pttl) if lease else None,
+            owner_pid=int(pid) if same_term and pid else None,
+            owner_since_ms=int(since) if same_term and since else None,
+            length=int(length), entries_read=ginfo.get("entries-read") if ginfo else None,
+            lag=int(lag) if lag is not None else None,
+            pending=int(ginfo.get("pending", 0)) if ginfo else 0,
+            parked=int(parked), graveyard=int(graveyard)))
+        if partition_events > 0:  # a new term or one ended ('takeover' records: noise here)
+            line += [_event(i, f, index) for i, f in reversed(pevents)
+                     if f.get(b"type") in _TERM_EVENTS]
+    line.sort(key=lambda e: e.ts_ms)
+    live = {_text(m): int(score) for m, score in scored}
+    names = sorted(set(live) | set(owners) | set(target), key=lambda n: (n not in live, n))
+    members = tuple(MemberState(
+        name=n, live=live.get(n, 0) > now,
+        expires_in_ms=live[n] - now if n in live else None,
+        owned=tuple(sorted(owners.get(n, ()))), target=tuple(target.get(n, ())))
+        for n in names)
+    return TopicStatus(
+        topic=topic.name, group=group, cluster=isinstance(client, redis.RedisCluster),
+        server_ms=now, target_version=int(_text(version)) if version else 0,
+        target_members=tuple(json.loads(_text(members_json))) if members_json else (),
+        partitions=tuple(parts), members=members, timeline=tuple(line[-timeline:]))

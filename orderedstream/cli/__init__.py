@@ -709,6 +709,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .._status import group_status
     from .dashboard import render_problem, render_status
 
+    if args.topic is not None:
+        from .topic_status import cmd_status_topic
+
+        return cmd_status_topic(args, console)
     client = client_from_url(args.redis_url)
     connect_check(client)
     if args.is_owner is not None:  # a healthcheck: quiet, and the answer in the exit code
@@ -902,10 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the failover demo: producer, consumers and fixer as processes, the "
                            "owner killed every few seconds, a live panel and a verdict (Ctrl+C "
-                           "ends it early, with its verdict)")
+                           "ends it early, with its verdict); --partitions: the same for a "
+                           "partitioned topic on an embedded cluster")
     demo.add_argument("--redis-url", default=None,
                       help="use this server (default: start an embedded valkey-server)")
-    demo.add_argument("--stream", default=None, help="stream (default: a new demo-xxxxxx one)")
+    demo.add_argument("--stream", default=None,
+                      help="stream, or with --partitions the topic (default: a new "
+                           "demo-xxxxxx one)")
     demo.add_argument("--group", default="workers", help="consumer group")
     demo.add_argument("--duration", type=float, default=30.0,
                       help="seconds of kills (Ctrl+C ends them early)")
@@ -914,8 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SIGSTOP the owner instead of killing it: a zombie, fenced on waking")
     demo.add_argument("--consumers", type=int, default=3, help="consumer processes")
     demo.add_argument("--rate", type=float, default=200.0, help="entries/s produced")
-    demo.add_argument("--corrupt-every", type=int, default=50,
-                      help="every K-th payload is corrupted, parked and repaired (0: none)")
+    demo.add_argument("--corrupt-every", type=int, default=None,
+                      help="every K-th payload is corrupted, parked and repaired (0: none; "
+                           "default: 50, and 0 with --partitions: its fixer is per stream)")
     demo.add_argument("--defer-ms", type=int, default=500, help="delay before a repair")
     demo.add_argument("--lease-ttl-ms", type=int, default=1500, help="the consumers' lease TTL")
     demo.add_argument("--drain-timeout", type=float, default=30.0,
@@ -923,10 +931,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
     demo.add_argument("--keep-logs", action="store_true",
                       help="keep the processes' logs (default: removed on exit)")
+    demo.add_argument("--partitions", type=int, default=None, metavar="P",
+                      help="the partitioned demo: an embedded cluster (3 primaries, 3 "
+                           "replicas), a topic of P partitions, --consumers members of it; a "
+                           "random member killed (and replaced) every --kill-every seconds")
+    demo.add_argument("--keys", type=int, default=32,
+                      help="with --partitions: keys the producer's entries take turns on")
+    demo.add_argument("--kill-primary", action="store_true",
+                      help="with --partitions: also kill one primary once, mid-run (its "
+                           "replica is promoted)")
     demo.set_defaults(func=cmd_demo)
 
     status = command("status", "owner, lease, consumers, lag, dead letters and the failover "
-                               "timeline of a stream/group")
+                               "timeline of a stream/group (or of a topic's group: --topic)")
     _common(status)
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
     status.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
@@ -934,6 +951,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--is-owner", metavar="NAME", default=None,
                         help="print nothing; exit 0 if consumer NAME owns the group, else 1 "
                              "(for healthchecks)")
+    status.add_argument("--topic", default=None, metavar="NAME",
+                        help="a partitioned topic's --group instead of --stream: each "
+                             "partition's owner, epoch, lag and parked count, each member's "
+                             "partitions, the rebalance and failover timeline")
     status.set_defaults(func=cmd_status)
 
     dlq = command("dlq", "inspect and act on parked and buried entries")

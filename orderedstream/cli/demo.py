@@ -26,6 +26,7 @@ from .. import _wire as wire
 from .._keys import GroupKeys
 from .._server import client_from_url, connect_check
 from .._status import group_status
+from ..exceptions import ConfigError
 from ..testing import (
     ServerProcess,
     _die_with_parent,
@@ -41,9 +42,12 @@ class _Cast:
     """The demo's processes: the real CLI, each logging to a file in the work directory."""
 
     def __init__(self, url: str, stream: str, group: str, work: Path,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, *, topic: str | None = None,
+                 prefix: str = "consumer") -> None:
         self.url, self.stream, self.group, self.work = url, stream, group, work
         self.args = args
+        self.where = ["--topic", topic] if topic is not None else ["--stream", stream]
+        self.prefix = prefix
         self.record = work / "handled.jsonl"
         self.consumers: dict[str, subprocess.Popen[bytes]] = {}
         self.others: list[subprocess.Popen[bytes]] = []
@@ -56,7 +60,7 @@ class _Cast:
         # a session of its own: a Ctrl+C or a closed terminal reaches the demo only, which
         # stops its cast in order; and each dies with the demo if the demo is killed
         return subprocess.Popen([sys.executable, "-m", "orderedstream", *argv,
-                                 "--redis-url", self.url, "--stream", self.stream,
+                                 "--redis-url", self.url, *self.where,
                                  "--group", self.group], env=self.env, stdout=log, stderr=log,
                                 start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -64,15 +68,15 @@ class _Cast:
         """Start a consumer: a new one, or ``name`` again (a killed one restarting)."""
         if name is None:
             self.count += 1
-            name = f"consumer-{self.count}"
+            name = f"{self.prefix}-{self.count}"
         self.consumers[name] = self._spawn(
             name, "consume", "--name", name, "--quiet", "--lease-ttl-ms",
             str(self.args.lease_ttl_ms), "--batch", "20",
             "--handler", "orderedstream.testing:record_handler")
         return name
 
-    def producer(self) -> None:
-        argv = ["produce", "--rate", str(self.args.rate), "--quiet"]
+    def producer(self, *extra: str) -> None:
+        argv = ["produce", "--rate", str(self.args.rate), "--quiet", *extra]
         if self.args.corrupt_every:
             argv += ["--corrupt-every", str(self.args.corrupt_every)]
         self.others.append(self._spawn("producer", *argv))
@@ -126,6 +130,16 @@ class _Stop:
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
     from . import redact
+
+    if args.partitions is not None:
+        from .topic_demo import run_topic_demo
+
+        return run_topic_demo(args, console)
+    if args.kill_primary:
+        raise ConfigError("--kill-primary needs the cluster of the partitioned demo: add "
+                          "--partitions 8")
+    if args.corrupt_every is None:
+        args.corrupt_every = 50
 
     server: ServerProcess | None = None
     cast: _Cast | None = None

@@ -1,0 +1,344 @@
+"""``orderedstream demo --partitions P``: the failover demo for a partitioned topic.
+
+An embedded cluster (3 primaries, 3 replicas), a topic of P partitions, a producer (``produce
+--topic``: entries with ``seq``, ``key``, ``kseq``), ``--consumers`` members (``consume
+--topic`` with the recording handler), all real processes.  Every ``--kill-every`` seconds a
+random member that owns partitions is SIGKILLed and a new one started; with
+``--kill-primary`` one primary is killed once, mid-run (its replica is promoted).  A live
+panel (the ``status --topic`` view, the demo's kills merged into its timeline), then the
+verdict from what the handlers recorded: per-key order, lost, duplicates (flagged or not),
+epochs handed out twice (must be 0), and how long each failover took.
+
+No fixer runs: a fixer serves one stream, so the producer writes no corrupted payloads here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .._server import AnyClient, connect_url
+from .._status import TopicEvent, TopicStatus, topic_status
+from .._topic import Topic, create_topic
+from ..exceptions import ConfigError
+from ..testing import ClusterServers, RecordTail, topic_verdict
+from .demo import _Cast, _Stop
+from .topic_status import _fault, _ranges, _refresh, render_topic_status
+
+
+class _Failover:
+    """One fault the demo caused: ``waiting`` are the partitions not yet handled again."""
+
+    def __init__(self, kind: str, who: str, at: float, partitions: set[int],
+                 pid: int | None = None) -> None:
+        self.kind, self.who, self.at, self.pid = kind, who, at, pid
+        self.partitions = frozenset(partitions)
+        self.waiting = set(partitions)
+        self.last = at
+        self.took_ms: float | None = None
+        self.gave_up = False
+
+    def see(self, record: dict[str, Any]) -> None:
+        """A handled entry: does it show one of our partitions served again?"""
+        p = record.get("p")
+        if p not in self.waiting or record["t"] < self.at:
+            return
+        if self.pid is not None:  # a member killed: served by another process
+            again = record["pid"] != self.pid
+        else:  # a primary killed: an entry written after the kill (so by its replica)
+            again = int(str(record["id"]).split("-")[0]) >= self.at * 1000
+        if again:
+            self.waiting.discard(p)
+            self.last = max(self.last, record["t"])
+            if not self.waiting:
+                self.took_ms = (self.last - self.at) * 1000.0
+
+    @property
+    def open(self) -> bool:
+        return self.took_ms is None and not self.gave_up
+
+    def event(self) -> TopicEvent:
+        # 'again': until every partition it served was handled again
+        detail = {"owned": _ranges(sorted(self.partitions))}
+        if self.took_ms is not None:
+            detail["again_ms"] = f"{self.took_ms:.0f}"
+        elif self.gave_up:
+            detail["again"] = "not seen"
+        return TopicEvent(ts_ms=int(self.at * 1000), type=self.kind, member=self.who,
+                          partition=None, epoch=None, detail=detail)
+
+
+def _in_streams(client: AnyClient, topic: Topic) -> dict[int, tuple[str, int]]:
+    """seq -> (key, kseq) of every entry the partition streams hold."""
+    out: dict[int, tuple[str, int]] = {}
+    for stream in topic.streams:
+        last = "-"
+        while True:
+            rows: Any = client.xrange(stream, min=last, count=5000)
+            if last != "-":
+                rows = rows[1:]
+            if not rows:
+                break
+            for _, fields in rows:
+                if b"seq" in fields:
+                    out[int(fields[b"seq"])] = (fields[b"key"].decode(), int(fields[b"kseq"]))
+            last = rows[-1][0].decode()
+    return out
+
+
+def judge(records: list[dict[str, Any]], present: dict[int, tuple[str, int]]
+          ) -> dict[str, Any]:
+    """The verdict over the handlers' records and what the streams hold.  An entry the
+    producer was told was written but that a killed primary took with it (replication is
+    asynchronous) is counted apart (``lost_by_server``), and per-key order is judged over the
+    entries that exist (a key's ``kseq`` renumbered over them)."""
+    handled = {int(r["seq"]) for r in records}
+    produced = max(present.keys() | handled, default=0)
+    kseqs: dict[str, set[int]] = {}
+    for key, kseq in present.values():
+        kseqs.setdefault(key, set()).add(kseq)
+    for r in records:
+        kseqs.setdefault(str(r["key"]), set()).add(int(r["kseq"]))
+    rank = {(key, kseq): n for key, seqs in kseqs.items()
+            for n, kseq in enumerate(sorted(seqs), start=1)}
+    judged = topic_verdict((dict(r, kseq=rank[(str(r["key"]), int(r["kseq"]))])
+                            for r in records), produced)
+    lost = [s for s in judged.lost if s in present]
+    result = judged.as_dict()
+    result.update(lost=len(lost), lost_by_server=len(judged.lost) - len(lost))
+    result["ok"] = not (lost or judged.out_of_order or judged.unflagged_duplicates
+                        or judged.epochs_reused)
+    return result
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
+
+
+def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
+    from . import redact
+
+    if args.pause:
+        raise ConfigError("--pause is the single-stream demo's: the partitioned demo kills "
+                          "members (leave out --pause, or --partitions)")
+    if args.corrupt_every:
+        raise ConfigError("the partitioned demo runs no fixer (a fixer serves one stream), so "
+                          "it corrupts no payload: leave out --corrupt-every")
+    args.corrupt_every = 0
+    if args.kill_primary and args.redis_url is not None:
+        raise ConfigError("--kill-primary kills a node of the demo's own cluster: leave out "
+                          "--redis-url")
+    if args.consumers < 2 or args.keys < 1:
+        raise ConfigError("the partitioned demo needs --consumers >= 2 (a killed member's "
+                          "partitions go to the others) and --keys >= 1")
+    out = Console(stderr=True) if args.json else console
+    cluster: ClusterServers | None = None
+    cast: _Cast | None = None
+    client: Any = None
+    work: Path | None = None
+    signals = _Stop()
+    stop = signals.stop
+    try:
+        url = args.redis_url
+        if url is None:
+            out.print("starting the embedded cluster (3 primaries, 3 replicas)...")
+            cluster = ClusterServers()
+            try:
+                cluster.start()
+            except (RuntimeError, TimeoutError) as err:
+                raise ConfigError(f"the cluster did not start: "
+                                  f"{' '.join(str(err).split())[:300]}") from err
+            url = cluster.url
+        client = connect_url(url)
+        name = args.stream or f"demo-{uuid.uuid4().hex[:6]}"
+        group = args.group
+        topic = create_topic(client, name, args.partitions)
+        work = Path(tempfile.mkdtemp(prefix="orderedstream-demo-"))
+        out.print(f"[bold]orderedstream demo[/] on {'an embedded cluster at ' if cluster else ''}"
+                  f"{redact(url)}: topic {name} ({topic.partitions} partitions), group {group}, "
+                  f"logs in {work}; Ctrl+C ends it with its verdict")
+        cast = _Cast(url, name, group, work, args, topic=name, prefix="member")
+        for _ in range(args.consumers):
+            cast.consumer()
+        cast.producer("--keys", str(args.keys))
+        tail = RecordTail(cast.record)
+        seen = 0
+        faults: list[_Failover] = []
+        rng = random.Random()
+        started = time.monotonic()
+        next_kill = started + args.kill_every
+        primary_at = started + args.duration / 2 if args.kill_primary else None
+        status: TopicStatus | None = None
+        note: str | None = None
+        last_rate: tuple[float, int] | None = None
+        rate: float | None = None
+
+        def look() -> None:
+            """Read the group's state and the new records; time the open failovers."""
+            nonlocal status, note, seen, last_rate, rate
+            try:
+                status = topic_status(client, topic, group)
+                note = None
+            except Exception as err:
+                reason = _fault(err)
+                if reason is None:
+                    raise
+                note = f"a shard is failing over ({reason[:60]})"
+                _refresh(client)
+            rows = tail.read()
+            for record in rows[seen:]:
+                for fault in faults:
+                    if fault.open:
+                        fault.see(record)
+            seen = len(rows)
+            now = time.monotonic()
+            if last_rate is not None and now - last_rate[0] >= 0.9:
+                rate = (seen - last_rate[1]) / (now - last_rate[0])
+                last_rate = (now, seen)
+            elif last_rate is None:
+                last_rate = (now, seen)
+            for fault in faults:
+                if fault.open and time.time() - fault.at > 20:
+                    fault.gave_up = True
+
+        def panel(title: str) -> Any:
+            if status is None:
+                return f"[yellow]{note or 'reading the group...'}[/]"
+            return render_topic_status(status, rate=rate, events=[f.event() for f in faults],
+                                       note=note, title=title, height=out.height - 1)
+
+        with Live(console=out, refresh_per_second=4, transient=False) as live:
+            while not stop.is_set() and time.monotonic() - started < args.duration:
+                look()
+                now = time.monotonic()
+                members_open = any(f.open and f.pid is not None for f in faults)
+                # a kill once the previous one is over and two members at least are live
+                # (the replacement of the last victim may still be starting)
+                if (status is not None and now >= next_kill and not members_open
+                        and sum(m.live for m in status.members) >= 2):
+                    owners = {p.owner for p in status.partitions if p.owner}
+                    alive = {n: p for n, p in cast.consumers.items() if p.poll() is None}
+                    choices = sorted(n for n in alive if n in owners)
+                    if choices:
+                        victim = rng.choice(choices)
+                        proc = alive[victim]
+                        owned = {p.index for p in status.partitions if p.owner == victim}
+                        at = time.time()
+                        proc.kill()
+                        proc.wait(5)
+                        faults.append(_Failover("SIGKILL", victim, at, owned, proc.pid))
+                        cast.consumer()  # a new member takes its place
+                    next_kill = now + args.kill_every
+                if (primary_at is not None and now >= primary_at and cluster is not None
+                        and status is not None):
+                    primary_at = None
+                    # the last partition's primary: not the node of the URL every process was
+                    # given (new members are given a running node's URL anyway)
+                    node = cluster.primary_for(topic.streams[-1])
+                    where = f"{node.host}:{node.port}"
+                    parts = {p.index for p in status.partitions if p.node == where}
+                    at = time.time()
+                    cluster.kill(node)
+                    cast.url = cluster.url
+                    faults.append(_Failover("primary killed", f":{node.port}", at, parts))
+                live.update(panel(f"orderedstream demo - {name}/{group} - "
+                                  f"{time.monotonic() - started:.0f}/{args.duration:.0f} s"))
+                stop.wait(0.25)
+            # stop producing, then let the members handle everything the streams hold
+            producer = cast.others[-1]
+            producer.send_signal(signal.SIGTERM)
+            producer.wait(30)
+            present: dict[int, tuple[str, int]] = {}
+            drain_until = time.monotonic() + args.drain_timeout
+            while not signals.hurry.is_set():
+                try:
+                    present = _in_streams(client, topic)
+                    break
+                except Exception as err:
+                    if _fault(err) is None or time.monotonic() > drain_until:
+                        raise
+                    _refresh(client)
+                    signals.hurry.wait(0.25)
+            while time.monotonic() < drain_until and not signals.hurry.is_set():
+                look()
+                if {int(r["seq"]) for r in tail.read()} >= present.keys():
+                    break
+                live.update(panel("draining... (Ctrl+C again: the verdict now)"))
+                signals.hurry.wait(0.25)
+            look()
+        result = judge(tail.read(), present)
+        kills = [f for f in faults if f.pid is not None]
+        took = [f.took_ms for f in kills if f.took_ms is not None]
+        primary = next((f for f in faults if f.pid is None), None)
+        result.update({
+            "topic": name, "partitions": topic.partitions, "server": redact(url),
+            "kills": len(kills), "failover_ms_p50": _pct(took, 0.5),
+            "failover_ms_p95": _pct(took, 0.95), "failovers_ms": [round(t, 1) for t in took],
+            "failovers_not_seen": sum(1 for f in kills if f.took_ms is None),
+            "primary_killed": primary is not None,
+            "primary_failover_ms": round(primary.took_ms, 1)
+            if primary is not None and primary.took_ms is not None else None,
+            "logs": str(work) if args.keep_logs else None, "interrupted": stop.is_set()})
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_verdict(console, result)
+        return 0 if result["ok"] else 1
+    finally:
+        try:
+            if cast is not None:
+                cast.stop()
+            if client is not None:
+                client.close()
+        finally:
+            if cluster is not None:
+                cluster.cleanup()
+            if work is not None and not args.keep_logs:
+                shutil.rmtree(work, ignore_errors=True)
+            signals.restore()
+
+
+def _print_verdict(console: Console, result: dict[str, Any]) -> None:
+    ok = "green" if result["ok"] else "red"
+    flagged = result["duplicates"] - result["unflagged_duplicates"]
+    table = Table(title="verdict (from the handlers' own record)", show_header=False)
+    table.add_column("measure", style="bold")
+    table.add_column("value")
+    rows = [
+        ("produced", str(result["produced"])),
+        ("handled", str(result["handled"])),
+        ("lost", f"[{ok}]{result['lost']}[/]"),
+        ("per-key out of order", f"[{ok}]{result['out_of_order']}[/]"),
+        ("duplicates", f"{result['duplicates']} ({flagged} flagged redeliveries, "
+                       f"{result['unflagged_duplicates']} not)"),
+        ("epochs reused", f"[{ok}]{result['epochs_reused']}[/]"),
+        ("member failover p50 / p95",
+         f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms over "
+         f"{len(result['failovers_ms'])} kills (every orphaned partition handled again)"),
+    ]
+    if result["primary_killed"]:
+        rows.append(("primary failover", f"{result['primary_failover_ms']} ms (its partitions "
+                                         "handled again, entries written to the replica)"))
+    if result["lost_by_server"]:
+        rows.append(("lost by the server", f"{result['lost_by_server']} (acknowledged to the "
+                                           "producer, gone with the killed primary: "
+                                           "replication is asynchronous)"))
+    for measure, value in rows:
+        table.add_row(measure, value)
+    console.print()
+    console.print(table)
