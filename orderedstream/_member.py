@@ -497,6 +497,13 @@ class TopicMember(Background):
         emit(LeaseAcquired, epoch=lease.epoch)
 
         def done(error: BaseException | None) -> None:  # on the driver's thread
+            served = self._served.get(partition)
+            if served is not None and served.handing_over and self._mux is not None:
+                # announce the handover from here, in the driver's next write: the target
+                # member wakes without waiting for this member's control thread
+                self._mux.post(self._keys.events, (
+                    "XADD", self._keys.events, "MAXLEN", "~", EVENTS_MAXLEN, "*",
+                    R.TYPE, "released", R.MEMBER, cfg.name, R.PARTITIONS, str(partition)))
             self._ended.append((partition, error))
             self._poke()
 
@@ -560,24 +567,14 @@ class TopicMember(Background):
                                     [token, kind, self.config.name, reason, EVENTS_MAXLEN])
 
     def _reap(self) -> None:
-        """Partitions whose term ended: forget them; a handover is announced (wakes the
-        target member at once)."""
-        released = []
+        """Forget the partitions whose term ended (a handover was announced by the driver as
+        the term ended: ``released`` on the group's timeline wakes the target at once)."""
         while self._ended:
             partition, error = self._ended.popleft()
-            served = self._served.pop(partition, None)
+            self._served.pop(partition, None)
             if error is not None:
                 log.error("partition %s of topic %s: its term ended on error: %r", partition,
                           self.config.topic, error)
-            if served is not None and served.handing_over:
-                released.append(partition)
-        if released and self._registry is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                self._registry.client.xadd(
-                    self._keys.events,
-                    {R.TYPE: "released", R.MEMBER: self.config.name,
-                     R.PARTITIONS: ",".join(map(str, released))},
-                    maxlen=EVENTS_MAXLEN, approximate=True)
 
     def _renew(self) -> None:
         """Renew every owned lease: one pipeline per node."""

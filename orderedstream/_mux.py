@@ -151,6 +151,13 @@ class Mux(threading.Thread):
             self._added.append(lane)
         self.poke()
 
+    def post(self, key: str, command: tuple[Any, ...]) -> None:
+        """Send ``command`` (about ``key``) with the next write to the node serving ``key``, its
+        reply ignored: called on the driver's own thread (a lane's ``on_done``)."""
+        node = self._node(key)
+        node.out.append(command)
+        node.owed.append(_Owed("drop", None))
+
     def poke(self) -> None:
         """Wake the mux: a lane was added or asked to stop."""
         with contextlib.suppress(OSError):
@@ -202,13 +209,19 @@ class Mux(threading.Thread):
     def _route(self, lane: Lane) -> _Node:
         node = lane.node
         if node is None:
-            name, client = self._nodes.node_for(lane.key, self._name)
-            node = self._by_name.get(name)
-            if node is None:
-                node = self._by_name[name] = _Node(name, client)
+            node = self._node(lane.key)
             node.lanes.add(lane)
             lane.node = node
             self._arm(node)
+        return node
+
+    def _node(self, key: str) -> _Node:
+        """The node serving ``key`` now (its connections made on first use)."""
+        name = self._nodes.node_name(key)
+        node = self._by_name.get(name)
+        if node is None:
+            name, client = self._nodes.node_for(key, self._name)
+            node = self._by_name[name] = _Node(name, client)
         return node
 
     def _unroute(self, lane: Lane) -> None:
