@@ -14,6 +14,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -25,6 +26,10 @@ from ._recovery import CONNECTION_ERRORS
 from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
 from ._server import clone_client
 from .exceptions import ReplicasNotAcknowledged
+
+Then = Callable[[str], tuple[str, list[str], list[Any]]]
+"""A script to pipeline right behind ``acquire``, built from the new term's nonce: (name, keys,
+args).  It must be fenced by that nonce: it also runs when the lease was not granted."""
 
 
 def parse_token(token: str) -> tuple[str, int, str]:
@@ -66,6 +71,9 @@ class Lease:
     ``server_changed``: the previous term was granted by another server process (a restart, a
     promoted replica), so acks taken there may be lost: entries replayed in this term must be
     flagged redelivered.
+
+    ``head_start``: the raw reply of the ``take_over`` script when it rode in the same round
+    trip as the acquisition (:data:`Then`), for the owner to take (None: it runs it itself).
     """
 
     def __init__(self, token: str, epoch: int, config: LeaseConfig, sent_at: float,
@@ -76,6 +84,7 @@ class Lease:
         self._config = config
         self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
         self.valid_until = sent_at + self._span
+        self.head_start: Any = None
         self._lost_reason: str | None = None
         self._lock = threading.Lock()
 
@@ -134,25 +143,38 @@ class LeaseManager:
                 self._beat_id = int(self._beat.client_id())
         return self._beat_id
 
-    def try_acquire(self) -> Lease | Holder:
+    def try_acquire(self, then: Then | None = None) -> Lease | Holder:
         """Take the lease if it is free (a :class:`Lease`), else learn who holds it.
 
-        With ``wait_replicas`` set, a term that too few replicas acknowledged is ended again
-        and :class:`~orderedstream.exceptions.ReplicasNotAcknowledged` is raised.
+        ``then``: a script to run in the same round trip, right behind the acquisition (its
+        reply becomes :attr:`Lease.head_start` when the lease was granted).  With
+        ``wait_replicas`` set it is not sent, and a term that too few replicas acknowledged is
+        ended again and :class:`~orderedstream.exceptions.ReplicasNotAcknowledged` is raised.
         """
         beat_id = self.beat_id(fresh=True)
-        sent = time.monotonic()
+        nonce = secrets.token_hex(6)
         args = (self._keys, self._consumer, self._config.ttl_ms, beat_id, self._beat_name,
-                self._host, os.getpid(), secrets.token_hex(6))
+                self._host, os.getpid(), nonce)
+        sent = time.monotonic()
         acked: int | None = None
+        head: Any = None
         if self._config.wait_replicas > 0:
             reply, acked = self._acquire_and_wait(self._scripts.acquire_command(*args))
-        else:
+        elif then is None:
             reply = self._scripts.acquire(*args)
+        else:
+            acquire = self._scripts.acquire_command(*args)
+            sent, replies = self._pipelined(self._scripts.client,
+                                            [("acquire", acquire[3:7], acquire[7:]),
+                                             then(nonce)])
+            reply = AcquireReply.parse(Scripts.reply(replies[0]))
+            head = replies[1]
         if not reply.granted:
             return Holder(reply.holder, reply.pttl_ms, reply.conn_id, reply.conn_name)
         lease = Lease(reply.token, reply.epoch, self._config, sent,
                       server_changed=reply.server_changed)
+        if not isinstance(head, redis.ResponseError):
+            lease.head_start = head
         if acked is not None and acked < self._config.wait_replicas:
             required = self._config.wait_replicas
             timeout_ms = self._config.effective_wait_timeout_ms
@@ -160,6 +182,43 @@ class LeaseManager:
                           f"only {acked} of {required} replicas acknowledged the term")
             raise ReplicasNotAcknowledged(lease.epoch, acked, required, timeout_ms)
         return lease
+
+    def _pipelined(self, client: redis.Redis, calls: Sequence[tuple[str, Sequence[str],
+                                                                    Sequence[Any]]],
+                   ) -> tuple[float, list[Any]]:
+        """Scripts ``calls`` ((name, keys, args) each) sent together on one connection of
+        ``client``, in one round trip: (send time, their replies; an error reply is given as
+        its exception).  A script missing from the server's cache (a restart, ``SCRIPT
+        FLUSH``) did not run: it is loaded and sent again, alone."""
+        pool = client.connection_pool
+        conn: Any = pool.get_connection()
+        sent = time.monotonic()
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        try:
+            for attempt in range(2):
+                at = time.monotonic()
+                conn.send_packed_command(conn.pack_commands(
+                    [self._scripts.command(*calls[i]) for i in todo]))
+                if attempt == 0:
+                    sent = at
+                for i in todo:
+                    try:
+                        replies[i] = conn.read_response()
+                    except redis.ResponseError as err:
+                        replies[i] = err
+                todo = [i for i in todo
+                        if isinstance(replies[i], redis.exceptions.NoScriptError)]
+                if not todo:
+                    break
+                for i in todo:
+                    self._scripts.sha(calls[i][0])
+        except BaseException:
+            conn.disconnect()  # never reuse a connection whose reply may still be on the way
+            raise
+        finally:
+            pool.release(conn)
+        return sent, replies
 
     def _acquire_and_wait(self, command: tuple[Any, ...]) -> tuple[AcquireReply, int | None]:
         """The acquire script and, when it granted the lease, ``WAIT n timeout`` on the same
@@ -208,48 +267,37 @@ class LeaseManager:
         """Compare-and-delete the lease and wake standbys (``kind`` 'released' or 'ended')."""
         return self._scripts.end_term(self._keys, token, kind, self._consumer, reason)
 
-    def end_and_acquire(self, client: redis.Redis, token: str,
-                        reason: str) -> tuple[bool, Lease | Holder | None]:
+    def end_and_acquire(self, client: redis.Redis, token: str, reason: str,
+                        then: Then | None = None) -> tuple[bool, Lease | Holder | None]:
         """End the term ``token`` (its owner's connection is gone) and ask for the lease in the
-        same round trip (both scripts pipelined on one connection of ``client``): (ended, what
-        :meth:`try_acquire` gives; None where it must run on its own: ``wait_replicas``, or no
-        heartbeat id known yet).  The heartbeat id is the one the last :meth:`try_acquire`
-        checked (no ``CLIENT ID`` round trip); the renewer corrects it if it changed since."""
+        same round trip (the scripts pipelined on one connection of ``client``, with ``then``
+        behind them, as in :meth:`try_acquire`): (ended, what :meth:`try_acquire` gives; None
+        where it must run on its own: ``wait_replicas``, or no heartbeat id known yet).  The
+        heartbeat id is the one the last :meth:`try_acquire` checked (no ``CLIENT ID`` round
+        trip); the renewer corrects it if it changed since."""
         beat_id = self._beat_id
-        end = self._scripts.command("end_term", [self._keys.lease, self._keys.events],
-                                    [token, "ended", self._consumer, reason, EVENTS_MAXLEN])
         if self._config.wait_replicas > 0 or beat_id is None:
             return self.end_term(token, "ended", reason), None
+        nonce = secrets.token_hex(6)
         acquire = self._scripts.acquire_command(
             self._keys, self._consumer, self._config.ttl_ms, beat_id, self._beat_name,
-            self._host, os.getpid(), secrets.token_hex(6))
-        pool = client.connection_pool
-        conn: Any = pool.get_connection()
-        try:
-            for _ in range(2):
-                sent = time.monotonic()
-                conn.send_packed_command(conn.pack_commands([end, acquire]))
-                replies: list[Any] = []
-                for _ in range(2):
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as err:
-                        replies.append(err)
-                if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                    break
-                self._scripts.sha("end_term")  # script cache flushed, or a new server
-                self._scripts.sha("acquire")
-        except BaseException:
-            conn.disconnect()  # never reuse a connection whose reply may still be on the way
-            raise
-        finally:
-            pool.release(conn)
+            self._host, os.getpid(), nonce)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = [
+            ("end_term", [self._keys.lease, self._keys.events],
+             [token, "ended", self._consumer, reason, EVENTS_MAXLEN]),
+            ("acquire", acquire[3:7], acquire[7:])]
+        if then is not None:
+            calls.append(then(nonce))
+        sent, replies = self._pipelined(client, calls)
         ended = int(Scripts.reply(replies[0])) == 1
         reply = AcquireReply.parse(Scripts.reply(replies[1]))
         if not reply.granted:
             return ended, Holder(reply.holder, reply.pttl_ms, reply.conn_id, reply.conn_name)
-        return ended, Lease(reply.token, reply.epoch, self._config, sent,
-                            server_changed=reply.server_changed)
+        lease = Lease(reply.token, reply.epoch, self._config, sent,
+                      server_changed=reply.server_changed)
+        if then is not None and not isinstance(replies[2], redis.ResponseError):
+            lease.head_start = replies[2]
+        return ended, lease
 
     def release(self, lease: Lease) -> bool:
         """End ``lease`` on a clean stop if it is still valid (compare-and-delete; standbys are

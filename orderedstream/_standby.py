@@ -41,7 +41,7 @@ from ._events import (
     WatchDisabled,
 )
 from ._keys import GroupKeys
-from ._lease import Holder, Lease, LeaseManager
+from ._lease import Holder, Lease, LeaseManager, Then
 from ._watch import Arm, PushWatch
 from .exceptions import ReplicasNotAcknowledged
 
@@ -53,8 +53,10 @@ class StandbyWaiter:
 
     def __init__(self, manager: LeaseManager, cmd: redis.Redis, waiter: Waiter, keys: GroupKeys,
                  config: LeaseConfig, emit: Emit, stop: threading.Event,
-                 on_standby: Callable[[], None], *, watch_name: str | None = None) -> None:
+                 on_standby: Callable[[], None], *, watch_name: str | None = None,
+                 then: Then | None = None) -> None:
         self._manager = manager
+        self._then = then  # the owner's first script, sent right behind each acquisition
         self._cmd = cmd
         self._waiter = waiter
         self._keys = keys
@@ -99,7 +101,7 @@ class StandbyWaiter:
             if taken is not None:
                 return taken
             try:
-                got = self._manager.try_acquire()
+                got = self._manager.try_acquire(self._then)
             except ReplicasNotAcknowledged as err:
                 if str(err) != refused:  # say it once per reason, not on every retry
                     refused = str(err)
@@ -233,7 +235,7 @@ class StandbyWaiter:
                 return
             try:
                 ended, got = self._manager.end_and_acquire(self._cmd, holder.token,
-                                                           "owner connection gone")
+                                                           "owner connection gone", self._then)
             except Exception:  # any failure: the standby's thread looks again
                 ended, got = False, None
             if isinstance(got, Lease):
