@@ -125,6 +125,7 @@ class LeaseManager:
         self._beat = beat
         self._beat_name = beat_name
         self._beat_id: int | None = None
+        self._beat_sock: Any = None  # the socket the id was read on
         self._host = socket.gethostname()
         self._waiter: redis.Redis | None = None  # wait_replicas: acquire + WAIT on one connection
 
@@ -133,15 +134,31 @@ class LeaseManager:
 
         ``fresh`` asks the server instead of trusting the cached id: a connection that silently
         went stale (server restart) would otherwise publish a dead id, and standbys would end
-        the term at once - and the two would take the lease from each other in a loop.
+        the term at once - and the two would take the lease from each other in a loop.  It is
+        not asked when the connection is provably the one the id was read on (:meth:`_same_beat`).
         """
-        if self._beat_id is None or fresh:
+        if self._beat_id is None or (fresh and not self._same_beat()):
             try:
                 self._beat_id = int(self._beat.client_id())
             except CONNECTION_ERRORS:
                 self._beat.close()  # drop the stale socket; the retry opens a new one
                 self._beat_id = int(self._beat.client_id())
+            self._beat_sock = getattr(getattr(self._beat, "connection", None), "_sock", None)
         return self._beat_id
+
+    def _same_beat(self) -> bool:
+        """True when the heartbeat connection still has the socket its id was read on, open,
+        with nothing to read: a server that restarted, or closed the client (``CLIENT KILL``,
+        its idle ``timeout``), closed that socket, which then reads end-of-file.  Costs no
+        round trip (a graceful handover wakes a standby that acquires at once)."""
+        conn: Any = getattr(self._beat, "connection", None)
+        sock = getattr(conn, "_sock", None)
+        if sock is None or sock is not self._beat_sock:
+            return False
+        try:
+            return not conn.can_read(0)
+        except (*CONNECTION_ERRORS, OSError):
+            return False
 
     def try_acquire(self, then: Then | None = None) -> Lease | Holder:
         """Take the lease if it is free (a :class:`Lease`), else learn who holds it.
@@ -326,25 +343,46 @@ class LeaseManager:
 class Renewer(threading.Thread):
     """Renews the lease every ttl/3 from its own thread and connection, so a slow handler cannot
     starve it.  Marks the lease lost when the server refuses a renewal or when the lease's
-    validity runs out before a renewal gets through."""
+    validity runs out before a renewal gets through.
 
-    def __init__(self, manager: LeaseManager, lease: Lease, config: LeaseConfig) -> None:
+    Built without a lease, it can be started ahead of its term (a thread start is not on the
+    way from an acquisition to the first entry) and is given the lease by :meth:`begin`;
+    ``first`` runs on its thread before its first wait."""
+
+    def __init__(self, manager: LeaseManager, lease: Lease | None, config: LeaseConfig,
+                 *, first: Callable[[], None] | None = None) -> None:
         super().__init__(name="orderedstream-renew", daemon=True)
         self._manager = manager
         self._lease = lease
+        self._first = first
         self._interval = config.renew_interval_ms / 1000.0
         self._halt = threading.Event()
+        self._begun = threading.Event()
+        if lease is not None:
+            self._begun.set()
+
+    def begin(self, lease: Lease, *, first: Callable[[], None] | None = None) -> None:
+        """Start renewing ``lease`` (a renewer built without one)."""
+        self._lease = lease
+        self._first = first
+        self._begun.set()
 
     def run(self) -> None:
+        self._begun.wait()
+        lease = self._lease
+        if lease is None or self._halt.is_set():
+            return
+        if self._first is not None:
+            self._first()
         wait = self._interval
         while not self._halt.wait(wait):
-            if not self._lease.valid():
-                self._lease.lose(self._lease.lost_reason)
+            if not lease.valid():
+                lease.lose(lease.lost_reason)
                 return
             try:
-                if not self._manager.renew(self._lease):
-                    self._lease.lose("the server refused the renewal: the lease expired or "
-                                     "another consumer took over")
+                if not self._manager.renew(lease):
+                    lease.lose("the server refused the renewal: the lease expired or "
+                               "another consumer took over")
                     return
                 wait = self._interval
             except CONNECTION_ERRORS:
@@ -353,5 +391,6 @@ class Renewer(threading.Thread):
     def halt(self, *, wait: bool = True) -> None:
         """Stop the thread (it ends within one interval); ``wait``: join it (up to 5 s)."""
         self._halt.set()
+        self._begun.set()
         if wait and self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5.0)
