@@ -84,6 +84,7 @@ class Lease:
         self._config = config
         self._span = (config.ttl_ms - config.effective_margin_ms) / 1000.0
         self.valid_until = sent_at + self._span
+        self.sent_at = sent_at  # when the acquisition was sent (``time.monotonic()``)
         self.head_start: Any = None
         self._lost_reason: str | None = None
         self._lock = threading.Lock()

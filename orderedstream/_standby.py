@@ -46,6 +46,7 @@ from ._watch import Arm, PushWatch
 from .exceptions import ReplicasNotAcknowledged
 
 PUSH_RETRY_S = 1.0  # after a passing fault, arm the push watch again no sooner than this
+LINGER_S = 0.05  # a push watch closed on a takeover releases its connections this much later
 
 
 class StandbyWaiter:
@@ -262,8 +263,8 @@ class StandbyWaiter:
             watch, self._push_watch = self._push_watch, None
             self._watched = None
         self._pushed.clear()
-        if watch is not None:
-            watch.close(wait=wait)
+        if watch is not None:  # (taking over: its connections are closed a little later, not
+            watch.close(wait=wait, linger_s=LINGER_S)  # while the new owner hands out its first)
         taken = self._take()
         if taken is not None:  # got by a push while stopping: hand it on at once
             self._manager.release(taken)

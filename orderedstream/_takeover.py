@@ -87,7 +87,8 @@ def take_over(keys: GroupKeys, config: CoordinatorConfig,
     left, nothing read then)."""
     started = time.monotonic()
     raw, lease.head_start = lease.head_start, None
-    if raw is not None:
+    if raw is not None:  # its duration: from the acquisition it rode with
+        started = lease.sent_at
         got = TakeOverReply.parse(raw)
     else:
         check_lease(lease)
