@@ -23,7 +23,7 @@ import redis
 from ._config import LeaseConfig
 from ._keys import GroupKeys
 from ._recovery import CONNECTION_ERRORS
-from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
+from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts, pack_command
 from ._server import clone_client
 from .exceptions import ReplicasNotAcknowledged
 
@@ -215,9 +215,11 @@ class LeaseManager:
         todo = list(range(len(calls)))
         try:
             for attempt in range(2):
+                commands = [self._scripts.command(*calls[i]) for i in todo]
                 at = time.monotonic()
-                conn.send_packed_command(conn.pack_commands(
-                    [self._scripts.command(*calls[i]) for i in todo]))
+                conn.send_packed_command([pack_command(c) for c in commands]
+                                         if pack_command is not None
+                                         else conn.pack_commands(commands))
                 if attempt == 0:
                     sent = at
                 for i in todo:
