@@ -15,7 +15,9 @@ Modes (``--modes``, comma-separated):
 
 Beside each kill it also records when the killed process was reaped (``waitpid`` returns only
 after the kernel closed its sockets): "teardown" is kill -> reaped, the part of a crash failover
-that happens before any server or standby can know (the kernel freeing a Python process).
+that happens before any server or standby can know (the kernel freeing a Python process), and
+"after" is, per SIGKILL under load, the time minus that kill's teardown: the part that follows
+(the producer's next write, the push, the takeover round trip, the first entry handled).
 
 For each loaded mode it starts a producer thread (steady ``--rate`` entries/s), ``--consumers``
 consumer processes with the recording handler, and then ``--kills`` times: finds the owner (from
@@ -156,7 +158,7 @@ class Group:
 
 
 def summary(mode: str, times: list[float], group: Group, total: int,
-            teardown: list[float]) -> dict[str, Any]:
+            teardown: list[float], after: list[float] | None = None) -> dict[str, Any]:
     wait_until(lambda: len({r["seq"] for r in group.record.read()}) >= total, 60,
                message="everything handled")
     recs = group.record.read()
@@ -166,6 +168,8 @@ def summary(mode: str, times: list[float], group: Group, total: int,
         "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),
         "max_ms": round(max(times), 1),
         "teardown_p50_ms": round(statistics.median(teardown), 1) if teardown else None,
+        "after_reap_p50_ms": round(statistics.median(after), 1) if after else None,
+        "after_reap_p95_ms": round(pct(after, 0.95), 1) if after else None,
         "lost": len(v.lost), "out_of_order": len(v.out_of_order),
         "duplicates": v.duplicates, "unflagged_duplicates": v.unflagged_duplicates,
     }
@@ -179,14 +183,18 @@ def flags_for(mode: str) -> list[str]:
     return []
 
 
-def reap_time(victim: subprocess.Popen[bytes], into: list[float], t_kill: float) -> None:
-    """Record kill -> reaped (its sockets are closed by then) from a thread of its own."""
+def reap_time(victim: subprocess.Popen[bytes], into: list[float],
+              t_kill: float) -> threading.Thread:
+    """Record kill -> reaped (its sockets are closed by then) from a thread of its own (join it
+    once the victim is reaped: its figure is in ``into`` then)."""
 
     def wait() -> None:
         victim.wait()
         into.append((time.time() - t_kill) * 1000.0)
 
-    threading.Thread(target=wait, daemon=True).start()
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
 
 
 def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
@@ -213,6 +221,7 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     times: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}  # kill -> first handled, minus the victim's teardown
     teardown: list[float] = []
     graceful = mode.endswith("graceful")
     try:
@@ -226,22 +235,25 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
             start = len(group.record.read())
             t_kill = time.time()
             victim.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
-            if not graceful:
-                reap_time(victim, teardown, t_kill)
+            reaper = None if graceful else reap_time(victim, teardown, t_kill)
             # (the time is the handler's own; polling every 5 ms only spares the CPU)
             t_first, heir = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
                                        interval=0.005, message="failover")
             kind = (f"{group.kind_of[pid][0]}>{group.kind_of[heir][0]}" if len(kinds) > 1
                     else "")
-            times.setdefault(kind, []).append((t_first - t_kill) * 1000.0)
+            took = (t_first - t_kill) * 1000.0
+            times.setdefault(kind, []).append(took)
             victim.wait(30)
+            if reaper is not None:
+                reaper.join(5)
+                after.setdefault(kind, []).append(took - teardown[-1])
             group.spawn()  # a replacement standby, up before the next kill
     finally:
         stop.set()
         producer.join()
     try:
         return [summary(f"{label}{mode}{' ' + kind if kind else ''}", got, group, produced[0],
-                        teardown) for kind, got in sorted(times.items())]
+                        teardown, after.get(kind)) for kind, got in sorted(times.items())]
     finally:
         group.close()
 
@@ -365,13 +377,16 @@ def main() -> int:
           "entries/s; time = kill signal -> first entry handled by another process (handler's "
           "own record); idle modes: the entry's "
           f"XADD ({args.idle_delay_ms} ms after the kill) -> its handling; teardown: kill -> the "
-          "killed process reaped (its sockets closed)")
+          "killed process reaped (its sockets closed), p50; after: p50 of (time - teardown) per "
+          "SIGKILL under load, what follows the kernel's teardown")
     print(f"{'mode':<22} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'teardown':>9} "
+          f"{'after':>6} "
           f"{'produced':>9} "
           f"{'lost':>5} {'reord':>6} {'dups':>5} {'unflagged':>9}")
     for r in results:
         print(f"{r['mode']:<22} {r['kills']:>5} {r['p50_ms']:>8} {r['p95_ms']:>8} "
-              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} {r['produced']:>9} "
+              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} "
+              f"{r['after_reap_p50_ms'] or '-':>6} {r['produced']:>9} "
               f"{r['lost']:>5} {r['out_of_order']:>6} {r['duplicates']:>5} "
               f"{r['unflagged_duplicates']:>9}")
     if cpu:
