@@ -131,8 +131,12 @@ class Group:
         self.by_pid[p.pid] = p
         self.kind_of[p.pid] = kind
         beat = f"os:{name}:beat"
-        wait_until(lambda: any(c.get("name") == beat for c in self.client.client_list()), 30,
-                   message=f"{beat} connected")
+        try:
+            wait_until(lambda: any(c.get("name") == beat for c in self.client.client_list()),
+                       30, message=f"{beat} connected")
+        except TimeoutError as err:
+            tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise TimeoutError(f"{err} (exit code {p.poll()}); its log ends:\n{tail}") from err
         return p
 
     def owner_pid(self) -> int | None:
