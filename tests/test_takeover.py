@@ -2,7 +2,9 @@
 page of every other consumer's pending entries, deletes the consumers it emptied, records the
 takeover, and reads its first page (the replay first, new entries only when nothing is pending),
 all fenced by the term's nonce; it rides in the same round trip as the acquisition, and a
-stale or foreign term changes nothing."""
+stale or foreign term changes nothing.  Also the acquisition's other round trips: the heartbeat
+id is asked again only when its connection changed; a read-ahead refused for a missing script
+keeps the acks it carried."""
 
 from __future__ import annotations
 
@@ -166,3 +168,30 @@ def test_a_deliver_refused_for_a_missing_script_keeps_its_acks(client: redis.Red
         run(ahead.receive())
     assert ahead.forget() == ids
     run(ahead.close())
+
+
+def client_id_calls(client: redis.Redis) -> int:
+    stats: Any = client.info("commandstats")
+    return int(stats.get("cmdstat_client|id", {}).get("calls", 0))
+
+
+def test_the_heartbeat_id_is_asked_again_only_when_its_socket_changed(
+        client: redis.Redis, stream: str) -> None:
+    """An acquisition publishes the heartbeat connection's id without asking the server again
+    while that connection provably is the one the id was read on; once the server closed it
+    (``CLIENT KILL``, a restart), the id is asked again and the fresh one is published."""
+    keys = GroupKeys(stream, "g")
+    m = manager(client, stream, "b")
+    first = m.try_acquire()
+    assert isinstance(first, Lease) and m.end_term(first.token, "released", "test")
+    before = client_id_calls(client)
+    second = m.try_acquire()
+    assert isinstance(second, Lease) and client_id_calls(client) == before
+    assert m.end_term(second.token, "released", "test")
+    old_id = client.hget(keys.owner, "conn_id")
+    client.client_kill_filter(_id=int(old_id or 0))
+    third = m.try_acquire()
+    assert isinstance(third, Lease) and client_id_calls(client) == before + 1
+    listed = [c for c in client.client_list() if c.get("name") == "os:b:beat"]
+    assert len(listed) == 1 and client.hget(keys.owner, "conn_id") == listed[0]["id"].encode()
+    assert listed[0]["id"].encode() != old_id
