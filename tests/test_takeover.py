@@ -22,7 +22,7 @@ from orderedstream._reader import _ReadAhead
 from orderedstream._scripts import Scripts, TakeOverReply, take_over_op
 from orderedstream._server import clone_client
 from orderedstream._takeover import first_script, take_over
-from orderedstream.exceptions import NotOwner, ResyncNeeded
+from orderedstream.exceptions import GroupMissing, NotOwner, ResyncNeeded
 
 
 def config(stream: str, consumer: str, claim_page: int = 100) -> CoordinatorConfig:
@@ -195,3 +195,18 @@ def test_the_heartbeat_id_is_asked_again_only_when_its_socket_changed(
     listed = [c for c in client.client_list() if c.get("name") == "os:b:beat"]
     assert len(listed) == 1 and client.hget(keys.owner, "conn_id") == listed[0]["id"].encode()
     assert listed[0]["id"].encode() != old_id
+
+
+def test_take_over_says_when_the_group_is_gone(client: redis.Redis, stream: str) -> None:
+    """A missing stream or group is NOGROUP (raised as GroupMissing: the coordinator creates
+    it again), not a bare script error."""
+    keys = GroupKeys(stream, "g")
+    lease = manager(client, stream, "b").try_acquire()
+    assert isinstance(lease, Lease)
+    scripts = Scripts(client)
+    nonce = parse_token(lease.token)[2]
+    with pytest.raises(GroupMissing):
+        scripts.do(take_over_op(keys, "b", nonce, 100, 50))  # no stream
+    client.xadd(stream, {"seq": 1})
+    with pytest.raises(GroupMissing):
+        scripts.do(take_over_op(keys, "b", nonce, 100, 50))  # a stream, no group

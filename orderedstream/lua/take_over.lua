@@ -32,7 +32,11 @@ if not epoch then
 end
 local infos = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[3])
 if infos.err then
-  return redis.error_reply('NOGROUP ' .. infos.err .. ' (take_over)')
+  local text = string.lower(infos.err)
+  if string.find(text, 'nogroup', 1, true) or string.find(text, 'no such key', 1, true) then
+    return redis.error_reply('NOGROUP ' .. infos.err .. ' (the stream or group is gone)')
+  end
+  return infos
 end
 local claimed, trimmed, deleted, left = 0, {}, {}, {}
 for _, info in ipairs(infos) do
