@@ -15,7 +15,9 @@ Modes (``--modes``, comma-separated):
 
 Beside each kill it also records when the killed process was reaped (``waitpid`` returns only
 after the kernel closed its sockets): "teardown" is kill -> reaped, the part of a crash failover
-that happens before any server or standby can know (the kernel freeing a Python process).
+that happens before any server or standby can know (the kernel freeing a Python process), and
+"after" is, per SIGKILL under load, the time minus that kill's teardown: the part that follows
+(the producer's next write, the push, the takeover round trip, the first entry handled).
 
 For each loaded mode it starts a producer thread (steady ``--rate`` entries/s), ``--consumers``
 consumer processes with the recording handler, and then ``--kills`` times: finds the owner (from
@@ -28,8 +30,14 @@ lost, out of order, duplicates (and whether all were flagged redeliveries).
 ``--cpu-seconds N`` (0: skip) also measures a standby's CPU time over N seconds (from
 ``/proc/<pid>/stat``) beside a live owner, idle stream, with push and with the poll only.
 
+``--async``: the consumers run ``consume --async`` (the AsyncCoordinator) in every mode, and
+two more modes run by default: ``mixed`` (SIGKILL, push) and ``mixed-graceful`` (SIGTERM), where
+sync and async consumers alternate, so that the kills alternate between a sync owner followed by
+an async one and the reverse (reported as two rows each: ``s>a`` and ``a>s``).
+
     python benchmarks/failover.py                    # embedded valkey-server, every mode
     python benchmarks/failover.py --server-bin /usr/bin/redis-server --kills 30
+    python benchmarks/failover.py --async            # asyncio consumers, and mixed pairs
 """
 
 from __future__ import annotations
@@ -55,7 +63,10 @@ from orderedstream.testing import ServerProcess, verdict, wait_until
 
 LOADED = ("push", "poll", "ttl-only", "graceful")
 IDLE = ("idle-push", "idle-poll")
+MIXED = ("mixed", "mixed-graceful")
 ALL = (*LOADED, *IDLE)
+HANDLERS = {"sync": ["--handler", "orderedstream.testing:record_handler"],
+            "async": ["--async", "--handler", "orderedstream.testing:async_record_handler"]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -88,8 +99,10 @@ class Group:
     """Consumer processes of one benchmark stream."""
 
     def __init__(self, server: ServerProcess, client: redis.Redis, stream: str,
-                 flags: list[str], ttl_ms: int) -> None:
+                 flags: list[str], ttl_ms: int, kinds: tuple[str, ...] = ("sync",)) -> None:
         self.server = server
+        self.kinds = kinds  # consumers spawned: "sync" / "async", in turn
+        self.kind_of: dict[int, str] = {}
         self.client = client
         self.stream = stream
         self.keys = GroupKeys(stream, "g")
@@ -106,18 +119,24 @@ class Group:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start one more consumer; returns once its heartbeat connection is listed."""
         name = f"c{self.next_name}"
+        kind = self.kinds[self.next_name % len(self.kinds)]
         self.next_name += 1
         args = [sys.executable, "-m", "orderedstream", "consume", "--redis-url", self.server.url,
                 "--stream", self.stream, "--group", "g", "--name", name, "--quiet",
-                "--handler", "orderedstream.testing:record_handler",
-                "--lease-ttl-ms", str(self.ttl_ms), "--batch", "50", *self.flags]
+                *HANDLERS[kind], "--lease-ttl-ms", str(self.ttl_ms), "--batch", "50",
+                *self.flags]
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
         p = subprocess.Popen(args, env=self.env, stdout=log, stderr=log)
         self.procs.append(p)
         self.by_pid[p.pid] = p
+        self.kind_of[p.pid] = kind
         beat = f"os:{name}:beat"
-        wait_until(lambda: any(c.get("name") == beat for c in self.client.client_list()), 30,
-                   message=f"{beat} connected")
+        try:
+            wait_until(lambda: any(c.get("name") == beat for c in self.client.client_list()),
+                       30, message=f"{beat} connected")
+        except TimeoutError as err:
+            tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise TimeoutError(f"{err} (exit code {p.poll()}); its log ends:\n{tail}") from err
         return p
 
     def owner_pid(self) -> int | None:
@@ -126,10 +145,11 @@ class Group:
         pid = self.client.hget(self.keys.owner, "pid")
         return int(pid) if pid else None
 
-    def first_after(self, pid: int, start: int) -> float | None:
+    def first_after(self, pid: int, start: int) -> tuple[float, int] | None:
+        """(time, pid) of the first entry handled by another process than ``pid``."""
         for r in self.record.read()[start:]:
             if r["pid"] != pid:
-                return float(r["t"])
+                return float(r["t"]), int(r["pid"])
         return None
 
     def close(self) -> None:
@@ -142,7 +162,7 @@ class Group:
 
 
 def summary(mode: str, times: list[float], group: Group, total: int,
-            teardown: list[float]) -> dict[str, Any]:
+            teardown: list[float], after: list[float] | None = None) -> dict[str, Any]:
     wait_until(lambda: len({r["seq"] for r in group.record.read()}) >= total, 60,
                message="everything handled")
     recs = group.record.read()
@@ -152,6 +172,8 @@ def summary(mode: str, times: list[float], group: Group, total: int,
         "p50_ms": round(statistics.median(times), 1), "p95_ms": round(pct(times, 0.95), 1),
         "max_ms": round(max(times), 1),
         "teardown_p50_ms": round(statistics.median(teardown), 1) if teardown else None,
+        "after_reap_p50_ms": round(statistics.median(after), 1) if after else None,
+        "after_reap_p95_ms": round(pct(after, 0.95), 1) if after else None,
         "lost": len(v.lost), "out_of_order": len(v.out_of_order),
         "duplicates": v.duplicates, "unflagged_duplicates": v.unflagged_duplicates,
     }
@@ -165,20 +187,27 @@ def flags_for(mode: str) -> list[str]:
     return []
 
 
-def reap_time(victim: subprocess.Popen[bytes], into: list[float], t_kill: float) -> None:
-    """Record kill -> reaped (its sockets are closed by then) from a thread of its own."""
+def reap_time(victim: subprocess.Popen[bytes], into: list[float],
+              t_kill: float) -> threading.Thread:
+    """Record kill -> reaped (its sockets are closed by then) from a thread of its own (join it
+    once the victim is reaped: its figure is in ``into`` then)."""
 
     def wait() -> None:
         victim.wait()
         into.append((time.time() - t_kill) * 1000.0)
 
-    threading.Thread(target=wait, daemon=True).start()
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
 
 
 def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms: int,
-               consumers: int) -> dict[str, Any]:
+               consumers: int, kinds: tuple[str, ...] = ("sync",),
+               label: str = "") -> list[dict[str, Any]]:
+    """One loaded mode; one result row, or (several ``kinds``) one row per kind of handover
+    (``s>a``: a sync owner followed by an async one, ...)."""
     client = server.client()
-    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms)
+    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms, kinds)
     client.delete(group.stream, *group.keys.all())
     produced = [0]
     stop = threading.Event()
@@ -195,8 +224,10 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
         group.spawn()
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    times: list[float] = []
+    times: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}  # kill -> first handled, minus the victim's teardown
     teardown: list[float] = []
+    graceful = mode.endswith("graceful")
     try:
         for _ in range(kills):
             pid = wait_until(group.owner_pid, 30, message="an owner")
@@ -207,27 +238,35 @@ def run_loaded(server: ServerProcess, mode: str, kills: int, rate: float, ttl_ms
             victim = group.by_pid.pop(pid)
             start = len(group.record.read())
             t_kill = time.time()
-            victim.send_signal(signal.SIGTERM if mode == "graceful" else signal.SIGKILL)
-            if mode != "graceful":
-                reap_time(victim, teardown, t_kill)
-            t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
-                                 interval=0.001, message="failover")
-            times.append((t_first - t_kill) * 1000.0)
+            victim.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+            reaper = None if graceful else reap_time(victim, teardown, t_kill)
+            # (the time is the handler's own; polling every 5 ms only spares the CPU)
+            t_first, heir = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
+                                       interval=0.005, message="failover")
+            kind = (f"{group.kind_of[pid][0]}>{group.kind_of[heir][0]}" if len(kinds) > 1
+                    else "")
+            took = (t_first - t_kill) * 1000.0
+            times.setdefault(kind, []).append(took)
             victim.wait(30)
+            if reaper is not None:
+                reaper.join(5)
+                after.setdefault(kind, []).append(took - teardown[-1])
             group.spawn()  # a replacement standby, up before the next kill
     finally:
         stop.set()
         producer.join()
     try:
-        return summary(mode, times, group, produced[0], teardown)
+        return [summary(f"{label}{mode}{' ' + kind if kind else ''}", got, group, produced[0],
+                        teardown, after.get(kind)) for kind, got in sorted(times.items())]
     finally:
         group.close()
 
 
 def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumers: int,
-             delay_ms: int) -> dict[str, Any]:
+             delay_ms: int, kinds: tuple[str, ...] = ("sync",),
+             label: str = "") -> dict[str, Any]:
     client = server.client()
-    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms)
+    group = Group(server, client, f"bench-failover-{mode}", flags_for(mode), ttl_ms, kinds)
     client.delete(group.stream, *group.keys.all())
     seq = 0
     times: list[float] = []
@@ -255,12 +294,12 @@ def run_idle(server: ServerProcess, mode: str, kills: int, ttl_ms: int, consumer
             reap_time(victim, teardown, time.time())
             time.sleep(delay_ms / 1000.0)
             t_add = produce_one()
-            t_first = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
-                                 interval=0.001, message="failover")
+            t_first, _ = wait_until(lambda p=pid, s=start: group.first_after(p, s), 30,
+                                    interval=0.005, message="failover")
             times.append((t_first - t_add) * 1000.0)
             victim.wait(30)
             group.spawn()
-        return summary(mode, times, group, seq, teardown)
+        return summary(f"{label}{mode}", times, group, seq, teardown)
     finally:
         group.close()
 
@@ -270,10 +309,11 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def standby_cpu(server: ServerProcess, flags: list[str], seconds: float) -> float:
+def standby_cpu(server: ServerProcess, flags: list[str], seconds: float,
+                kinds: tuple[str, ...] = ("sync",)) -> float:
     """CPU seconds a standby uses per minute beside a live owner on an idle stream."""
     client = server.client()
-    group = Group(server, client, f"bench-cpu{'-'.join(flags)}", flags, 3000)
+    group = Group(server, client, f"bench-cpu{'-'.join(flags)}", flags, 3000, kinds)
     try:
         group.spawn()
         wait_until(group.owner_pid, 30, message="an owner")
@@ -299,42 +339,58 @@ def main() -> int:
                         help="idle modes: the entry is produced this long after the kill")
     parser.add_argument("--cpu-seconds", type=float, default=30.0,
                         help="measure a standby's CPU over this long (0: skip)")
-    parser.add_argument("--modes", default=",".join(ALL))
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated (default: {','.join(ALL)}; with --async also "
+                             f"{','.join(MIXED)})")
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="asyncio consumers (consume --async); adds the mixed modes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    modes = (args.modes.split(",") if args.modes
+             else [*ALL, *MIXED] if args.use_async else list(ALL))
+    kinds = ("async",) if args.use_async else ("sync",)
+    label = "async " if args.use_async else ""
     results = []
     cpu: dict[str, float] = {}
     with ServerProcess(args.server_bin) as server:
         info = server.client().info("server")
         version = info.get("valkey_version") or info["redis_version"]
-        label = f"{info.get('server_name') or 'redis'} {version}"
-        for mode in args.modes.split(","):
+        label_server = f"{info.get('server_name') or 'redis'} {version}"
+        for mode in modes:
             if mode in LOADED:
-                results.append(run_loaded(server, mode, args.kills, args.rate, args.ttl_ms,
-                                          args.consumers))
+                results += run_loaded(server, mode, args.kills, args.rate, args.ttl_ms,
+                                      args.consumers, kinds, label)
+            elif mode in MIXED:
+                results += run_loaded(server, mode, args.kills, args.rate, args.ttl_ms,
+                                      args.consumers, ("sync", "async"))
             elif mode in IDLE:
                 results.append(run_idle(server, mode, args.kills, args.ttl_ms, args.consumers,
-                                        args.idle_delay_ms))
+                                        args.idle_delay_ms, kinds, label))
             else:
-                parser.error(f"unknown mode {mode!r} (modes: {', '.join(ALL)})")
+                parser.error(f"unknown mode {mode!r} (modes: {', '.join((*ALL, *MIXED))})")
         if args.cpu_seconds > 0:
-            cpu = {"push": standby_cpu(server, [], args.cpu_seconds),
-                   "poll": standby_cpu(server, ["--no-push"], args.cpu_seconds)}
+            cpu = {"push": standby_cpu(server, [], args.cpu_seconds, kinds),
+                   "poll": standby_cpu(server, ["--no-push"], args.cpu_seconds, kinds)}
     if args.json:
-        print(json.dumps({"server": label, "results": results, "standby_cpu_s_per_min": cpu},
+        print(json.dumps({"server": label_server, "results": results,
+                          "standby_cpu_s_per_min": cpu},
                          indent=2))
         return 0
-    print(f"failover benchmark on {label}; lease TTL {args.ttl_ms} ms; {args.consumers} "
-          f"consumer processes; producer {args.rate:.0f} entries/s; time = kill signal -> first "
-          "entry handled by another process (handler's own record); idle modes: the entry's "
+    print(f"failover benchmark on {label_server}; {label or 'sync '}consumers; lease TTL "
+          f"{args.ttl_ms} ms; {args.consumers} consumer processes; producer {args.rate:.0f} "
+          "entries/s; time = kill signal -> first entry handled by another process (handler's "
+          "own record); idle modes: the entry's "
           f"XADD ({args.idle_delay_ms} ms after the kill) -> its handling; teardown: kill -> the "
-          "killed process reaped (its sockets closed)")
-    print(f"{'mode':<10} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'teardown':>9} "
+          "killed process reaped (its sockets closed), p50; after: p50 of (time - teardown) per "
+          "SIGKILL under load, what follows the kernel's teardown")
+    print(f"{'mode':<22} {'kills':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'teardown':>9} "
+          f"{'after':>6} "
           f"{'produced':>9} "
           f"{'lost':>5} {'reord':>6} {'dups':>5} {'unflagged':>9}")
     for r in results:
-        print(f"{r['mode']:<10} {r['kills']:>5} {r['p50_ms']:>8} {r['p95_ms']:>8} "
-              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} {r['produced']:>9} "
+        print(f"{r['mode']:<22} {r['kills']:>5} {r['p50_ms']:>8} {r['p95_ms']:>8} "
+              f"{r['max_ms']:>8} {r['teardown_p50_ms'] or '-':>9} "
+              f"{r['after_reap_p50_ms'] or '-':>6} {r['produced']:>9} "
               f"{r['lost']:>5} {r['out_of_order']:>6} {r['duplicates']:>5} "
               f"{r['unflagged_duplicates']:>9}")
     if cpu:

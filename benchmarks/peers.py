@@ -5,7 +5,8 @@ sequence-numbered messages one by one, in order, under a steady load from a prod
 each appending what it handled (seq, redelivered flag, pid, time) to a shared record file:
 
 * **orderedstream**: a Coordinator per process (batch 100, lease TTL ``--ttl-ms``, connection
-  watch on) on an embedded valkey-server;
+  watch on: a standby learns of a dead owner by push at the producer's next write, the
+  ``CLIENT LIST`` poll being the fallback) on an embedded valkey-server;
 * **RabbitMQ**: a quorum queue with ``x-single-active-consumer``, manual acks (one per message),
   prefetch 100, pika, connection heartbeat ``--ttl-ms`` rounded up to seconds (127.0.0.1:5672,
   guest/guest);
@@ -240,8 +241,8 @@ class OrderedStream(Peer):
 
         self.server = ServerProcess()
         self.ttl_ms = ttl_ms
-        self.settings = (f"Coordinator, batch 100, lease TTL {ttl_ms} ms, connection watch; "
-                         "embedded valkey")
+        self.settings = (f"Coordinator, batch 100, lease TTL {ttl_ms} ms, connection watch "
+                         "by push (poll as the fallback); embedded valkey")
 
     def available(self) -> str | None:
         self.server.start()

@@ -116,13 +116,16 @@ class Coordinator(Background, OwnerView):
         try:
             connect_check(self._cmd)
             while not self._stop.is_set() and self._handling.budget != 0:
+                # the term's renewer, started now: its start is not on the way to the first entry
+                renewer = Renewer(self._lease_mgr, None, self.config.lease)
+                renewer.start()
                 try:
                     self._ensure_group()
                     lease = self._standby.wait()             # 1. standby
                     if lease is None:
                         break
                     self._outage.ok()
-                    self._serve(lease)                       # 2-4. one term
+                    self._serve(lease, renewer)              # 2-4. one term
                 except BudgetSpent:
                     break
                 except GroupMissing:
@@ -132,6 +135,8 @@ class Coordinator(Background, OwnerView):
                     if reason is None:
                         raise
                     self._stop.wait(self._outage.failed(reason))
+                finally:
+                    renewer.halt()
         finally:
             self._set_role(Role.STOPPED)
             self._lease = None
@@ -141,22 +146,31 @@ class Coordinator(Background, OwnerView):
             self._lease_mgr.close()
             self._stopped.set()
 
-    def _serve(self, lease: Lease) -> None:
+    def _serve(self, lease: Lease, renewer: Renewer) -> None:
         """One term (2-4: :meth:`Owner.serve`, driven here), with the lease renewed and the
-        handler timeout watched from threads of their own."""
+        handler timeout watched from threads of their own.  No thread is started on the way
+        to the first entry: ``renewer`` was started before the term, and the handler-timeout
+        watch is started and the members record written from the renewer's thread."""
         self._lease = lease
-        self._set_role(Role.OWNER)
+        self._role = Role.OWNER
         self._event(LeaseAcquired, epoch=lease.epoch)
-        renewer = Renewer(self._lease_mgr, lease, self.config.lease)
-        renewer.start()
-        watch = StallWatch(self._handling, lease, self.config.handler_timeout_ms,
-                           self._lease_mgr, renewer, self._event)
-        watch.start()
+        watches: list[StallWatch] = []
+
+        def first() -> None:  # on the renewer's thread
+            record_member(self._cmd, self._keys, self.config.consumer, Role.OWNER.value,
+                          self._cmd_name)
+            watch = StallWatch(self._handling, lease, self.config.handler_timeout_ms,
+                               self._lease_mgr, renewer, self._event)
+            watches.append(watch)
+            watch.start()
+
+        renewer.begin(lease, first=first)
         try:
             self._driver.run(self._owner.serve(lease))
         finally:
-            watch.halt()
-            renewer.halt()
+            renewer.halt()  # (joined: ``first`` has run)
+            for watch in watches:
+                watch.halt()
             self._lease = None
             if self._role is Role.OWNER:
                 self._set_role(Role.STANDBY)

@@ -38,7 +38,7 @@ from ._recovery import CONNECTION_ERRORS, Outage
 from ._scripts import Scripts, end_term_op
 from ._server import client_name, clone_client
 from ._standby import StandbyWaiter
-from ._takeover import take_over
+from ._takeover import first_script, take_over
 from .exceptions import LeaseLost, NotOwner, StopRequested
 
 
@@ -103,25 +103,38 @@ class Owner:
                               lambda ids: self._emit(EntriesTrimmed, ids=tuple(ids)))
         handle = self._handling.batch
         try:
+            done, got = yield from take_over(keys, cfg, lease)                     # 2.
             if self._gate is not None:
                 self._gate.refresh((yield Plain("HKEYS", keys.held)))
-            done = yield from take_over(keys, cfg, lease)                          # 2.
             if done.trimmed:
                 self._emit(EntriesTrimmed, ids=done.trimmed)
             self._emit(TakeoverCompleted, epoch=lease.epoch, claimed=done.claimed,
                        consumers_deleted=done.deleted, trimmed=len(done.trimmed),
                        duration_ms=done.duration_ms)
             if lease.server_changed:  # acks the previous server took may be gone
-                reader.suspect_up_to((yield Plain("XREVRANGE", cfg.stream, "+", "-",
-                                                  "COUNT", 1)))
+                reader.suspect_up_to_id(got.tail)
             started = time.monotonic()
             replayed = 0
-            while (page := (yield from reader.replay_page())) is not None:          # 3.
-                yield from handle(lease, page, reader.acks)
-                reader.handed(page)
-                replayed += len(page.rows)
+            # the takeover script's first page: the replay's first, or (nothing was pending)
+            # the first new entries
+            page = (reader.first_page(got.read, new=got.kind == "new") if got.kind != "none"
+                    else None)
+            if got.kind != "new":
+                if page is not None:
+                    yield from handle(lease, page, reader.acks)
+                    reader.handed(page)
+                    replayed += len(page.rows)
+                while (page := (yield from reader.replay_page())) is not None:      # 3.
+                    yield from handle(lease, page, reader.acks)
+                    reader.handed(page)
+                    replayed += len(page.rows)
+                page = None
             self._emit(ReplayCompleted, epoch=lease.epoch, replayed=replayed,
                        duration_ms=(time.monotonic() - started) * 1000.0)
+            if page is not None:  # new entries the takeover script read
+                yield from handle(lease, page, reader.acks)
+                reader.handed(page)
+                self.cursor = _text(page.rows[-1][0])
             while True:                                                             # 4.
                 page = yield from reader.new_page()
                 yield from handle(lease, page, reader.acks)
@@ -179,7 +192,8 @@ def assemble(life: Halting, config: CoordinatorConfig, keys: GroupKeys, handler:
     scripts = Scripts(cmd)
     lease = LeaseManager(scripts, keys, config.consumer, config.lease, beat, beat_name)
     outage = Outage(emit)
-    standby = StandbyWaiter(lease, cmd, waiter, keys, config.lease, emit, stop, on_standby)
+    standby = StandbyWaiter(lease, cmd, waiter, keys, config.lease, emit, stop, on_standby,
+                            then=first_script(keys, config))
     parker = Parker(scripts, keys, config.group, config.retry.min_park_delay_ms)
     gate = (HoldGate(config.hold_key_field, scripts, keys, parker, config.consumer, emit)
             if config.hold_key_field is not None else None)

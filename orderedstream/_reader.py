@@ -32,7 +32,7 @@ from ._engine import PIPE_RELEASE, Block, Pause, PipeRecv, PipeSend, Plain, Step
 from ._keys import GroupKeys, id_order
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
-from ._scripts import DeliverReply, Scripts, ack_op, read_op, translate
+from ._scripts import DeliverReply, ReadReply, Scripts, ack_op, read_op, translate
 from .exceptions import LeaseLost, NotOwner, ResyncNeeded, StopRequested
 
 
@@ -83,6 +83,22 @@ class FencedReader:
         redelivered, from the replay or as a new entry."""
         self._suspect = id_order(tail[0][0].decode()) if tail else None
         self._min_count = 1 if self._suspect is None else 2
+
+    def suspect_up_to_id(self, last_id: str) -> None:
+        """:meth:`suspect_up_to` with the stream's last id ('0-0': the stream is empty)."""
+        self.suspect_up_to([(last_id.encode(), [])] if last_id != "0-0" else [])
+
+    def first_page(self, got: ReadReply, new: bool) -> Page | None:
+        """The page the takeover script read (same fence, same round trip as the claims):
+        a history read from the start, or (``new``: nothing was pending) new entries; None
+        when it holds no entries (trimmed ids are reported)."""
+        if got.trimmed:
+            self._on_trimmed(got.trimmed)
+        if not got.rows:
+            return None
+        if new:
+            return self._new_page(got.rows)
+        return Page(got.rows, got.counts, 0, self._min_count)
 
     def handed(self, page: Page) -> None:
         """``page`` has been handled: history reads go on after its last entry."""
@@ -228,10 +244,11 @@ class _ReadAhead:
         Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered."""
         self.in_flight = False  # read now, or its connection is dropped: nothing left either way
         head, rows = yield PipeRecv(2)
-        self._sent_acks = []
         if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
+            # the script did not run: the acks it carried are still to send (forget())
             yield Plain(*self._scripts.load_command("deliver"))
             raise ResyncNeeded
+        self._sent_acks = []
         got = DeliverReply.parse(self._scripts.reply(head))
         if not got.count:
             return [], got.tail

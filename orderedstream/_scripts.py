@@ -260,6 +260,45 @@ def claim_op(keys: GroupKeys, token: str, consumer: str, dead: str,
                     [token, keys.group, consumer, dead, page], _claim_reply)
 
 
+@attrs.frozen
+class TakeOverReply:
+    """``take_over``: what the claims did, and the first page read along with them (``kind``
+    'replay': the caller's own pending entries from the start, as a history read; 'new': it
+    had none, these are new entries now delivered to it; 'none': consumers are ``left`` with
+    entries still pending, nothing was read)."""
+
+    epoch: int
+    claimed: int
+    trimmed: list[str]
+    deleted: list[str]
+    left: list[str]
+    kind: str
+    read: ReadReply
+    tail: str
+    """The stream's last id before the read ('0-0' if none)."""
+
+    @classmethod
+    def parse(cls, reply: Any) -> TakeOverReply:
+        epoch, claimed, trimmed, deleted, left, kind, rows, counts, gone, tail = reply
+        return cls(int(epoch), int(claimed), [_text(t) for t in trimmed],
+                   [_text(d) for d in deleted], [_text(n) for n in left], _text(kind),
+                   ReadReply(rows, counts, [_text(t) for t in gone], ""), _text(tail))
+
+
+def take_over_command(keys: GroupKeys, consumer: str, nonce: str, claim_page: int,
+                      count: int) -> tuple[str, list[str], list[Any]]:
+    """``take_over`` (fenced by the term's nonce: it can ride right behind ``acquire``) as the
+    name, keys and args of an EVALSHA; reply: :meth:`TakeOverReply.parse`."""
+    return ("take_over", [keys.stream, keys.lease, keys.events],
+            [consumer, nonce, keys.group, claim_page, count, EVENTS_MAXLEN])
+
+
+def take_over_op(keys: GroupKeys, consumer: str, nonce: str, claim_page: int,
+                 count: int) -> ScriptOp[TakeOverReply]:
+    name, script_keys, args = take_over_command(keys, consumer, nonce, claim_page, count)
+    return ScriptOp(name, script_keys, args, TakeOverReply.parse)
+
+
 def _defer_reply(reply: Any) -> DeferReply:
     due, role = reply
     return DeferReply(int(due), _text(role))
@@ -301,6 +340,11 @@ class Scripts:
         self._texts = {name: _load(name) for name in script_names()}
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest()
                       for name, text in self._texts.items()}
+
+    @property
+    def client(self) -> redis.Redis:
+        """The client the scripts run on unless another one is given."""
+        return self._client
 
     # -- the raw path -------------------------------------------------------------------------
 

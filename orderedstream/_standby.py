@@ -41,11 +41,12 @@ from ._events import (
     WatchDisabled,
 )
 from ._keys import GroupKeys
-from ._lease import Holder, Lease, LeaseManager
+from ._lease import Holder, Lease, LeaseManager, Then
 from ._watch import Arm, PushWatch
 from .exceptions import ReplicasNotAcknowledged
 
 PUSH_RETRY_S = 1.0  # after a passing fault, arm the push watch again no sooner than this
+LINGER_S = 0.05  # a push watch closed on a takeover releases its connections this much later
 
 
 class StandbyWaiter:
@@ -53,8 +54,10 @@ class StandbyWaiter:
 
     def __init__(self, manager: LeaseManager, cmd: redis.Redis, waiter: Waiter, keys: GroupKeys,
                  config: LeaseConfig, emit: Emit, stop: threading.Event,
-                 on_standby: Callable[[], None], *, watch_name: str | None = None) -> None:
+                 on_standby: Callable[[], None], *, watch_name: str | None = None,
+                 then: Then | None = None) -> None:
         self._manager = manager
+        self._then = then  # the owner's first script, sent right behind each acquisition
         self._cmd = cmd
         self._waiter = waiter
         self._keys = keys
@@ -99,7 +102,7 @@ class StandbyWaiter:
             if taken is not None:
                 return taken
             try:
-                got = self._manager.try_acquire()
+                got = self._manager.try_acquire(self._then)
             except ReplicasNotAcknowledged as err:
                 if str(err) != refused:  # say it once per reason, not on every retry
                     refused = str(err)
@@ -233,7 +236,7 @@ class StandbyWaiter:
                 return
             try:
                 ended, got = self._manager.end_and_acquire(self._cmd, holder.token,
-                                                           "owner connection gone")
+                                                           "owner connection gone", self._then)
             except Exception:  # any failure: the standby's thread looks again
                 ended, got = False, None
             if isinstance(got, Lease):
@@ -260,8 +263,8 @@ class StandbyWaiter:
             watch, self._push_watch = self._push_watch, None
             self._watched = None
         self._pushed.clear()
-        if watch is not None:
-            watch.close(wait=wait)
+        if watch is not None:  # (taking over: its connections are closed a little later, not
+            watch.close(wait=wait, linger_s=LINGER_S)  # while the new owner hands out its first)
         taken = self._take()
         if taken is not None:  # got by a push while stopping: hand it on at once
             self._manager.release(taken)

@@ -23,6 +23,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,7 @@ class PushWatch:
         self._wake_r.setblocking(False)
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._linger_s = 0.0
 
     # -- the caller's side ----------------------------------------------------------------
 
@@ -194,11 +196,14 @@ class PushWatch:
         if left is None:
             self._park(tracker)
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self, *, wait: bool = True, linger_s: float = 0.0) -> None:
         """Stop the thread and close every connection (idempotent, bounded).  ``wait=False``
-        leaves that to the thread, which ends within a moment (off a caller's critical path)."""
+        leaves that to the thread, which ends within a moment (off a caller's critical path),
+        after ``linger_s`` (so that its work does not compete with the caller's next steps
+        for the interpreter)."""
         with self._lock:
             self._closing = True
+            self._linger_s = linger_s if not wait else 0.0
             thread = self._thread
         self._wake()
         if thread is not None and thread.is_alive():
@@ -252,6 +257,8 @@ class PushWatch:
     def _run(self) -> None:
         try:
             self._loop()
+            if self._linger_s > 0:
+                time.sleep(self._linger_s)
         except Exception:  # a socket closed under it by a close() that gave up waiting
             log.debug("push watch thread ended on error", exc_info=True)
         finally:

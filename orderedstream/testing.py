@@ -893,6 +893,11 @@ def slow_repair(entry: Any) -> dict[str, str]:
     return demo_repair(entry)
 
 
+async def async_record_handler(message: Any) -> None:
+    """``record_handler`` as an ``async def``, for ``consume --async`` (benchmarks)."""
+    record_handler(message)
+
+
 _RECORD_FD: list[int] = []
 
 

@@ -259,7 +259,9 @@ class _Signals:
         self.count = 0
         self._on_first = on_first
         self._on_force = on_force
-        self._text = text
+        with err_console.capture() as captured:  # rendered now: the signal handler writes it
+            err_console.print(f"[yellow]{text}[/]")  # without holding the lease's handover up
+        self._text = captured.get()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -272,8 +274,10 @@ class _Signals:
             if self._on_force is not None:
                 self._on_force()
             os._exit(130)
-        err_console.print(f"[yellow]{self._text}[/]")
         threading.Thread(target=self._on_first, daemon=True).start()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(self._text)
+            sys.stderr.flush()
 
 
 def _port_taken(port: int) -> bool:

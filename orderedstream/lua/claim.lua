@@ -1,6 +1,8 @@
 -- claim: move one page of a dead consumer's pending entries to the caller, and delete the dead
 -- consumer once (and only in the same script that proves) its pending list is empty.
 -- XGROUP DELCONSUMER drops a consumer's pending entries for good, hence the proof.
+-- (take_over.lua does a first page of every consumer in the same script as the new owner's
+-- first read; this script goes on where one page was not enough.)
 -- KEYS[1] stream   KEYS[2] lease
 -- ARGV[1] token    ARGV[2] group   ARGV[3] caller (new owner)   ARGV[4] dead consumer
 -- ARGV[5] page size
@@ -11,36 +13,6 @@
 -- Error: NOTOWNER
 --! include lib/fence.lua
 --! include lib/chunks.lua
-local pend = redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', ARGV[5], ARGV[4])
-local trimmed = {}
-local claimed = 0
-if #pend > 0 then
-  -- XCLAIM in chunks of 1000 ids (the page size is the caller's); JUSTID goes after the ids
-  local got = {}
-  for c = 1, #pend, 1000 do
-    local args = {'XCLAIM', KEYS[1], ARGV[2], ARGV[3], '0'}
-    for k = c, math.min(c + 999, #pend) do args[#args + 1] = pend[k][1] end
-    args[#args + 1] = 'JUSTID'
-    for _, id in ipairs(redis.call(unpack(args))) do got[#got + 1] = id end
-  end
-  claimed = #got
-  if claimed < #pend then
-    local seen = {}
-    for _, id in ipairs(got) do seen[id] = true end
-    for _, p in ipairs(pend) do
-      if not seen[p[1]] then trimmed[#trimmed + 1] = p[1] end
-    end
-    -- A server that keeps missing ids in the PEL through XCLAIM (6.2) would leave them with
-    -- the dead consumer forever; ack them so the consumer can be deleted safely.
-    chunked({'XACK', KEYS[1], ARGV[2]}, trimmed)
-  end
-end
-local deleted = 0
-if #redis.call('XPENDING', KEYS[1], ARGV[2], '-', '+', 1, ARGV[4]) == 0 then
-  local dropped = redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[2], ARGV[4])
-  if dropped ~= 0 then
-    return redis.error_reply('CLAIMBUG deleted consumer still had ' .. dropped .. ' pending')
-  end
-  deleted = 1
-end
+--! include lib/claim.lua
+local claimed, trimmed, deleted = claim_page(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return {claimed, trimmed, deleted}
