@@ -54,7 +54,7 @@ from ._lease import Lease, parse_token
 from ._mux import Lane, Mux
 from ._owner import Owner
 from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
-from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts
+from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts, take_over_command
 from ._server import NodeMap, client_name, connect_url
 from ._takeover import ensure_group
 from ._target import Target, settle_target
@@ -413,22 +413,20 @@ class TopicMember(Background):
         return self._target
 
     def _acquire(self, partitions: list[int], live: set[str]) -> None:
-        """Ask for the leases of ``partitions`` (pipelined per node); a lease held by a member
-        that is not live is ended and taken in the same round trip."""
+        """Ask for the leases of ``partitions`` (pipelined per node), each with its term's
+        ``take_over`` script right behind (fenced by the new term's nonce: the takeover and
+        first page come in the same round trip); a lease held by a member that is not live is
+        ended and taken in the next round trip."""
         cfg = self.config
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         for partition in partitions:
             by_node[self._nodes.node_name(self._streams[partition])].append(partition)
         for group in by_node.values():
             beat = self._node_beat(self._streams[group[0]])
-            replies = self._pipeline(beat, [self._acquire_command(beat, p) for p in group])
             ends: list[tuple[Any, ...]] = []
             retry: list[int] = []
-            for partition, (sent, reply) in zip(group, replies, strict=True):
-                got = AcquireReply.parse(Scripts.reply(reply))
-                if got.granted:
-                    self._serve(partition, Lease(got.token, got.epoch, cfg.lease, sent,
-                                                 server_changed=got.server_changed))
+            for partition, got in self._ask(beat, group, []):
+                if isinstance(got, Lease):
                     continue
                 holder = parse_token(got.holder)[0]
                 if holder in live and holder != cfg.name:
@@ -439,22 +437,42 @@ class TopicMember(Background):
                 ends.append(self._end_command(beat, partition, got.holder, "ended",
                                               f"member {holder} is gone"))
                 retry.append(partition)
-            if ends:
-                commands = [*ends, *[self._acquire_command(beat, p) for p in retry]]
-                replies = self._pipeline(beat, commands)
-                for partition, (sent, reply) in zip(retry, replies[len(ends):], strict=True):
-                    got = AcquireReply.parse(Scripts.reply(reply))
-                    if got.granted:
-                        self._serve(partition, Lease(got.token, got.epoch, cfg.lease, sent,
-                                                     server_changed=got.server_changed))
-                    else:
-                        self._retry_at[partition] = time.monotonic() + 0.05
+            for partition, got in self._ask(beat, retry, ends):
+                if not isinstance(got, Lease):
+                    self._retry_at[partition] = time.monotonic() + 0.05
 
-    def _acquire_command(self, beat: _Beat, partition: int) -> tuple[Any, ...]:
-        keys = GroupKeys(self._streams[partition], self.config.group)
-        return beat.scripts.acquire_command(
-            keys, self.config.name, self.config.lease.ttl_ms, beat.conn_id,
-            client_name(f"{self._base}:beat"), self._host, os.getpid(), secrets.token_hex(6))
+    def _ask(self, beat: _Beat, partitions: list[int], first: list[tuple[Any, ...]]
+             ) -> list[tuple[int, Lease | AcquireReply]]:
+        """One round trip: ``first``, then ``acquire`` + ``take_over`` of each partition;
+        serves every partition granted.  (partition, its lease, or the refusal) each."""
+        if not partitions:
+            return []
+        cfg = self.config
+        commands = list(first)
+        for partition in partitions:
+            keys = GroupKeys(self._streams[partition], cfg.group)
+            nonce = secrets.token_hex(6)
+            commands.append(beat.scripts.acquire_command(
+                keys, cfg.name, cfg.lease.ttl_ms, beat.conn_id,
+                client_name(f"{self._base}:beat"), self._host, os.getpid(), nonce))
+            commands.append(beat.scripts.command(*take_over_command(
+                keys, cfg.name, nonce, cfg.claim_page, cfg.batch_size)))
+        replies = self._pipeline(beat, commands)[len(first):]
+        out: list[tuple[int, Lease | AcquireReply]] = []
+        for n, partition in enumerate(partitions):
+            sent, reply = replies[2 * n]
+            got = AcquireReply.parse(Scripts.reply(reply))
+            if not got.granted:
+                out.append((partition, got))
+                continue
+            lease = Lease(got.token, got.epoch, cfg.lease, sent,
+                          server_changed=got.server_changed)
+            head = replies[2 * n + 1][1]
+            if not isinstance(head, redis.ResponseError):
+                lease.head_start = head
+            self._serve(partition, lease)
+            out.append((partition, lease))
+        return out
 
     @staticmethod
     def _pipeline(beat: _Beat, commands: list[tuple[Any, ...]]) -> list[tuple[float, Any]]:
@@ -469,7 +487,7 @@ class TopicMember(Background):
             if attempt or not any(isinstance(r, redis.exceptions.NoScriptError)
                                   for r in replies):
                 break
-            for name in ("acquire", "renew", "end_term"):
+            for name in ("acquire", "renew", "end_term", "take_over"):
                 beat.scripts.sha(name)
         return [(sent, r) for r in replies]
 
