@@ -32,6 +32,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import math
 import os
 import secrets
 import socket
@@ -147,6 +148,7 @@ class TopicMember(Background):
         self._outage = Outage(self._event)
         self._stalled: int | None = None  # the partition whose handler is stuck
         self._next_poll = 0.0  # when to look at the other members' connections next
+        self._next_expiry = math.inf  # when the first other membership runs out
 
     @classmethod
     def from_url(cls, url: str, config: MemberConfig, handler: Handler,
@@ -205,7 +207,7 @@ class TopicMember(Background):
                         self._reap()
                         self._wait_events(cfg.lease.renew_interval_ms / 1000.0)
                         continue
-                    if now >= next_beat:
+                    if now >= min(next_beat, self._next_expiry):
                         self._beat("renew")
                         next_beat = now + cfg.lease.renew_interval_ms / 1000.0
                     if now >= next_renew:
@@ -218,7 +220,8 @@ class TopicMember(Background):
                     self._reap()
                     self._reconcile()
                     self._outage.ok()
-                    wake = min(next_beat, next_renew, *self._retry_at.values(),
+                    wake = min(next_beat, self._next_expiry, next_renew,
+                               *self._retry_at.values(),
                                self._next_poll if cfg.lease.watch_connection else next_beat,
                                now + stall_check if self._served else next_beat)
                     self._wait_events(max(wake - time.monotonic(), 0.001))
@@ -286,11 +289,19 @@ class TopicMember(Background):
             self._beat("join")
             return
         flat = [_text(v) for v in reply[3:]]
-        if tuple(flat[0::2]) != self._live:
+        names = tuple(sorted(flat[0::3]))
+        if names != self._live:
             self._next_poll = 0.0  # other members now: watch them from now on
-        self._live = tuple(flat[0::2])
-        self._target_stale = True  # (cheap: one HMGET per beat)
-        self._conns = dict(zip(flat[0::2], flat[1::2], strict=True))
+        self._live = names
+        self._conns = dict(zip(flat[0::3], flat[1::3], strict=True))
+        # beat again right after the first other member's membership runs out (a paused
+        # member): its partitions are then taken at once, not at our next beat
+        now_ms = int(reply[0])
+        others = [int(float(e)) for n, e in zip(flat[0::3], flat[2::3], strict=True)
+                  if n != self.config.name]
+        self._next_expiry = (time.monotonic() + (min(others) - now_ms + 5) / 1000.0
+                             if others else math.inf)
+        self._target_stale = True  # (cheap: one script per beat)
 
     def _poll(self) -> bool:
         """End the membership of every other member whose heartbeat connection is gone; False

@@ -6,9 +6,9 @@
 -- KEYS[3] events (stream: the rebalance timeline, and what wakes every member)
 -- ARGV[1] member   ARGV[2] ttl_ms   ARGV[3] its heartbeat connection id   ARGV[4] its name
 -- ARGV[5] events MAXLEN (approximate)   ARGV[6] 'join' | 'renew' (renew: only if still a member)
--- Reply: {now_ms, run_id, joined (1 when this call added the member), member, conn, member,
---         conn, ...} for every live member, sorted by name; 'renew' of a member that is gone
---         (expired, or ended as gone) adds nothing and replies joined = -1.
+-- Reply: {now_ms, run_id, joined (1 when this call added the member), member, conn, expiry_ms,
+--         member, conn, expiry_ms, ...} for every live member, by expiry; 'renew' of a member
+--         that is gone (expired, or ended as gone) adds nothing and replies joined = -1.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_s = string.format('%d', now)
@@ -35,8 +35,10 @@ else
   joined = -1
 end
 local reply = {now_s, run_id, joined}
-for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_s, '+inf')) do
-  reply[#reply + 1] = name
-  reply[#reply + 1] = redis.call('HGET', KEYS[2], name) or ''
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_s, '+inf', 'WITHSCORES')
+for i = 1, #live, 2 do
+  reply[#reply + 1] = live[i]
+  reply[#reply + 1] = redis.call('HGET', KEYS[2], live[i]) or ''
+  reply[#reply + 1] = live[i + 1]
 end
 return reply
