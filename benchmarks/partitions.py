@@ -13,6 +13,11 @@ Parts (``--parts``, comma-separated):
   owner -> the first by the new one, minus any time no entry was waiting), and the longest gap
   between two handled entries of a partition that did not move, beside the same measure over an
   equal window without a rebalance;
+* ``churn``: random member kills, pauses past the TTL, joins and leaves every 2-4 s for
+  ``--churn-seconds``: the longest time any partition had no owner (its lease sampled every
+  50 ms);
+* ``primary``: a primary (not the URL's node) is SIGKILLed under load: how long its shard's
+  partitions pause, and the other shards' end-to-end latency before and after;
 * ``scale``: one process owning 256 partitions: connections it holds per node, its idle CPU
   over ``--idle-seconds`` (from ``/proc``), and end-to-end latency (entry id -> handled) p50/p99
   under the producer.
@@ -42,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from orderedstream._keys import GroupKeys, TopicGroupKeys
-from orderedstream._topic import TopicProducer, create_topic
+from orderedstream._topic import TopicProducer, create_topic, load_topic
 from orderedstream.testing import ClusterServers, RecordTail, topic_verdict, wait_until
 
 KEYS = 256
@@ -60,6 +65,7 @@ class Producer(threading.Thread):
     def __init__(self, client: Any, topic: str, rate: float) -> None:
         super().__init__(daemon=True)
         self.producer = TopicProducer(client, topic)
+        self.topic = load_topic(client, topic)
         self.rate = rate
         self.seq = 0
         self.kseq = [0] * KEYS
@@ -79,7 +85,34 @@ class Producer(threading.Thread):
                 self.kseq[k] += 1
                 batch.append((f"k{k}", {"seq": self.seq, "key": f"k{k}",
                                         "kseq": self.kseq[k]}))
-            self.producer.send_many(batch)
+            self._send(batch)
+
+    def _send(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send ``batch``; after a fault (a shard failing over) send again only the entries
+        the partitions do not hold (one producer: a partition holds a seq when its last
+        entry's seq is at least that), so nothing is written twice."""
+        from orderedstream.cli.topic import _stored_seqs
+
+        while True:
+            try:
+                self.producer.send_many(batch)
+                return
+            except Exception:
+                while not self.halt.is_set():
+                    time.sleep(0.1)
+                    try:
+                        self.producer.client.nodes_manager.initialize()
+                        streams = {self.topic.stream_for(k) for k, _ in batch}
+                        stored = _stored_seqs(self.producer.client, streams)
+                        break
+                    except Exception:
+                        continue
+                else:
+                    return
+                batch = [(k, f) for k, f in batch
+                         if f["seq"] > stored[self.topic.stream_for(k)]]
+                if not batch:
+                    return
 
     def stop(self) -> int:
         self.halt.set()
@@ -359,6 +392,142 @@ def part_scale(cluster: ClusterServers, args: argparse.Namespace,
             "verdict": topic_verdict(records, produced).as_dict()}
 
 
+def part_churn(cluster: ClusterServers, args: argparse.Namespace,
+               work: Path) -> dict[str, Any]:
+    """Random member kills, pauses past the TTL, joins and leaves every 2-4 s for
+    ``--churn-seconds``; a sampler reads every partition's lease every 50 ms and keeps the
+    longest time one had no owner at all."""
+    client = cluster.client()
+    topic = f"bc{os.getpid()}"
+    streams = list(create_topic(client, topic, args.partitions).streams)
+    members = Members(cluster.url, topic, work, args.ttl_ms)
+    for _ in range(args.members):
+        members.spawn()
+    wait_until(lambda: settled(client, streams, set(members.live())), 60,
+               message="members settled")
+    producer = Producer(client, topic, args.rate)
+    producer.start()
+    ownerless = Ownerless(client, streams)
+    ownerless.start()
+    rng = random.Random(11)
+    actions: dict[str, int] = {"kill": 0, "pause": 0, "join": 0, "leave": 0}
+    try:
+        end = time.monotonic() + args.churn_seconds
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(2.0, 4.0))
+            live = members.live()
+            choices = ["kill", "pause"] if len(live) > 2 else []
+            choices += ["join"] if len(live) < args.members + 1 else []
+            choices += ["leave"] if len(live) > 2 else []
+            action = rng.choice(choices)
+            actions[action] += 1
+            name = rng.choice(sorted(live))
+            if action == "kill":
+                live[name].kill()
+                live[name].wait()
+                members.spawn()
+            elif action == "pause":
+                live[name].send_signal(signal.SIGSTOP)
+                time.sleep(2 * args.ttl_ms / 1000.0)
+                live[name].send_signal(signal.SIGCONT)
+            elif action == "join":
+                members.spawn()
+            else:
+                live[name].send_signal(signal.SIGTERM)
+                live[name].wait(30)
+    finally:
+        ownerless.halt.set()
+        ownerless.join()
+        produced = producer.stop()
+    wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 120,
+               message="everything handled")
+    members.stop_all()
+    records = members.record.read()
+    return {"part": "churn", "seconds": args.churn_seconds, "actions": actions,
+            "longest_ownerless_ms": round(ownerless.longest * 1000, 1),
+            "ownerless_sampled_every_ms": 50,
+            # an entry's wait beyond its arrival and its predecessor's handling: a paused
+            # owner holds its partitions until its lease runs out (the TTL)
+            "longest_partition_stall_ms": round(
+                _longest_gap(records, list(range(args.partitions)), (0, math.inf)) * 1000, 1),
+            "verdict": topic_verdict(records, produced).as_dict()}
+
+
+class Ownerless(threading.Thread):
+    """Samples every partition's lease every 50 ms (one pipelined read per node); keeps the
+    longest time one was seen without a holder."""
+
+    def __init__(self, client: Any, streams: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.keys = [GroupKeys(s, "g").lease for s in streams]
+        self.halt = threading.Event()
+        self.longest = 0.0
+
+    def run(self) -> None:
+        since: dict[int, float] = {}
+        while not self.halt.wait(0.05):
+            pipe = self.client.pipeline()
+            for key in self.keys:
+                pipe.get(key)
+            try:
+                held = pipe.execute()
+            except Exception:  # a shard failing over: sample again
+                continue
+            now = time.monotonic()
+            for p, token in enumerate(held):
+                if token is None:
+                    since.setdefault(p, now)
+                    self.longest = max(self.longest, now - since[p])
+                else:
+                    since.pop(p, None)
+
+
+def part_primary(cluster: ClusterServers, args: argparse.Namespace,
+                 work: Path) -> dict[str, Any]:
+    """A primary is SIGKILLed under load: how long its shard's partitions pause (kill -> the
+    first entry written after the kill handled, per partition there), and the end-to-end
+    latency of the other shards' partitions before and after."""
+    client = cluster.client()
+    topic = f"bp{os.getpid()}"
+    streams = list(create_topic(client, topic, args.partitions).streams)
+    members = Members(cluster.url, topic, work, args.ttl_ms)
+    for _ in range(args.members):
+        members.spawn()
+    wait_until(lambda: settled(client, streams, set(members.live())), 60,
+               message="members settled")
+    url_port = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    victim = next(n for n in cluster.primaries_now() if n.port != url_port)
+    on_victim = {p for p, s in enumerate(streams) if cluster.primary_for(s) == victim}
+    producer = Producer(client, topic, args.rate)
+    producer.start()
+    try:
+        time.sleep(5.0)
+        killed = time.time()
+        cluster.kill(victim)
+        time.sleep(10.0)
+    finally:
+        produced = producer.stop()
+    wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 120,
+               message="everything handled")
+    records = members.record.read()
+    members.stop_all()
+    pauses = []
+    for p in on_victim:
+        after = [float(r["t"]) for r in records if r["p"] == p and id_ms(r["id"]) >= killed]
+        if after:
+            pauses.append(min(after) - killed)
+    others_before = [float(r["t"]) - id_ms(r["id"]) for r in records
+                     if r["p"] not in on_victim and killed - 4 <= id_ms(r["id"]) < killed]
+    others_after = [float(r["t"]) - id_ms(r["id"]) for r in records
+                    if r["p"] not in on_victim and killed <= id_ms(r["id"]) < killed + 4]
+    return {"part": "primary", "partitions_on_killed_shard": len(on_victim),
+            "shard_pause_ms": _stats(pauses),
+            "other_shards_end_to_end_ms": {"before": _stats(others_before),
+                                            "after": _stats(others_after)},
+            "verdict": topic_verdict(records, produced).as_dict()}
+
+
 def _cpu(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])
@@ -366,7 +535,8 @@ def _cpu(pid: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="kill,rebalance,scale")
+    parser.add_argument("--parts", default="kill,rebalance,churn,primary,scale")
+    parser.add_argument("--churn-seconds", type=float, default=180.0)
     parser.add_argument("--partitions", type=int, default=64)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--kills", type=int, default=10)
@@ -376,7 +546,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--detail", action="store_true", help="kill: each kill's timeline")
     args = parser.parse_args()
-    parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale}
+    parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale,
+             "churn": part_churn, "primary": part_primary}
     # SIGTERM (``timeout``, a CI runner) ends the run like Ctrl+C: every process it started is
     # stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
