@@ -59,7 +59,7 @@ from typing import Any
 import redis
 
 from orderedstream import GroupKeys, Producer
-from orderedstream.testing import ServerProcess, verdict, wait_until
+from orderedstream.testing import RecordTail, ServerProcess, verdict, wait_until
 
 LOADED = ("push", "poll", "ttl-only", "graceful")
 IDLE = ("idle-push", "idle-poll")
@@ -72,27 +72,6 @@ HANDLERS = {"sync": ["--handler", "orderedstream.testing:record_handler"],
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-class Record:
-    """The handlers' record file, read incrementally (re-parsing the whole file every 2 ms
-    would load the machine the failover runs on)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.rows: list[dict[str, Any]] = []
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return self.rows
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # complete lines only
-        self.offset += end
-        self.rows += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-        return self.rows
 
 
 class Group:
@@ -109,7 +88,7 @@ class Group:
         self.flags = flags
         self.ttl_ms = ttl_ms
         self.workdir = Path(tempfile.mkdtemp(prefix=f"failover-{stream}-"))
-        self.record = Record(self.workdir / "record.jsonl")
+        self.record = RecordTail(self.workdir / "record.jsonl")
         self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record.path),
                         ORDEREDSTREAM_WORK_MS="0")
         self.by_pid: dict[int, subprocess.Popen[bytes]] = {}
