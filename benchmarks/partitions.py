@@ -188,15 +188,23 @@ def id_ms(entry_id: str) -> float:
     return float(entry_id.split("-")[0]) / 1000.0
 
 
-def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _settled_group(cluster: ClusterServers, args: argparse.Namespace, work: Path,
+                   tag: str) -> tuple[Any, str, list[str], Members]:
+    """A new topic of ``--partitions`` and ``--members`` member processes, once they settled:
+    (cluster client, topic, partition streams, members)."""
     client = cluster.client()
-    topic = f"bk{os.getpid()}"
+    topic = f"{tag}{os.getpid()}"
     streams = list(create_topic(client, topic, args.partitions).streams)
     members = Members(cluster.url, topic, work, args.ttl_ms)
     for _ in range(args.members):
         members.spawn()
     wait_until(lambda: settled(client, streams, set(members.live())), 60,
                message="members settled")
+    return client, topic, streams, members
+
+
+def part_kill(cluster: ClusterServers, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    client, topic, streams, members = _settled_group(cluster, args, work, "bk")
     producer = Producer(client, topic, args.rate)
     producer.start()
     owned_again: list[float] = []
@@ -269,14 +277,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
                    work: Path) -> dict[str, Any]:
-    client = cluster.client()
-    topic = f"br{os.getpid()}"
-    streams = list(create_topic(client, topic, args.partitions).streams)
-    members = Members(cluster.url, topic, work, args.ttl_ms)
-    for _ in range(args.members):
-        members.spawn()
-    wait_until(lambda: settled(client, streams, set(members.live())), 60,
-               message="members settled")
+    client, topic, streams, members = _settled_group(cluster, args, work, "br")
     producer = Producer(client, topic, args.rate)
     producer.start()
     out: dict[str, Any] = {"part": "rebalance", "partitions": args.partitions}
@@ -397,14 +398,7 @@ def part_churn(cluster: ClusterServers, args: argparse.Namespace,
     """Random member kills, pauses past the TTL, joins and leaves every 2-4 s for
     ``--churn-seconds``; a sampler reads every partition's lease every 50 ms and keeps the
     longest time one had no owner at all."""
-    client = cluster.client()
-    topic = f"bc{os.getpid()}"
-    streams = list(create_topic(client, topic, args.partitions).streams)
-    members = Members(cluster.url, topic, work, args.ttl_ms)
-    for _ in range(args.members):
-        members.spawn()
-    wait_until(lambda: settled(client, streams, set(members.live())), 60,
-               message="members settled")
+    client, topic, streams, members = _settled_group(cluster, args, work, "bc")
     producer = Producer(client, topic, args.rate)
     producer.start()
     ownerless = Ownerless(client, streams)
@@ -488,14 +482,7 @@ def part_primary(cluster: ClusterServers, args: argparse.Namespace,
     """A primary is SIGKILLed under load: how long its shard's partitions pause (kill -> the
     first entry written after the kill handled, per partition there), and the end-to-end
     latency of the other shards' partitions before and after."""
-    client = cluster.client()
-    topic = f"bp{os.getpid()}"
-    streams = list(create_topic(client, topic, args.partitions).streams)
-    members = Members(cluster.url, topic, work, args.ttl_ms)
-    for _ in range(args.members):
-        members.spawn()
-    wait_until(lambda: settled(client, streams, set(members.live())), 60,
-               message="members settled")
+    client, topic, streams, members = _settled_group(cluster, args, work, "bp")
     url_port = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
     victim = next(n for n in cluster.primaries_now() if n.port != url_port)
     on_victim = {p for p, s in enumerate(streams) if cluster.primary_for(s) == victim}
