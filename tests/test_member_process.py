@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,36 @@ def owned_by(record: Path, pid: int, after: float) -> set[int]:
     return {int(r["p"]) for r in read_records(record) if r["pid"] == pid and r["t"] >= after}
 
 
+@pytest.fixture(params=["server", pytest.param("cluster", marks=pytest.mark.slow)])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, Consumers]]:
+    """(client, member processes) on a single server, and on the suite's 3 + 3 cluster."""
+    if request.param == "server":
+        yield request.getfixturevalue("client"), request.getfixturevalue("consumers")
+        return
+    cluster = request.getfixturevalue("cluster")
+    group = Consumers(cluster.url, "unused", tmp_path / "record.jsonl")
+    client = cluster.client()
+    try:
+        yield client, group
+    finally:
+        group.stop_all()
+        client.close()
+
+
 @pytest.fixture
-def topic(client: redis.Redis) -> str:
+def client_(where: tuple[Any, Consumers]) -> Any:
+    return where[0]
+
+
+@pytest.fixture
+def members_(where: tuple[Any, Consumers]) -> Consumers:
+    return where[1]
+
+
+@pytest.fixture
+def topic(client_: Any) -> str:
     name = f"tp{uuid.uuid4().hex[:6]}"
-    create_topic(client, name, 8)
+    create_topic(client_, name, 8)
     return name
 
 
@@ -78,10 +105,11 @@ def produce_until_all_handle(client: redis.Redis, topic: str, consumers: Consume
 
 
 def test_member_sigkill_partitions_handled_again_at_once(
-        client: redis.Redis, topic: str, consumers: Consumers) -> None:
+        client_: Any, topic: str, members_: Consumers) -> None:
     """SIGKILL one of three members under load: the others end its membership by the
     connection watch and take its partitions (replay first) within a fraction of the lease TTL;
     nothing lost, per-key order kept, duplicates only flagged, no term handed out twice."""
+    client, consumers = client_, members_
     kseq = [0] * KEYS
     members = _members(consumers, topic, "abc", ttl_ms=5000, work_ms=0.5, batch=20)
     seq = produce_until_all_handle(client, topic, consumers, members, kseq)
@@ -104,10 +132,11 @@ def test_member_sigkill_partitions_handled_again_at_once(
     assert result.ok, result.as_dict()
 
 
-def test_member_graceful_stop_hands_over(client: redis.Redis, topic: str,
-                                         consumers: Consumers) -> None:
+def test_member_graceful_stop_hands_over(client_: Any, topic: str,
+                                         members_: Consumers) -> None:
     """SIGTERM one of two members under load: it hands its partitions over (the survivor owns
     all of them), nothing is lost or reordered, and nothing is handled twice."""
+    client, consumers = client_, members_
     kseq = [0] * KEYS
     members = _members(consumers, topic, "ab", ttl_ms=3000, work_ms=0.2, batch=20)
     seq = produce_until_all_handle(client, topic, consumers, members, kseq)
@@ -124,11 +153,12 @@ def test_member_graceful_stop_hands_over(client: redis.Redis, topic: str,
 
 
 @pytest.mark.slow
-def test_member_sigstop_is_fenced(client: redis.Redis, topic: str,
-                                  consumers: Consumers) -> None:
+def test_member_sigstop_is_fenced(client_: Any, topic: str,
+                                  members_: Consumers) -> None:
     """SIGSTOP a member past its TTL: its membership and leases expire on the server's clock,
     the other takes its partitions; SIGCONT: the woken member hands out at most the entry its
     handler was inside, its late terms are fenced, and it rejoins; per-key order holds."""
+    client, consumers = client_, members_
     kseq = [0] * KEYS
     members = _members(consumers, topic, "ab", ttl_ms=1000, work_ms=1, batch=10)
     first = produce_until_all_handle(client, topic, consumers, members, kseq)
