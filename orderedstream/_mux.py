@@ -232,7 +232,12 @@ class Mux(threading.Thread):
         node.lanes.discard(lane)
         for owed in node.owed:  # replies on their way to it are read and dropped
             if owed.lane is lane:
+                if owed.kind in ("reply", "script"):
+                    node.waiting -= 1
                 owed.kind = "drop"
+        if lane.want:
+            lane.want = 0
+            node.waiting -= 1
         lane.pipe_owed = 0
         lane.mailbox.clear()
 
