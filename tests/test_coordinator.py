@@ -118,6 +118,9 @@ def test_simultaneous_starts_elect_one_owner(client: redis.Redis, stream: str) -
     for t in threads:
         t.join()
     wait_until(lambda: len(rec.records) >= 500, 10, message="500 handled")
+    # the last to start may still be on its way to standing by: wait for every role
+    wait_until(lambda: Role.STARTING not in [c.role for c in group], 10,
+               message="every coordinator owns or stands by")
     roles = [c.role for c in group]
     for c in group:
         c.stop(5)
