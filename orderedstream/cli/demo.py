@@ -287,17 +287,24 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             console.print(table)
         return 0 if not judged.lost and not judged.out_of_order else 1
     finally:
-        try:
-            if cast is not None:
-                cast.stop()
-            if client is not None:
-                client.close()
-        finally:
-            if server is not None:
-                server.cleanup()
-            if work is not None and not args.keep_logs:
-                shutil.rmtree(work, ignore_errors=True)
-            signals.restore()
+        tear_down(cast, client, server, work, args.keep_logs, signals)
+
+
+def tear_down(cast: Any, client: Any, servers: Any, work: Path | None, keep_logs: bool,
+              signals: Any) -> None:
+    """The end of a demo, however it ends: its processes, its client, its embedded server(s),
+    its work directory (unless ``--keep-logs``), and the signal handlers it installed."""
+    try:
+        if cast is not None:
+            cast.stop()
+        if client is not None:
+            client.close()
+    finally:
+        if servers is not None:
+            servers.cleanup()
+        if work is not None and not keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+        signals.restore()
 
 
 def fence(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

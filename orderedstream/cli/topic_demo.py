@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import signal
 import tempfile
 import time
@@ -34,7 +33,7 @@ from .._status import TopicEvent, TopicStatus, topic_status
 from .._topic import Topic, create_topic
 from ..exceptions import ConfigError
 from ..testing import ClusterServers, RecordTail, topic_verdict
-from .demo import _Cast, _Stop
+from .demo import _Cast, _Stop, tear_down
 from .topic_status import _fault, _ranges, _refresh, render_topic_status
 
 
@@ -300,17 +299,7 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
             _print_verdict(console, result)
         return 0 if result["ok"] else 1
     finally:
-        try:
-            if cast is not None:
-                cast.stop()
-            if client is not None:
-                client.close()
-        finally:
-            if cluster is not None:
-                cluster.cleanup()
-            if work is not None and not args.keep_logs:
-                shutil.rmtree(work, ignore_errors=True)
-            signals.restore()
+        tear_down(cast, client, cluster, work, args.keep_logs, signals)
 
 
 def _print_verdict(console: Console, result: dict[str, Any]) -> None:
