@@ -49,7 +49,7 @@ from ._engine import (
     Plain,
     Step,
 )
-from ._events import Emitter, Event, GroupRecreated, Hook, LeaseAcquired
+from ._events import Emitter, GroupRecreated, Hook, LeaseAcquired
 from ._handling import StallWatch
 from ._keys import GroupKeys
 from ._lease import Lease, Renewer
@@ -58,7 +58,6 @@ from ._owner import OwnerView, Role, assemble
 from ._recovery import passing_fault
 from ._scripts import ScriptOp, Scripts, pack_command, translate
 from ._server import client_name, clone_client, connect_check
-from ._status import record_member
 from ._takeover import ensure_group
 from .exceptions import BudgetSpent, ConfigError, GroupMissing, StopRequested
 
@@ -296,6 +295,7 @@ class AsyncCoordinator(OwnerView):
         self._cmd_name = client_name(f"{base}:cmd")
         blocking = blocking_twin(client)
         self._sync_cmd = clone_client(blocking, name=f"{base}:cmd", socket_timeout_s=timeout_s)
+        self._members_client = self._sync_cmd
         sync_waiter = Waiter(clone_client(blocking, name=f"{base}:wait", single=True,
                                           socket_timeout_s=timeout_s + config.lease.ttl_ms / 1000))
         blocking.close()
@@ -476,15 +476,6 @@ class AsyncCoordinator(OwnerView):
         await self.aclose()
         if exc[1] is None and self._error is not None:
             raise self._error
-
-    def _set_role(self, role: Role) -> None:
-        self._role = role
-        record_member(self._sync_cmd, self._keys, self.config.consumer,
-                      None if role is Role.STOPPED else role.value, self._cmd_name)
-
-    def _event(self, cls: type[Event], **fields: Any) -> None:
-        self._emitter(cls(stream=self.config.stream, group=self.config.group,
-                          consumer=self.config.consumer, **fields))
 
 
 _STOPPED: Any = object()  # the outcome of an entry whose loop was left: not acknowledged

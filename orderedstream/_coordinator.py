@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 
@@ -29,7 +28,6 @@ from ._config import CoordinatorConfig
 from ._engine import SyncDriver
 from ._events import (
     Emitter,
-    Event,
     GroupRecreated,
     Hook,
     LeaseAcquired,
@@ -72,6 +70,7 @@ class Coordinator(Background, OwnerView):
         timeout_s = config.socket_timeout_ms / 1000.0
         self._cmd_name = client_name(f"{base}:cmd")
         super().__init__(clone_client(client, name=self._cmd_name, socket_timeout_s=timeout_s))
+        self._members_client = self._cmd
         waiter = Waiter(clone_client(client, name=f"{base}:wait", single=True,
                                      socket_timeout_s=timeout_s + config.block_ms / 1000.0))
         self._waiters.append(waiter)
@@ -182,13 +181,3 @@ class Coordinator(Background, OwnerView):
         start = ensure_group(self._cmd, self.config, self._owner.cursor)
         if start is not None and self._role is not Role.STARTING:
             self._event(GroupRecreated, start_id=start)
-
-    def _set_role(self, role: Role) -> None:
-        """Record the new role, and tell operators (members hash; best effort)."""
-        self._role = role
-        record_member(self._cmd, self._keys, self.config.consumer,
-                      None if role is Role.STOPPED else role.value, self._cmd_name)
-
-    def _event(self, cls: type[Event], **fields: Any) -> None:
-        self._emitter(cls(stream=self.config.stream, group=self.config.group,
-                          consumer=self.config.consumer, **fields))

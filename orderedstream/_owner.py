@@ -23,7 +23,9 @@ from ._deadletter import Parker
 from ._engine import Plain, Step
 from ._events import (
     Emit,
+    Emitter,
     EntriesTrimmed,
+    Event,
     LeaseLostEvent,
     LeaseReleased,
     ReplayCompleted,
@@ -38,6 +40,7 @@ from ._recovery import CONNECTION_ERRORS, Outage
 from ._scripts import Scripts, end_term_op
 from ._server import client_name, clone_client
 from ._standby import StandbyWaiter
+from ._status import record_member
 from ._takeover import first_script, take_over
 from .exceptions import LeaseLost, NotOwner, StopRequested
 
@@ -52,12 +55,28 @@ class Role(enum.Enum):
 
 
 class OwnerView:
-    """What the sync and the async coordinator show of their state (``_role``, ``_lease`` and
-    ``_handling`` are theirs)."""
+    """What the sync and the async coordinator show of their state and tell about it
+    (``_role``, ``_lease``, ``_handling`` and the rest below are theirs)."""
 
     _role: Role
     _lease: Lease | None
     _handling: Handling
+    config: CoordinatorConfig
+    _keys: GroupKeys
+    _emitter: Emitter
+    _cmd_name: str
+    _members_client: redis.Redis
+    """The blocking connection the role is recorded with (the members hash)."""
+
+    def _set_role(self, role: Role) -> None:
+        """Record the new role, and tell operators (members hash; best effort)."""
+        self._role = role
+        record_member(self._members_client, self._keys, self.config.consumer,
+                      None if role is Role.STOPPED else role.value, self._cmd_name)
+
+    def _event(self, cls: type[Event], **fields: Any) -> None:
+        self._emitter(cls(stream=self.config.stream, group=self.config.group,
+                          consumer=self.config.consumer, **fields))
 
     @property
     def role(self) -> Role:
