@@ -520,7 +520,10 @@ class TopicMember(Background):
                 if cfg.hold_key_field is not None else None)
         handling = Handling(life, self._handler, pcfg, parker, gate, emit, self._emitter)
         handling.partition = partition
-        owner = Owner(scripts, keys, pcfg, handling, gate, Outage(emit), life.stop, emit)
+        # the mux pipelines every partition's reads on one connection per node, where no
+        # partition's WATCH could be kept: its reads are fenced by the deliver script
+        owner = Owner(scripts, keys, pcfg, handling, gate, Outage(emit), life.stop, emit,
+                      watched=False)
         self._served[partition] = _Served(lease, life, handling, since=time.monotonic())
         self._retry_at.pop(partition, None)
         emit(LeaseAcquired, epoch=lease.epoch)

@@ -100,8 +100,11 @@ class Owner:
 
     def __init__(self, scripts: Scripts, keys: GroupKeys, config: CoordinatorConfig,
                  handling: Handling, gate: HoldGate | None, outage: Outage,
-                 stop: threading.Event, emit: Emit) -> None:
+                 stop: threading.Event, emit: Emit, *, watched: bool = True) -> None:
+        """``watched``: the read-ahead has a connection of its own for the term, so its reads
+        are fenced by ``WATCH`` (see :mod:`._reader`); else by the ``deliver`` script."""
         self._scripts = scripts
+        self._watched = watched
         self._keys = keys
         self._config = config
         self._handling = handling
@@ -119,7 +122,8 @@ class Owner:
         raised after that."""
         keys, cfg = self._keys, self._config
         reader = FencedReader(self._scripts, keys, cfg, lease, self._stop, self._outage,
-                              lambda ids: self._emit(EntriesTrimmed, ids=tuple(ids)))
+                              lambda ids: self._emit(EntriesTrimmed, ids=tuple(ids)),
+                              watched=self._watched)
         handle = self._handling.batch
         try:
             done, got = yield from take_over(keys, cfg, lease)                     # 2.

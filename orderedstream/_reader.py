@@ -7,11 +7,21 @@ I/O to a driver) that returns one page at a time:
   (what a takeover claimed, and what it had itself), with each entry's delivery count.  It ends
   on a page with neither entries nor trimmed ids: a page of only trimmed ids (a capped stream
   trims the oldest pending entries first) is not the end.
-* :meth:`FencedReader.new_page` reads new entries ahead: the fenced ``deliver`` script (ack
-  the previous batch, deliver the next one, reply with ids only) and a plain ``XRANGE`` for the
-  bodies, pipelined and sent before the handler works on the current batch.  When the bodies do
-  not match what was delivered, or a reply was lost, it *resyncs*: it reads what was delivered
-  to it back from its own pending list (after the last entry it handed out), then goes on.
+* :meth:`FencedReader.new_page` reads new entries ahead, sent before the handler works on the
+  current batch, fenced one of two ways:
+
+  - *watched* (:class:`_WatchedAhead`, a connection of the term's own): ``MULTI`` / ``XACK`` /
+    ``XREADGROUP`` / ``EXEC`` under a ``WATCH`` of the lease key, re-armed after each
+    ``EXEC`` and read back with ``GET``: the server runs the read only if the lease key has not
+    changed since the owner last saw its own token in it.  No Lua, so the entries are never
+    converted into Lua tables: half the server CPU of the script (``benchmarks/fenced_read.py``);
+  - *scripted* (:class:`_ScriptedAhead`, a connection shared with other partitions, where a
+    ``WATCH`` could not be kept): the fenced ``deliver`` script (ack the previous batch, deliver
+    the next one, reply with ids only) and a plain ``XRANGE`` for the bodies.
+
+  When the bodies do not match what was delivered, or a reply was lost, it *resyncs*: it reads
+  what was delivered to it back from its own pending list (after the last entry it handed out),
+  then goes on.
 
 Acks collect in :attr:`FencedReader.acks` (the handling loop appends to it) and ride on the next
 read; XACK is idempotent, so acks whose fate is unknown after a lost reply are simply sent again.
@@ -61,14 +71,16 @@ class FencedReader:
 
     def __init__(self, scripts: Scripts, keys: GroupKeys, config: CoordinatorConfig,
                  lease: Lease, stop: threading.Event, outage: Outage,
-                 on_trimmed: Callable[[list[str]], None]) -> None:
+                 on_trimmed: Callable[[list[str]], None], *, watched: bool = True) -> None:
         self._keys = keys
         self._config = config
         self._lease = lease
         self._stop = stop
         self._outage = outage
         self._on_trimmed = on_trimmed
-        self._ahead = _ReadAhead(scripts, keys, lease.token, config.consumer, config.batch_size)
+        ahead = _WatchedAhead if watched else _ScriptedAhead
+        self._ahead: _ReadAhead = ahead(scripts, keys, lease.token, config.consumer,
+                                        config.batch_size)
         self.acks: list[Any] = []
         self.cursor: bytes | str = "0"
         """The last entry handed out (history reads continue after it)."""
@@ -215,10 +227,12 @@ class FencedReader:
 
 
 class _ReadAhead:
-    """New entries, read ahead: the fenced ``deliver`` script (ack the previous batch, deliver the
-    next one to us, reply with ids only) and a plain ``XRANGE`` for the bodies, pipelined on a
-    connection of its own and sent without waiting, so the server works on batch N+1 while the
-    handler works on batch N.  XRANGE changes nothing; the fence is the script's."""
+    """New entries, read ahead: a request pipelined on a connection of the reader's own and sent
+    without waiting, so the server works on batch N+1 while the handler works on batch N.  The
+    two kinds differ only in how the request is fenced and its reply read."""
+
+    REPLIES = 2
+    """Replies one request gets."""
 
     def __init__(self, scripts: Scripts, keys: GroupKeys, token: str, consumer: str,
                  batch: int) -> None:
@@ -228,37 +242,31 @@ class _ReadAhead:
         self._consumer = consumer
         self._batch = batch
         self._sent_acks: list[Any] = []
+        self._replies = self.REPLIES
         self.in_flight = False
 
     def send(self, acks: list[Any], after: bytes | str) -> Step[None]:
         """Ask for the entries after ``after`` (the last new entry delivered to us)."""
-        start = after.decode() if isinstance(after, bytes) else after
         self._sent_acks = acks  # to send again if this request's fate turns out unknown
-        yield PipeSend([self._scripts.deliver_command(self._keys, self._token, self._consumer,
-                                                      self._batch, acks),
-                        ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)])
+        commands = yield from self._request(acks, after)
+        self._replies = len(commands)
+        yield PipeSend(commands)
         self.in_flight = True  # only once sent: a send that failed left nothing to collect
 
     def receive(self) -> Step[tuple[list[Any], str]]:
         """(rows, tail): the delivered entries in id order; ``tail`` when there were none.
-        Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered."""
+        Raises :class:`ResyncNeeded` when the bodies cannot be matched to what was delivered,
+        :class:`NotOwner` when the fence refused the request."""
         self.in_flight = False  # read now, or its connection is dropped: nothing left either way
-        head, rows = yield PipeRecv(2)
-        if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
-            # the script did not run: the acks it carried are still to send (forget())
-            yield Plain(*self._scripts.load_command("deliver"))
-            raise ResyncNeeded
+        got = yield from self._reply((yield PipeRecv(self._replies)))
         self._sent_acks = []
-        got = DeliverReply.parse(self._scripts.reply(head))
-        if not got.count:
-            return [], got.tail
-        start = 0
-        while start < len(rows) and rows[start][0] != got.first:
-            start += 1
-        rows = rows[start:start + got.count]
-        if len(rows) != got.count or rows[-1][0] != got.last:
-            raise ResyncNeeded
-        return rows, ""
+        return got
+
+    def _request(self, acks: list[Any], after: bytes | str) -> Step[list[tuple[Any, ...]]]:
+        raise NotImplementedError
+
+    def _reply(self, replies: list[Any]) -> Step[tuple[list[Any], str]]:
+        raise NotImplementedError
 
     def forget(self) -> list[Any]:
         """After a fault: the request is forgotten (the driver closed its connection); the
@@ -271,10 +279,142 @@ class _ReadAhead:
     def close(self) -> Step[None]:
         """Collect an unanswered request (its entries stay pending: the next owner, or our own
         replay, gets them) and give the connection back."""
-        if self.in_flight:
-            self.in_flight = False
-            try:
-                yield PipeRecv(2)
-            except (redis.RedisError, OSError):
-                return  # the driver dropped the connection
+        try:
+            if self.in_flight:
+                self.in_flight = False
+                yield PipeRecv(self._replies)
+            yield from self._reset()
+        except (redis.RedisError, OSError):
+            return  # the driver dropped the connection
         yield PIPE_RELEASE
+
+    def _reset(self) -> Step[None]:
+        """Leave the connection as a pool gives it out."""
+        return
+        yield
+
+
+class _ScriptedAhead(_ReadAhead):
+    """The fenced ``deliver`` script (ack the previous batch, deliver the next one to us, reply
+    with ids only) and a plain ``XRANGE`` for the bodies.  XRANGE changes nothing; the fence is
+    the script's."""
+
+    def _request(self, acks: list[Any], after: bytes | str) -> Step[list[tuple[Any, ...]]]:
+        start = after.decode() if isinstance(after, bytes) else after
+        return [self._scripts.deliver_command(self._keys, self._token, self._consumer,
+                                              self._batch, acks),
+                ("XRANGE", self._keys.stream, f"({start}", "+", "COUNT", self._batch)]
+        yield
+
+    def _reply(self, replies: list[Any]) -> Step[tuple[list[Any], str]]:
+        head, rows = replies
+        if isinstance(head, redis.exceptions.NoScriptError):  # restarted, or SCRIPT FLUSH
+            # the script did not run: the acks it carried are still to send (forget())
+            yield Plain(*self._scripts.load_command("deliver"))
+            raise ResyncNeeded
+        got = DeliverReply.parse(self._scripts.reply(head))
+        if not got.count:
+            return [], got.tail
+        start = 0
+        while start < len(rows) and rows[start][0] != got.first:
+            start += 1
+        rows = rows[start:start + got.count]
+        if len(rows) != got.count or rows[-1][0] != got.last:
+            raise ResyncNeeded
+        return rows, ""
+
+
+class _WatchedAhead(_ReadAhead):
+    """``MULTI`` / ``XACK`` (the previous batch) / ``XREADGROUP COUNT n >`` / ``XREVRANGE COUNT 1``
+    (the tail, to wait from when nothing is new) / ``EXEC``, then ``WATCH lease`` / ``GET lease``
+    for the next request.
+
+    The fence: a request is sent only after the ``GET`` that followed the last ``WATCH`` showed
+    our token, and ``EXEC`` runs nothing if the lease key was written or expired after that
+    ``WATCH`` (a takeover, an end of term; both servers abort on expiry too).  So a read runs
+    only while the key holds our token unchanged since we saw it.  Our own renewer's
+    ``PEXPIRE`` writes the key as well: that ``EXEC`` is refused, the ``GET`` behind it shows our
+    token, and the same request is sent again (once per renewal, every ``ttl_ms / 3``).  A
+    term's first request costs one round trip more (the first ``WATCH``)."""
+
+    REPLIES = 7
+
+    def __init__(self, scripts: Scripts, keys: GroupKeys, token: str, consumer: str,
+                 batch: int) -> None:
+        super().__init__(scripts, keys, token, consumer, batch)
+        self._watching = False
+        """A ``WATCH`` of the lease is on the connection and the ``GET`` after it was ours."""
+        self._read = ("XREADGROUP", "GROUP", keys.group, consumer, "COUNT", batch,
+                      "STREAMS", keys.stream, ">")
+        self._tail = ("XREVRANGE", keys.stream, "+", "-", "COUNT", 1)
+        self._rewatch = (("WATCH", keys.lease), ("GET", keys.lease))
+
+    def _watch(self, value: Any) -> None:
+        """``value``: what ``GET lease`` answered after a ``WATCH``."""
+        if isinstance(value, redis.ResponseError):
+            raise value
+        mine = value is not None and (value.decode() if isinstance(value, bytes) else
+                                      str(value)) == self._token
+        self._watching = mine
+        if not mine:
+            raise NotOwner("NOTOWNER the lease no longer holds this term's token")
+
+    def _request(self, acks: list[Any], after: bytes | str) -> Step[list[tuple[Any, ...]]]:
+        if not self._watching:
+            _, value = yield from self._roundtrip(list(self._rewatch))
+            self._watch(value)
+        keys = self._keys
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        if acks:
+            commands.append(("XACK", keys.stream, keys.group, *acks))
+        commands += (self._read, self._tail, ("EXEC",), *self._rewatch)
+        return commands
+
+    def _roundtrip(self, commands: list[tuple[Any, ...]]) -> Step[list[Any]]:
+        yield PipeSend(commands)
+        return (yield PipeRecv(len(commands)))  # type: ignore[no-any-return]
+
+    def _reply(self, replies: list[Any]) -> Step[tuple[list[Any], str]]:
+        while True:
+            done, value = replies[-3], replies[-1]
+            self._watch(value)
+            if done is not None:
+                break
+            # EXEC refused: the key was written after our WATCH and holds our token again (our
+            # own renewal): the same request again, under the WATCH armed behind it
+            replies = yield from self._roundtrip((yield from self._request(self._sent_acks, "")))
+        if isinstance(done, redis.ResponseError):  # EXECABORT: a command was refused queued
+            queued = [r for r in replies[:-3] if isinstance(r, redis.ResponseError)]
+            raise queued[0] if queued else done  # OOM, MOVED, ...: what the command was told
+        for result in done:
+            if isinstance(result, redis.ResponseError):  # NOGROUP
+                mapped = translate(result)
+                raise mapped if mapped is not None else result
+        read, tail = done[-2], done[-1]
+        rows = _rows(read)
+        if rows:
+            return rows, ""
+        return [], _text(tail[0][0]) if tail else "0-0"
+
+    def forget(self) -> list[Any]:
+        self._watching = False  # the driver dropped the connection, and its WATCH with it
+        return super().forget()
+
+    def _reset(self) -> Step[None]:
+        if self._watching:
+            self._watching = False
+            yield from self._roundtrip([("UNWATCH",)])
+
+
+def _rows(read: Any) -> list[Any]:
+    """The entries of one stream's ``XREADGROUP`` reply: RESP2 ``[[key, rows]]``, RESP3
+    ``{key: rows}``, or None."""
+    if not read:
+        return []
+    if isinstance(read, dict):
+        return list(next(iter(read.values())))
+    return list(read[0][1])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -9,6 +9,7 @@ keeps the acks it carried."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from orderedstream import CoordinatorConfig, GroupKeys, LeaseConfig
 from orderedstream._background import Waiter
 from orderedstream._engine import SyncDriver
 from orderedstream._lease import Holder, Lease, LeaseManager, parse_token
-from orderedstream._reader import _ReadAhead
+from orderedstream._reader import _ScriptedAhead, _WatchedAhead
 from orderedstream._scripts import Scripts, TakeOverReply, take_over_op
 from orderedstream._server import clone_client
 from orderedstream._takeover import first_script, take_over
@@ -157,7 +158,7 @@ def test_a_deliver_refused_for_a_missing_script_keeps_its_acks(client: redis.Red
     keys = GroupKeys(stream, "g")
     scripts = Scripts(client)
     scripts.sha("deliver")  # loaded: the first request runs
-    ahead = _ReadAhead(scripts, keys, lease.token, "b", 10)
+    ahead = _ScriptedAhead(scripts, keys, lease.token, "b", 10)
     run = driver(client).run
     run(ahead.send([], "0-0"))
     rows, _ = run(ahead.receive())
@@ -168,6 +169,74 @@ def test_a_deliver_refused_for_a_missing_script_keeps_its_acks(client: redis.Red
         run(ahead.receive())
     assert ahead.forget() == ids
     run(ahead.close())
+
+
+@pytest.mark.parametrize("change", ["takeover", "expiry"])
+def test_watched_read_is_refused_once_the_lease_changed(client: redis.Redis, stream: str,
+                                                        change: str) -> None:
+    """The read-ahead's WATCH fence: once the lease key was taken over (or expired) after the
+    WATCH, its next request acks nothing and delivers nothing, and it says NOTOWNER."""
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    first = [client.xadd(stream, {"seq": i}) for i in range(3)]
+    keys = GroupKeys(stream, "g")
+    a, b = manager(client, stream, "a"), manager(client, stream, "b")
+    old = a.try_acquire()
+    assert isinstance(old, Lease)
+    ahead = _WatchedAhead(Scripts(client), keys, old.token, "a", 10)
+    run = driver(client).run
+    run(ahead.send([], "0"))
+    rows, _ = run(ahead.receive())
+    assert [r[0] for r in rows] == first
+    for i in range(3):
+        client.xadd(stream, {"seq": 3 + i})
+    if change == "takeover":
+        client.delete(keys.lease)
+        assert isinstance(b.try_acquire(), Lease)
+    else:
+        client.pexpire(keys.lease, 1)
+        deadline = time.monotonic() + 5
+        while client.exists(keys.lease) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    run(ahead.send(list(first), first[-1]))
+    with pytest.raises(NotOwner):
+        run(ahead.receive())
+    pending = client.xpending(stream, "g")
+    assert pending["pending"] == 3 and pending["consumers"] == [{"name": b"a", "pending": 3}]
+    assert client.xinfo_groups(stream)[0]["last-delivered-id"] == first[-1]
+
+
+def test_watched_read_goes_on_after_our_own_renewal(client: redis.Redis, stream: str) -> None:
+    """Our own renewal writes the lease key too: that EXEC is refused and the same request sent
+    again (acks and read); when the term ends, the connection goes back without its WATCH."""
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    first = [client.xadd(stream, {"seq": i}) for i in range(3)]
+    keys = GroupKeys(stream, "g")
+    a = manager(client, stream, "a")
+    lease = a.try_acquire()
+    assert isinstance(lease, Lease)
+    ahead = _WatchedAhead(Scripts(client), keys, lease.token, "a", 10)
+    run = driver(client).run
+    run(ahead.send([], "0"))
+    run(ahead.receive())
+    more = [client.xadd(stream, {"seq": 3 + i}) for i in range(3)]
+    assert a.renew(lease)
+    run(ahead.send(list(first), first[-1]))
+    rows, _ = run(ahead.receive())
+    assert [r[0] for r in rows] == more
+    assert client.xpending(stream, "g")["pending"] == 3  # the first three were acked
+    run(ahead.send([], more[-1]))
+    rows, tail = run(ahead.receive())
+    assert rows == [] and tail == more[-1].decode()
+    run(ahead.close())
+    conn = client.connection_pool.get_connection()
+    try:
+        client.set(keys.lease, "someone else")  # would abort a MULTI under a leftover WATCH
+        for command in (("MULTI",), ("PING",), ("EXEC",)):
+            conn.send_command(*command)
+        replies = [conn.read_response() for _ in range(3)]
+        assert replies[-1] == [b"PONG"]
+    finally:
+        client.connection_pool.release(conn)
 
 
 def client_id_calls(client: redis.Redis) -> int:
