@@ -8,11 +8,11 @@ Parts (``--parts``, comma-separated):
   *owned again* = kill -> the last orphaned partition's new term (its ``acquired`` record, server
   clock), *handled again* = per orphaned partition, the first entry handled by another process,
   counted from the later of the kill and that entry's arrival (its stream id), the worst of them;
-* ``rebalance``: a member joins, then one leaves (SIGTERM): partitions moved (target:
-  at most ceil(P/N) + 1), the pause of each moved partition (its last entry handled by the old
-  owner -> the first by the new one, minus any time no entry was waiting), and the longest gap
-  between two handled entries of a partition that did not move, beside the same measure over an
-  equal window without a rebalance;
+* ``rebalance``: ``--rebalances`` times, a member joins, then one leaves (SIGTERM): partitions
+  moved (target: at most ceil(P/N) + 1), the pause of each moved partition (its last entry
+  handled by the old owner -> the first by the new one, minus any time no entry was waiting),
+  and the longest gap between two handled entries of a partition that did not move in the 2 s
+  after each join / leave, beside the same measure over as many quiet 2 s windows;
 * ``churn``: random member kills, pauses past the TTL, joins and leaves every 2-4 s for
   ``--churn-seconds``: the longest time any partition had no owner (its lease sampled every
   50 ms);
@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -277,67 +278,94 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
                    work: Path) -> dict[str, Any]:
+    """``--rebalances`` cycles of: a quiet window, a member joins, the group settles, the oldest
+    other member leaves (SIGTERM), the group settles.  Each join and leave is judged on its own
+    (partitions moved); the pauses of moved partitions are pooled over the cycles, and the
+    longest gap on unmoved partitions of each 2 s window after a join / a leave is set beside
+    the same measure over the quiet windows (as many, as long)."""
     client, topic, streams, members = _settled_group(cluster, args, work, "br")
     producer = Producer(client, topic, args.rate)
     producer.start()
-    out: dict[str, Any] = {"part": "rebalance", "partitions": args.partitions}
+    out: dict[str, Any] = {"part": "rebalance", "partitions": args.partitions,
+                           "cycles": args.rebalances}
+    quiet: list[tuple[float, float]] = []
+    events: dict[str, list[tuple[float, dict[int, str], dict[int, str], int]]] = {
+        "join": [], "leave": []}
     try:
-        time.sleep(3.0)
-        quiet_from = time.time()
-        time.sleep(3.0)
-        quiet_to = time.time()
-        before = owners_now(client, streams)
-        changed_at = time.time()
-        joined = members.spawn()
-        wait_until(lambda: settled(client, streams, set(members.live())), 60,
-                   message="settled after the join")
-        time.sleep(3.0)
-        # the rebalance starts at the member's 'joined' record (its process started before:
-        # imports, group checks; that CPU is not the rebalance's)
-        changed_at = _record_time(client, topic, "joined", joined, changed_at)
-        out["join"] = _moves(members.record.read(), before, owners_now(client, streams),
-                             changed_at,
-                             len(members.live()), args.partitions, (quiet_from, quiet_to))
-        before = owners_now(client, streams)
-        leaver = sorted(n for n in members.live() if n != joined)[0]
-        changed_at = time.time()
-        members.procs[leaver].send_signal(signal.SIGTERM)
-        members.procs[leaver].wait(30)
-        wait_until(lambda: settled(client, streams, set(members.live())), 60,
-                   message="settled after the leave")
-        time.sleep(3.0)
-        out["leave"] = _moves(members.record.read(), before, owners_now(client, streams),
-                              changed_at, len(members.live()) + 1, args.partitions,
-                              (quiet_from, quiet_to))
+        time.sleep(2.0)
+        for _ in range(args.rebalances):
+            time.sleep(1.0)
+            quiet_from = time.time()
+            time.sleep(2.5)
+            quiet.append((quiet_from, quiet_from + 2.0))
+            before = owners_now(client, streams)
+            changed_at = time.time()
+            joined = members.spawn()
+            wait_until(lambda: settled(client, streams, set(members.live())), 60,
+                       message="settled after the join")
+            time.sleep(2.5)
+            # the rebalance starts at the member's 'joined' record (its process started
+            # before: imports, group checks; that CPU is not the rebalance's)
+            changed_at = _record_time(client, topic, "joined", joined, changed_at)
+            events["join"].append((changed_at, before, owners_now(client, streams),
+                                   len(members.live())))
+            before = owners_now(client, streams)
+            leaver = sorted((n for n in members.live() if n != joined),
+                            key=lambda n: int(n[1:]))[0]
+            changed_at = time.time()
+            members.procs[leaver].send_signal(signal.SIGTERM)
+            members.procs[leaver].wait(30)
+            wait_until(lambda: settled(client, streams, set(members.live())), 60,
+                       message="settled after the leave")
+            time.sleep(2.5)
+            events["leave"].append((changed_at, before, owners_now(client, streams),
+                                    len(members.live()) + 1))
     finally:
         produced = producer.stop()
     wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
     members.stop_all()
-    out["verdict"] = topic_verdict(members.record.read(), produced).as_dict()
+    records = members.record.read()
+    every = list(range(args.partitions))
+    quiet_gaps = [_longest_gap(records, every, window) for window in quiet]
+    out["quiet_longest_gap_ms"] = _gaps(quiet_gaps)
+    for kind, happened in events.items():
+        moved_counts, pauses, gaps = [], [], []
+        for at, before, after, _ in happened:
+            moved, paused, gap = _moves(records, before, after, at, args.partitions)
+            moved_counts.append(moved)
+            pauses += paused
+            gaps.append(gap)
+        out[kind] = {"moved": moved_counts,
+                     "bound": math.ceil(args.partitions / happened[0][3]) + 1,
+                     "pause_ms": _stats(pauses),
+                     "unmoved_longest_gap_ms": _gaps(gaps)}
+    out["verdict"] = topic_verdict(records, produced).as_dict()
     return out
 
 
+def _gaps(gaps: list[float]) -> dict[str, Any]:
+    """Per-window longest gaps (s): each, their median and the longest, in ms."""
+    ms = [round(g * 1000, 1) for g in gaps]
+    return {"windows": ms, "median": round(statistics.median(ms), 1), "max": max(ms)}
+
+
 def _moves(records: list[dict[str, Any]], before: dict[int, str], after: dict[int, str],
-           at: float, n: int, partitions: int, quiet: tuple[float, float]) -> dict[str, Any]:
+           at: float, partitions: int) -> tuple[int, list[float], float]:
+    """(partitions moved, the pause of each moved partition (s), the longest gap on the others
+    in the 2 s from ``at`` (s))."""
     moved = sorted(p for p in after if before.get(p) != after[p])
     pauses = []
     for p in moved:
-        rows = [r for r in records if r["p"] == p]
+        rows = [r for r in records if r["p"] == p and r["t"] >= at - 1]
         old = [r for r in rows if r["t"] < at + 5 and _owner_change(rows, r)]
         if old:
             first_new = old[0]
             prev = [r for r in rows if r["t"] < first_new["t"]]
             last_old = prev[-1]["t"] if prev else at
             pauses.append(float(first_new["t"]) - max(last_old, id_ms(first_new["id"])))
-    window = (at, at + 2.0)  # from the join (or the leave's SIGTERM) on
     stayed = [p for p in range(partitions) if p not in moved]
-    gap = _longest_gap(records, stayed, window)
-    baseline = _longest_gap(records, stayed, (quiet[0], quiet[0] + 2.0))
-    return {"moved": len(moved), "bound": math.ceil(partitions / n) + 1,
-            "pause_ms": _stats(pauses),
-            "unmoved_longest_gap_ms": round(gap * 1000, 1),
-            "unmoved_longest_gap_without_rebalance_ms": round(baseline * 1000, 1)}
+    return len(moved), pauses, _longest_gap(records, stayed, (at, at + 2.0))
 
 
 def _record_time(client: Any, topic: str, kind: str, member: str, after: float) -> float:
@@ -539,6 +567,8 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=64)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--rebalances", type=int, default=5,
+                        help="rebalance: join + leave cycles")
     parser.add_argument("--rate", type=float, default=1000.0, help="produced entries/s")
     parser.add_argument("--ttl-ms", type=int, default=3000)
     parser.add_argument("--idle-seconds", type=float, default=10.0)

@@ -65,12 +65,15 @@ class Pause:
 
 
 class PipeSend:
-    """Send ``commands`` on the read-ahead connection without waiting for the replies."""
+    """Send ``commands`` on the read-ahead connection without waiting for the replies;
+    ``ahead``: the step works (calls the handler) before it reads them, so a driver that
+    gathers commands should send these at once."""
 
-    __slots__ = ("commands",)
+    __slots__ = ("ahead", "commands")
 
-    def __init__(self, commands: Sequence[tuple[Any, ...]]) -> None:
+    def __init__(self, commands: Sequence[tuple[Any, ...]], ahead: bool = False) -> None:
         self.commands = commands
+        self.ahead = ahead
 
 
 class PipeRecv:

@@ -9,8 +9,8 @@ partitions:
 * :class:`~orderedstream._scripts.ScriptOp` / :class:`~orderedstream._engine.Plain`: packed into
   the node's outgoing buffer, sent once per round for every partition on that node; the replies
   come back in order (one connection answers in order), each to the step that asked;
-* :class:`~orderedstream._engine.PipeSend`: sent at once (the read-ahead's request goes out
-  before the handler works on the current batch); the replies wait for the step's
+* :class:`~orderedstream._engine.PipeSend`: sent at once when the step calls the handler before
+  it reads the replies (a read ahead), else with the round; the replies wait for the step's
   :class:`~orderedstream._engine.PipeRecv`;
 * :class:`~orderedstream._engine.Block`: the step sleeps until the server says its stream was
   written (one RESP3 connection per node with ``CLIENT TRACKING ON BCAST`` and every served
@@ -114,6 +114,7 @@ class _Node:
         self.waiting = 0  # lanes that cannot go on before a reply from this node
         self.lanes: set[Lane] = set()
         self.wake: Any = None  # RESP3 connection with CLIENT TRACKING BCAST
+        self.wake_sock: Any = None  # its socket, as registered with the mux's selector
         self.prefixes: set[str] = set()  # armed on ``wake``
         self.wake_ok = True  # False: the server will not push (ACL, RESP2 proxy): poll
         self.wake_retry_at = 0.0
@@ -139,6 +140,9 @@ class Mux(threading.Thread):
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # made once: the wake-up connections' sockets are added and taken out as they change
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._halt = False
         self._dirty: set[str] = set()  # keys written since their lane last slept on them
         self.error: BaseException | None = None
@@ -276,7 +280,10 @@ class Mux(threading.Thread):
                     for _ in op.commands:
                         node.owed.append(_Owed("pipe", lane))
                     lane.pipe_owed += len(op.commands)
-                    self._send(node)  # at once: the server works while the handler does
+                    if op.ahead:  # at once: the server works while the handler does
+                        self._send(node)
+                    # else with the round's other commands for this node (one write per node
+                    # and round): the reply is read no sooner than the round's end anyway
                     continue
                 if kind is PipeRecv:
                     if len(lane.mailbox) >= op.count:
@@ -478,7 +485,14 @@ class Mux(threading.Thread):
         # every write since the lanes' reads may have gone unseen: look once more
         self._dirty |= set(new)
 
+    def _unwatch(self, node: _Node) -> None:
+        sock, node.wake_sock = node.wake_sock, None
+        if sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+
     def _close_wake(self, node: _Node) -> None:
+        self._unwatch(node)
         wake, node.wake = node.wake, None
         node.prefixes = set()
         if wake is not None:
@@ -502,14 +516,15 @@ class Mux(threading.Thread):
         for node in self._by_name.values():
             if node.lanes and node.wake is None and node.wake_ok:
                 self._arm(node)
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            for node in self._by_name.values():
-                sock = getattr(node.wake, "_sock", None) if node.wake is not None else None
+        for node in self._by_name.values():
+            sock = getattr(node.wake, "_sock", None) if node.wake is not None else None
+            if sock is not node.wake_sock:  # (re)connected, or closed: watch the one it has
+                self._unwatch(node)
                 if sock is not None:
-                    selector.register(sock, selectors.EVENT_READ, node)
-            if not self._drain_wakes() and not self._woken():
-                selector.select(max(deadline - now, 0.0))
+                    self._selector.register(sock, selectors.EVENT_READ, node)
+                    node.wake_sock = sock
+        if not self._drain_wakes() and not self._woken():
+            self._selector.select(max(deadline - now, 0.0))
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
@@ -569,6 +584,7 @@ class Mux(threading.Thread):
             self._close_wake(node)
             with contextlib.suppress(Exception):
                 node.client.close()
+        self._selector.close()
         with contextlib.suppress(OSError):
             self._wake_r.close()
             self._wake_w.close()

@@ -338,5 +338,7 @@ class NodeMap:
         if not self.cluster or now - self._refreshed < 0.1:
             return
         self._refreshed = now
-        with contextlib.suppress(redis.RedisError, OSError):
+        # no node answers (a whole cluster restarting): the next fault asks again
+        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException,
+                                 OSError):
             self.client.nodes_manager.initialize()
