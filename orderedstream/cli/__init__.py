@@ -222,7 +222,8 @@ def demo_handler(message: Message) -> None:
 
 # -- event rendering ------------------------------------------------------------------------
 
-def print_event(event: Event) -> None:
+def print_event(event: Event, where: str = "") -> None:
+    """One line per event (``where``: what to print before it, e.g. the partition)."""
     name = event.name
     if name == "batch_handled" or (isinstance(event, FixerPass) and not event.claimed):
         return
@@ -230,7 +231,7 @@ def print_event(event: Event) -> None:
              "owner_connection_gone": "bold magenta", "takeover_completed": "green",
              "handler_failed": "red", "entry_parked": "cyan", "fixer_pass": "cyan",
              "repair_failed": "red", "entry_held": "cyan"}.get(name, "dim")
-    err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {event.consumer} {name}[/] "
+    err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {where}{event.consumer} {name}[/] "
                       f"{event.describe()}")
 
 
@@ -537,12 +538,20 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def fixer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``fix``'s options as :class:`FixerSettings` keywords (one stream or a topic)."""
+    return {**({"name": args.name} if args.name else {}),
+            "batch_size": args.batch, "visibility_ms": args.visibility_ms,
+            "max_attempts": args.max_attempts, "max_parks": args.max_parks}
+
+
 def cmd_fix(args: argparse.Namespace) -> int:
+    if args.topic is not None:
+        from .topic_fix import cmd_fix_topic
+
+        return cmd_fix_topic(args, err_console)
     repair = load_callable(args.repair) if args.repair else demo_repair
-    config = FixerConfig(stream=args.stream, group=args.group,
-                         **({"name": args.name} if args.name else {}),
-                         batch_size=args.batch, visibility_ms=args.visibility_ms,
-                         max_attempts=args.max_attempts, max_parks=args.max_parks)
+    config = FixerConfig(stream=args.stream, group=args.group, **fixer_settings(args))
     hooks: list[Hook] = [] if args.quiet else [print_event]
     client = _connected(args)
     hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
@@ -606,11 +615,67 @@ def _many(n: int, one: str, more: str) -> str:
     return f"{n} {one if n == 1 else more}"
 
 
+def dlq_entries_table(title: str, items: Sequence[tuple[int | None, ListedEntry]]) -> Any:
+    """``dlq list``'s table: one line per parked entry (``partition`` None: one stream, no
+    partition column)."""
+    from rich.table import Table
+
+    table = Table(title=title, box=None, pad_edge=False, header_style="bold underline")
+    # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
+    # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
+    rows: list[list[str]] = []
+    for partition, item in items:
+        e = item.entry
+        where = "" if partition is None else str(partition)
+        due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
+        if e is None:
+            rows.append([where, item.id, "", due_in, "?", str(item.error), "?", ""])
+            continue
+        role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
+        origin = "" if e.origin_id == item.id else e.origin_id
+        fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
+        rows.append([where, item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
+                     fields])
+    heads = ["p", "id", "origin", "due", "role", "reason", "repairs", "fields"]
+    caps = [0, 0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
+    show = [i for i in range(8) if i not in (0, 2) or any(r[i] for r in rows)]
+    widths: dict[int, int] = {}
+    for i in show:
+        widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
+        widths[i] = min(widest, caps[i]) if caps[i] else widest
+    others = sum(w for i, w in widths.items() if i != 7) + 2 * (len(show) - 1) + 1
+    widths[7] = max(10, min(widths[7], console.width - others))
+    for i in show:
+        table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
+    for cells in rows:
+        table.add_row(*(escape(cells[i]) for i in show))
+    return table
+
+
+def graveyard_table(title: str, buried: Sequence[tuple[int | None, dict[str, Any]]]) -> Any:
+    """``dlq list --graveyard``'s table (``partition`` None: one stream)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    widest = max((len(str(r.get("id", ""))) for _, r in buried), default=8)
+    if any(p is not None for p, _ in buried):
+        table.add_column("p", no_wrap=True)
+    table.add_column("entry id", no_wrap=True, min_width=widest)
+    table.add_column("graveyard id", no_wrap=True, min_width=widest)
+    table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
+    for partition, row in buried:
+        cells = [row.get("id", "?"), row["graveyard_id"], row.get("reason", "")]
+        table.add_row(*([] if partition is None else [str(partition)]), *cells)
+    return table
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     import json
 
-    from rich.table import Table
+    if args.topic is not None:
+        from .topic_fix import cmd_dlq_topic
 
+        return cmd_dlq_topic(args, console, err_console)
     _client, dlq = _open_dlq(args)
     action = args.action
     if action == "list":
@@ -620,54 +685,20 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             if args.json:
                 console.print_json(json.dumps({"graveyard": buried}))
                 return 0
-            table = Table(title=f"graveyard of {args.stream}/{args.group} "
-                                f"({counts.graveyard} entries; dlq requeue ID|--all, "
-                                "dlq purge --graveyard ID|--all)")
-            widest = max((len(str(r.get("id", ""))) for r in buried), default=8)
-            table.add_column("entry id", no_wrap=True, min_width=widest)
-            table.add_column("graveyard id", no_wrap=True, min_width=widest)
-            table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
-            for row in buried:
-                table.add_row(row.get("id", "?"), row["graveyard_id"], row.get("reason", ""))
-            console.print(table)
+            console.print(graveyard_table(
+                f"graveyard of {args.stream}/{args.group} ({counts.graveyard} entries; dlq "
+                "requeue ID|--all, dlq purge --graveyard ID|--all)",
+                [(None, row) for row in buried]))
             return 0
         items = dlq.entries(args.limit)
         if args.json:
             console.print_json(json.dumps({"counts": attrs.asdict(counts),
                                            "entries": [_entry_row(i) for i in items]}))
             return 0
-        table = Table(title=f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
-                            f"{counts.followers} held behind, {counts.graveyard} in the graveyard;"
-                            f" next {due_text(counts.next_due_ms)}",
-                      box=None, pad_edge=False, header_style="bold underline")
-        # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
-        # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
-        rows: list[list[str]] = []
-        for item in items:
-            e = item.entry
-            due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
-            if e is None:
-                rows.append([item.id, "", due_in, "?", str(item.error), "?", ""])
-                continue
-            role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
-            origin = "" if e.origin_id == item.id else e.origin_id
-            fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
-            rows.append([item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
-                         fields])
-        heads = ["id", "origin", "due", "role", "reason", "repairs", "fields"]
-        caps = [0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
-        show = [i for i in range(7) if i != 1 or any(r[1] for r in rows)]
-        widths: dict[int, int] = {}
-        for i in show:
-            widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
-            widths[i] = min(widest, caps[i]) if caps[i] else widest
-        others = sum(w for i, w in widths.items() if i != 6) + 2 * (len(show) - 1) + 1
-        widths[6] = max(10, min(widths[6], console.width - others))
-        for i in show:
-            table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
-        for cells in rows:
-            table.add_row(*(escape(cells[i]) for i in show))
-        console.print(table)
+        console.print(dlq_entries_table(
+            f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
+            f"{counts.followers} held behind, {counts.graveyard} in the graveyard; next "
+            f"{due_text(counts.next_due_ms)}", [(None, item) for item in items]))
         return 0
     if action == "show":
         shown = dlq.show(args.id)
@@ -685,23 +716,38 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if not args.all and not args.id:
         err_console.print(f"[bold red]error:[/] dlq {action}: give an entry ID or --all")
         return 2
+    n = dlq_act([dlq], args)
+    return 0 if n or args.all else 1
+
+
+def dlq_act(letters: Sequence[DeadLetters], args: argparse.Namespace) -> int:
+    """``dlq retry|requeue|purge ID|--all`` on the dead letters of one stream or of several
+    partitions; says how many entries it changed, and returns that."""
+    action = args.action
     ids = None if args.all else [args.id]
+    n = 0
+    for dlq in letters:
+        if action == "retry":
+            n += dlq.retry(ids)
+        elif action == "requeue":
+            done, problems = dlq.requeue(ids)
+            n += done
+            for problem in problems:
+                err_console.print(f"[yellow]not requeued: {problem}[/]", soft_wrap=True)
+        elif args.graveyard:
+            n += dlq.purge_graveyard(ids)
+        else:
+            n += dlq.purge(ids)
     if action == "retry":
-        n = dlq.retry(ids)
         console.print(f"{_many(n, 'parked entry', 'parked entries')} due now")
     elif action == "requeue":
-        n, problems = dlq.requeue(ids)
-        for problem in problems:
-            err_console.print(f"[yellow]not requeued: {problem}[/]", soft_wrap=True)
         console.print(f"{_many(n, 'buried entry', 'buried entries')} back in the delay set, "
                       "due now (a fixer repairs and re-streams them)")
     elif args.graveyard:
-        n = dlq.purge_graveyard(ids)
         console.print(f"{_many(n, 'buried entry', 'buried entries')} purged from the graveyard")
     else:
-        n = dlq.purge(ids)
         console.print(f"{_many(n, 'parked entry', 'parked entries')} purged")
-    return 0 if n or args.all else 1
+    return n
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -777,6 +823,14 @@ def _metrics_option(parser: argparse.ArgumentParser) -> None:
                         metavar="[HOST:]PORT",
                         help="serve Prometheus /metrics here (needs the 'prometheus' extra; "
                              "default: $ORDEREDSTREAM_METRICS_PORT, else off)")
+
+
+def _dlq_topic_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topic", default=None, metavar="NAME",
+                        help="every partition of this topic (for --group) instead of --stream")
+    parser.add_argument("--partition", type=int, default=None, metavar="N",
+                        help="with --topic: partition N only (an entry id names one entry "
+                             "per partition)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -905,6 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an entry parked more often than this (it fails again after every "
                           "repair) goes to the graveyard")
     fix.add_argument("--quiet", action="store_true", help="no event output")
+    fix.add_argument("--topic", default=None, metavar="NAME",
+                     help="fix --group's parked entries on every partition of this topic "
+                          "(instead of --stream), from one process")
     _metrics_option(fix)
     fix.set_defaults(func=cmd_fix)
 
@@ -966,12 +1023,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = dlq_sub.add_parser("list", help="parked entries by due time, with counts",
                                   formatter_class=_Formatter)
     _common(dlq_list)
+    _dlq_topic_options(dlq_list)
     dlq_list.add_argument("--limit", type=int, default=50, help="entries shown at most")
     dlq_list.add_argument("--graveyard", action="store_true", help="list the graveyard")
     dlq_list.add_argument("--json", action="store_true", help="as JSON")
     dlq_show = dlq_sub.add_parser("show", help="one parked (or buried) entry, as JSON",
                                   formatter_class=_Formatter)
     _common(dlq_show)
+    _dlq_topic_options(dlq_show)
     dlq_show.add_argument("id", help="entry id (or graveyard id)")
     for name, text in (("retry", "make parked entries due now (server clock)"),
                        ("purge", "drop parked entries for good (--graveyard: buried ones)"),
@@ -979,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fixer repairs and re-streams them")):
         one = dlq_sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
         _common(one)
+        _dlq_topic_options(one)
         one.add_argument("id", nargs="?", help="entry id (or graveyard id)")
         one.add_argument("--all", action="store_true", help="every entry")
         if name == "purge":
