@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__
+from .. import _wire as wire
 from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from .._coordinator import Coordinator
 from .._demo import CORRUPT_PREFIX, demo_payload, demo_repair
@@ -346,16 +347,26 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_seq(client: Any, stream: str) -> int | None:
-    """The ``seq`` of the stream's last entry (None: empty, or not a demo entry)."""
-    last: Any = client.xrevrange(stream, count=1)
-    if not last:
-        return None
-    value = last[0][1].get(b"seq")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+def stored_seq(client: Any, stream: str) -> int | None:
+    """The ``seq`` of the last entry a producer wrote to ``stream`` (None: none, or not a demo
+    entry).  Copies re-streamed by a fixer (they carry ``os-origin-id``, and an older ``seq``)
+    are passed over."""
+    last = "+"
+    while True:
+        rows: Any = client.xrevrange(stream, max=last, count=50)
+        if last != "+":
+            rows = rows[1:]
+        if not rows:
+            return None
+        for _, fields in rows:
+            if wire.ORIGIN_ID in fields:
+                continue
+            value = fields.get(b"seq")
+            try:
+                return int(value) if value is not None else None
+            except ValueError:
+                return None
+        last = rows[-1][0]
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -390,7 +401,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                  for s in range(seq, seq + chunk)]
         try:
             if down is not None:  # the last send's fate is unknown: what does the stream hold?
-                stored = _stored_seq(producer.client, args.stream)
+                stored = stored_seq(producer.client, args.stream)
                 if stored is not None and seq <= stored < seq + chunk:
                     err_console.print(f"[yellow]seq {seq}..{stored} were stored before the "
                                       "connection was lost; going on after them[/]")
@@ -984,7 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, help="entries/s produced")
     demo.add_argument("--corrupt-every", type=int, default=None,
                       help="every K-th payload is corrupted, parked and repaired (0: none; "
-                           "default: 50, and 0 with --partitions: its fixer is per stream)")
+                           "default: 50)")
     demo.add_argument("--defer-ms", type=int, default=500, help="delay before a repair")
     demo.add_argument("--lease-ttl-ms", type=int, default=1500, help="the consumers' lease TTL")
     demo.add_argument("--drain-timeout", type=float, default=30.0,
@@ -994,8 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the processes' logs (default: removed on exit)")
     demo.add_argument("--partitions", type=int, default=None, metavar="P",
                       help="the partitioned demo: an embedded cluster (3 primaries, 3 "
-                           "replicas), a topic of P partitions, --consumers members of it; a "
-                           "random member killed (and replaced) every --kill-every seconds")
+                           "replicas), a topic of P partitions, --consumers members of it (in "
+                           "hold-key mode) and two topic fixers; a random member killed (and "
+                           "replaced) every --kill-every seconds, a fixer once")
     demo.add_argument("--keys", type=int, default=32,
                       help="with --partitions: keys the producer's entries take turns on")
     demo.add_argument("--kill-primary", action="store_true",

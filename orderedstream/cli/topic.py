@@ -93,15 +93,11 @@ _fault = passing_cluster_fault  # a fault to wait out: also a cluster's own whil
 
 
 def _stored_seqs(client: AnyClient, streams: set[str]) -> dict[str, int]:
-    """The ``seq`` of each stream's last entry (0: none, or no seq)."""
-    out = {}
-    for stream in streams:
-        last: Any = client.xrevrange(stream, count=1)
-        try:
-            out[stream] = int(last[0][1].get(b"seq", 0)) if last else 0
-        except ValueError:
-            out[stream] = 0
-    return out
+    """The ``seq`` of the last entry the producer wrote to each stream (0: none, or no seq;
+    copies a fixer re-streamed are passed over)."""
+    from . import stored_seq
+
+    return {stream: stored_seq(client, stream) or 0 for stream in streams}
 
 
 def cmd_produce_topic(args: argparse.Namespace, console: Console, err_console: Console,

@@ -45,7 +45,7 @@ def cmd_fix_topic(args: argparse.Namespace, err_console: Console) -> int:
         hooks: list[Hook] = [] if args.quiet else [_printer(topic)]
         _hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
         fixer = TopicFixer(config, repair, client, hooks=hooks)
-        _Signals(lambda: fixer.stop(timeout=30))
+        _Signals(lambda: fixer.stop(timeout=30), text="stopping... again to force")
         err_console.print(f"[bold]{escape(config.name)}[/] fixing parked entries of "
                           f"{args.topic}/{args.group} ({topic.partitions} partitions) at "
                           f"{redact(args.redis_url)}", soft_wrap=True)
