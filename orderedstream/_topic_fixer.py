@@ -7,8 +7,9 @@ hold-key state, all in the partition's slot; so a partition is fixed exactly as 
 the same claim, re-stream, reschedule, bury and hold-key release scripts, the same visibility
 lease per entry).  :class:`TopicFixer` runs one of those per partition, in turn, over one
 command connection per node that serves a partition (a plain client of the node that owns the
-partition's slot, so every script, WATCH transaction and keyless command stays on it): the
-connections are bounded by the cluster's size, not by the number of partitions.
+partition's slot, so every script, WATCH transaction and keyless command stays on it; an entry
+too big for a script takes a second one for its WATCH transaction): the connections are
+bounded by the cluster's size, not by the number of partitions.
 
 It has no wake-up connection: a cluster cannot block on keys of different slots in one command
 (and a blocking read per partition would make the connections grow with P).  Each pass tells
