@@ -110,8 +110,8 @@ def cmd_dlq_topic(args: argparse.Namespace, console: Console, err_console: Conso
                                                                  for p, row in buried]}))
                     return 0
                 console.print(graveyard_table(
-                    f"graveyard of {where} ({counts.graveyard} entries; dlq requeue ID|--all, "
-                    "dlq purge --graveyard ID|--all; --topic, and --partition N for an ID)",
+                    f"graveyard of {where}: {counts.graveyard} entries (dlq requeue "
+                    "ID|--all, dlq purge --graveyard ID|--all; an ID: with --partition N)",
                     buried))
                 return 0
             items = [(p, item) for p, d in pairs for item in d.entries(args.limit)]
