@@ -16,9 +16,11 @@ from ._config import (
     ConsumerSettings,
     CoordinatorConfig,
     FixerConfig,
+    FixerSettings,
     LeaseConfig,
     MemberConfig,
     RetryPolicy,
+    TopicFixerConfig,
 )
 from ._coordinator import BatchHandler, Coordinator, Handler, Role
 from ._deadletter import ParkedEntry
@@ -63,6 +65,7 @@ from ._topic import (
     load_topic,
     partition_for,
 )
+from ._topic_fixer import TopicFixer
 from .exceptions import (
     ConfigError,
     ConnectionFailed,
@@ -110,6 +113,7 @@ __all__ = [
     "Fixer",
     "FixerConfig",
     "FixerPass",
+    "FixerSettings",
     "GroupKeys",
     "GroupMissing",
     "GroupRecreated",
@@ -145,6 +149,8 @@ __all__ = [
     "Standby",
     "TakeoverCompleted",
     "Topic",
+    "TopicFixer",
+    "TopicFixerConfig",
     "TopicMember",
     "TopicMismatch",
     "TopicMissing",

@@ -256,8 +256,9 @@ class MemberConfig(ConsumerSettings):
 
 
 @attrs.frozen(kw_only=True)
-class FixerConfig:
-    """Everything a :class:`~orderedstream.Fixer` needs, validated on build.
+class FixerSettings:
+    """How a fixer claims, repairs and backs off: what a :class:`FixerConfig` (one stream) and
+    a :class:`TopicFixerConfig` (every partition of a topic) share.
 
     ``visibility_ms`` is how long a claimed entry stays invisible to other fixers: a fixer that
     dies mid-batch has its entries offered again after it.  Set it well above the time a batch
@@ -266,8 +267,6 @@ class FixerConfig:
     goes to the graveyard.
     """
 
-    stream: str = attrs.field(validator=_non_empty)
-    group: str = attrs.field(validator=_non_empty)
     name: str = attrs.field(factory=lambda: "fixer-" + default_consumer_name(),
                             validator=_non_empty)
     batch_size: int = attrs.field(default=500, validator=_positive)
@@ -277,7 +276,8 @@ class FixerConfig:
     max_backoff_ms: int = attrs.field(default=300_000, validator=_positive)
     multiplier: float = 2.0
     max_wait_ms: int = attrs.field(default=1_000, validator=_positive)
-    """Longest sleep between passes when nothing is due (new parks wake it earlier)."""
+    """Longest sleep between passes when nothing is due (new parks wake a :class:`Fixer`
+    earlier; a :class:`TopicFixer` looks at each partition at least this often)."""
     socket_timeout_ms: int = attrs.field(default=5_000, validator=_positive)
     max_parks: int = attrs.field(default=10, validator=_positive)
     """An entry parked more often than this (repaired and re-streamed, then parked again each
@@ -286,3 +286,31 @@ class FixerConfig:
     def backoff_ms(self, failures: int) -> int:
         delay = self.initial_backoff_ms * self.multiplier ** max(failures - 1, 0)
         return int(min(delay, self.max_backoff_ms))
+
+    def settings(self) -> dict[str, object]:
+        """These settings as keywords (to build another config with the same ones)."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(FixerSettings)}
+
+
+@attrs.frozen(kw_only=True)
+class FixerConfig(FixerSettings):
+    """Everything a :class:`~orderedstream.Fixer` needs (one stream's parked entries),
+    validated on build; the settings are :class:`FixerSettings`'."""
+
+    stream: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+
+
+@attrs.frozen(kw_only=True)
+class TopicFixerConfig(FixerSettings):
+    """Everything a :class:`~orderedstream.TopicFixer` needs: the parked entries of ``group``
+    on every partition of ``topic``, each fixed with these settings, as a :class:`FixerConfig`
+    would fix one stream (:meth:`partition`)."""
+
+    topic: str = attrs.field(validator=_non_empty)
+    group: str = attrs.field(validator=_non_empty)
+
+    def partition(self, stream: str) -> FixerConfig:
+        """The configuration partition stream ``stream`` is fixed with."""
+        return FixerConfig(stream=stream, group=self.group,
+                           **self.settings())  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from ._deadletter import ParkedEntry
 from ._holdkey import follower_member, release
 from ._keys import GroupKeys, id_order
 from ._scripts import Scripts
-from ._server import server_ms
+from ._server import AnyClient, node_client, server_ms
 from .exceptions import ConfigError, MalformedRecord
 
 
@@ -68,13 +68,22 @@ class ListedEntry:
 
 
 class DeadLetters:
-    """The parked entries and the graveyard of one (stream, group)."""
+    """The parked entries and the graveyard of one (stream, group).  A partitioned topic's:
+    one per partition (:meth:`of_topic`)."""
 
     def __init__(self, client: redis.Redis, stream: str, group: str) -> None:
         self._client = client
         self.stream = stream
         self.group = group
         self.keys = GroupKeys(stream, group)
+
+    @classmethod
+    def of_topic(cls, client: AnyClient, streams: Iterable[str],
+                 group: str) -> list[DeadLetters]:
+        """One per partition stream of a topic (``Topic.streams``, in partition order), each
+        on the server, or the cluster node, that serves its slot (``client``'s own connection
+        pool to that node: closing ``client`` closes them)."""
+        return [cls(node_client(client, stream), stream, group) for stream in streams]
 
     def counts(self) -> DeadLetterCounts:
         keys = self.keys

@@ -77,7 +77,8 @@ class Fixer(Background):
     >>> with Fixer(FixerConfig(stream="orders", group="workers"), repair, client):  # doctest: +SKIP
     ...     ...   # start() on enter, stop() on exit
 
-    Any number of fixers may run side by side: each entry is taken by one at a time.
+    Any number of fixers may run side by side: each entry is taken by one at a time.  (The
+    parked entries of every partition of a topic: :class:`~orderedstream.TopicFixer`.)
     """
 
     _kind = "fixer"
@@ -85,24 +86,27 @@ class Fixer(Background):
     def __init__(self, config: FixerConfig, repair: Repair, client: redis.Redis,
                  *, hooks: Sequence[Hook] = ()) -> None:
         self.config = config
-        self._repair = repair
         self._keys = GroupKeys(config.stream, config.group)
         self._emit = Emitter(hooks)
+        self._work = StreamRepairs(config, repair, self._emit)
         timeout_s = config.socket_timeout_ms / 1000.0
         super().__init__(clone_client(client, name=f"os-fix:{config.name}",
                                       socket_timeout_s=timeout_s))
         self._wait = clone_client(client, name=f"os-fix:{config.name}:wait", single=True,
                                   socket_timeout_s=timeout_s + config.max_wait_ms / 1000.0)
         self._scripts = Scripts(self._cmd)
-        self._outage = Outage(self._event)
+        self._outage = Outage(self._work.event)
         self._last_signal = "$"
-        self._last_counts: tuple[int, int] | None = None
-        self.totals = {"restreamed": 0, "rescheduled": 0, "buried": 0, "lost": 0}
 
     @classmethod
     def from_url(cls, url: str, config: FixerConfig, repair: Repair,
                  *, hooks: Sequence[Hook] = ()) -> Fixer:
         return cls(config, repair, client_from_url(url), hooks=hooks)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Entries re-streamed, rescheduled, buried and lost (a claim taken over) so far."""
+        return self._work.totals
 
     # -- lifecycle (shared with the Coordinator: ._background) ----------------------------
 
@@ -141,10 +145,6 @@ class Fixer(Background):
             self._wait.close()
             self._stopped.set()
 
-    def _event(self, cls: type[Event], **fields: Any) -> None:
-        cfg = self.config
-        self._emit(cls(stream=cfg.stream, group=cfg.group, consumer=cfg.name, **fields))
-
     def _sleep(self, next_due_ms: int) -> None:
         """Until the next entry is due, or a new one is parked.  A server-side XREAD BLOCK
         times out up to ~100 ms late (the server checks timeouts on its cron), so the last
@@ -170,12 +170,39 @@ class Fixer(Background):
     def fix_once(self) -> FixerPass:
         """Take up to ``batch_size`` due entries, repair them, and re-stream, reschedule or bury
         each.  Returns what it did (also emitted as an event)."""
-        cfg = self.config
-        keys = self._keys
-        scripts = self._scripts
-        if self._last_signal == "$":
-            last: Any = self._cmd.xrevrange(keys.signal, count=1)
+        if self._last_signal == "$":  # new parks from here on wake the sleep
+            last: Any = self._cmd.xrevrange(self._keys.signal, count=1)
             self._last_signal = last[0][0].decode() if last else "0-0"
+        return self._work.fix_once(self._cmd, self._scripts)
+
+
+class StreamRepairs:
+    """The fixer's work on one (stream, group), one pass at a time: claim due entries (a
+    visibility lease per entry), repair them, and re-stream, reschedule or bury each, every
+    state change in one script.  It holds no connection: each pass runs on the client (and its
+    :class:`~orderedstream._scripts.Scripts`) it is given, a client of the server, or of the
+    cluster node, that serves the stream.  A :class:`Fixer` runs one; a
+    :class:`~orderedstream.TopicFixer` one per partition."""
+
+    def __init__(self, config: FixerConfig, repair: Repair, emit: Emitter) -> None:
+        self.config = config
+        self.keys = GroupKeys(config.stream, config.group)
+        self._repair = repair
+        self._emit = emit
+        self._last_counts: tuple[int, int] | None = None
+        self.totals = {"restreamed": 0, "rescheduled": 0, "buried": 0, "lost": 0}
+
+    def event(self, cls: type[Event], **fields: Any) -> None:
+        """Emit an event of this (stream, group) and fixer."""
+        cfg = self.config
+        self._emit(cls(stream=cfg.stream, group=cfg.group, consumer=cfg.name, **fields))
+
+    def fix_once(self, client: redis.Redis, scripts: Scripts) -> FixerPass:
+        """Take up to ``batch_size`` due entries, repair them, and re-stream, reschedule or bury
+        each, on ``client`` (``scripts`` runs on it).  Returns what it did (also emitted as an
+        event)."""
+        cfg = self.config
+        keys = self.keys
         claim = scripts.fix_claim(keys, cfg.name, cfg.batch_size, cfg.visibility_ms)
         until = claim.until_ms  # the claim's own score: proves the entries are still ours
         token = str(until)
@@ -197,7 +224,7 @@ class Fixer(Background):
                              f"parked {entry.parked} times (max_parks={cfg.max_parks}): the "
                              f"entry keeps failing after each repair"))
                 continue
-            if entry.hold_key is not None and not release_ready(self._cmd, keys, entry):
+            if entry.hold_key is not None and not release_ready(client, keys, entry):
                 not_yet.append((entry_id, _NOT_YET_MS, entry.to_json()))  # repair it later
                 continue
             try:
@@ -217,8 +244,8 @@ class Fixer(Background):
                 else:
                     action, backoff = "reschedule", cfg.backoff_ms(failures)
                     reschedule.append((entry_id, backoff, updated.to_json()))
-                self._event(RepairFailed, entry_id=entry_id, error=repr(err),
-                            fixer_attempts=failures, action=action, backoff_ms=backoff)
+                self.event(RepairFailed, entry_id=entry_id, error=repr(err),
+                           fixer_attempts=failures, action=action, backoff_ms=backoff)
                 continue
             if entry.hold_key is not None:
                 holders.append((entry, flat))
@@ -232,7 +259,7 @@ class Fixer(Background):
             restreamed = sum(1 for new_id in out if new_id)
             lost += len(out) - restreamed
         for entry, flat in big:
-            status = restream_outside_script(self._cmd, keys, entry, flat, token)
+            status = restream_outside_script(client, keys, entry, flat, token)
             restreamed += status == "ok"
             lost += status == "lost"
             if status == "busy":  # kept changing under WATCH: try again shortly
@@ -243,7 +270,7 @@ class Fixer(Background):
         plain_bury: list[tuple[str, str, str]] = []
         for bury_entry, entry_id, text, reason in bury:
             if bury_entry is not None and bury_entry.hold_key is not None:
-                status, count = release(self._cmd, scripts, keys, bury_entry, [], "bury",
+                status, count = release(client, scripts, keys, bury_entry, [], "bury",
                                         reason, token=token)
                 buried += status == "ok"
                 lost += status == "lost"
@@ -257,7 +284,7 @@ class Fixer(Background):
             buried += sum(1 for gid in out if gid)
             lost += sum(1 for gid in out if not gid)
         for entry, flat in holders:
-            status, count = release(self._cmd, scripts, keys, entry, flat, "restream", "",
+            status, count = release(client, scripts, keys, entry, flat, "restream", "",
                                     token=token)
             restreamed += status == "ok"
             lost += status == "lost"
@@ -270,7 +297,7 @@ class Fixer(Background):
         soonest = [backoff for _, backoff, _ in (*reschedule, *not_yet)]
         if soonest:  # entries put back this pass may be due before what the claim saw
             next_due = min(soonest) if next_due < 0 else min(next_due, *soonest)
-        parked = int(self._cmd.zcard(keys.delay))
+        parked = int(client.zcard(keys.delay))
         totals = self.totals
         totals["restreamed"] += restreamed
         totals["rescheduled"] += rescheduled

@@ -51,6 +51,15 @@ def passing_fault(err: BaseException) -> str | None:
     return None
 
 
+def passing_cluster_fault(err: BaseException) -> str | None:
+    """:func:`passing_fault`, and a cluster client's own errors while a shard fails over (a
+    slot no node serves yet, the cluster down): they pass too."""
+    reason = passing_fault(err)
+    if reason is None and isinstance(err, rex.RedisClusterException | rex.ClusterError):
+        reason = f"CLUSTER {type(err).__name__}: {err}"
+    return reason
+
+
 class Outage:
     """Backoff for one loop, and the events that tell operators about it: one
     :class:`ServerUnavailable` per change of reason, one :class:`ServerRecovered` at the end."""

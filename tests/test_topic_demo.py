@@ -45,6 +45,10 @@ def _check_clean(result: dict[str, Any], least: int = 300) -> None:
     assert result["lost"] == 0 and result["out_of_order"] == 0, result
     assert result["unflagged_duplicates"] == 0 and result["epochs_reused"] == 0, result
     assert result["produced"] > least and result["handled"] >= result["produced"], result
+    # every corrupted entry (1 in 50 by default) repaired by the topic fixers, in its key's
+    # order (out_of_order above), and nothing left on the dead-letter path
+    assert result["repaired"] == result["corrupted"] > 0, result
+    assert result["still_parked"] == 0 and result["buried"] == 0, result
     # everything the demo started is gone: members and producer (they name the topic), and
     # the cluster's nodes (the URL's port answers no more)
     assert _running_with(f"--topic {result['topic']}") == []
@@ -57,9 +61,10 @@ def _demo(*args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
 
 
 def test_topic_demo_short_run_verdict_is_clean() -> None:
-    """`demo --partitions 4` for a few seconds with a member killed every 2 s: exit 0, a
-    verdict with nothing lost, per-key order kept, no unflagged duplicate, no epoch reused,
-    a timed failover per kill; every process it started gone."""
+    """`demo --partitions 4` for a few seconds with a member killed every 2 s and a fixer
+    once: exit 0, a verdict with nothing lost, per-key order kept (repaired entries in their
+    place: hold-key mode), every corrupted entry repaired, nothing left parked, no unflagged
+    duplicate, no epoch reused, a timed failover per kill; every process it started gone."""
     demo = _demo("--partitions", "4", "--duration", "7", "--kill-every", "2", "--rate", "150")
     stdout, stderr = demo.communicate(timeout=150)
     assert demo.returncode == 0, stdout + stderr[-3000:]
@@ -68,6 +73,7 @@ def test_topic_demo_short_run_verdict_is_clean() -> None:
     assert result["partitions"] == 4 and result["kills"] >= 2, result
     assert len(result["failovers_ms"]) == result["kills"] - result["failovers_not_seen"] >= 1
     assert not result["interrupted"] and not result["primary_killed"]
+    assert result["fixers"] == 2 and result["fixer_kills"] == 1, result
 
 
 def test_topic_demo_ctrl_c_ends_with_a_verdict_and_stops_everything(tmp_path: Path) -> None:
@@ -129,3 +135,25 @@ def test_topic_demo_verdict_counts_server_losses_apart() -> None:
     assert not lost["ok"] and lost["lost"] == 1, lost
     swapped = judge([rec(1, "a", 1), rec(3, "a", 3), rec(5, "b", 2), rec(4, "b", 1)], present)
     assert not swapped["ok"] and swapped["out_of_order"] >= 1, swapped
+
+
+def test_topic_demo_verdict_counts_repaired_entries_once() -> None:
+    """The verdict's arithmetic for the dead-letter path: a repaired entry handled twice (a
+    flagged redelivery after a kill) counts once; a corrupted entry never handled repaired,
+    or one still parked or buried, makes the verdict fail; a repaired entry is judged in its
+    key's place (hold-key mode), so one handled after its key's later entries is a
+    reordering."""
+    def rec(seq: int, kseq: int, red: bool = False, repaired: bool = False) -> dict[str, Any]:
+        return {"seq": seq, "key": "a", "kseq": kseq, "red": red, "p": 0, "epoch": 1,
+                "pid": 1, "repaired": repaired}
+
+    present = {1: ("a", 1), 2: ("a", 2), 3: ("a", 3)}
+    held = [rec(1, 1), rec(2, 2, repaired=True), rec(2, 2, red=True, repaired=True), rec(3, 3)]
+    clean = judge(held, present, {2})
+    assert clean["ok"] and clean["repaired"] == 1 == clean["corrupted"], clean
+    assert not judge(held, present, {2}, parked=1)["ok"]
+    assert not judge(held, present, {2}, buried=1)["ok"]
+    unrepaired = judge([rec(1, 1), rec(2, 2), rec(3, 3)], present, {2})
+    assert not unrepaired["ok"] and unrepaired["repaired"] == 0, unrepaired
+    late = judge([rec(1, 1), rec(3, 3), rec(2, 2, repaired=True)], present, {2})
+    assert not late["ok"] and late["out_of_order"] >= 1, late

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__
+from .. import _wire as wire
 from .._config import CoordinatorConfig, FixerConfig, LeaseConfig, RetryPolicy
 from .._coordinator import Coordinator
 from .._demo import CORRUPT_PREFIX, demo_payload, demo_repair
@@ -222,7 +223,8 @@ def demo_handler(message: Message) -> None:
 
 # -- event rendering ------------------------------------------------------------------------
 
-def print_event(event: Event) -> None:
+def print_event(event: Event, where: str = "") -> None:
+    """One line per event (``where``: what to print before it, e.g. the partition)."""
     name = event.name
     if name == "batch_handled" or (isinstance(event, FixerPass) and not event.claimed):
         return
@@ -230,7 +232,7 @@ def print_event(event: Event) -> None:
              "owner_connection_gone": "bold magenta", "takeover_completed": "green",
              "handler_failed": "red", "entry_parked": "cyan", "fixer_pass": "cyan",
              "repair_failed": "red", "entry_held": "cyan"}.get(name, "dim")
-    err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {event.consumer} {name}[/] "
+    err_console.print(f"[{style}]{time.strftime('%H:%M:%S')} {where}{event.consumer} {name}[/] "
                       f"{event.describe()}")
 
 
@@ -345,16 +347,26 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_seq(client: Any, stream: str) -> int | None:
-    """The ``seq`` of the stream's last entry (None: empty, or not a demo entry)."""
-    last: Any = client.xrevrange(stream, count=1)
-    if not last:
-        return None
-    value = last[0][1].get(b"seq")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+def stored_seq(client: Any, stream: str) -> int | None:
+    """The ``seq`` of the last entry a producer wrote to ``stream`` (None: none, or not a demo
+    entry).  Copies re-streamed by a fixer (they carry ``os-origin-id``, and an older ``seq``)
+    are passed over."""
+    last = "+"
+    while True:
+        rows: Any = client.xrevrange(stream, max=last, count=50)
+        if last != "+":
+            rows = rows[1:]
+        if not rows:
+            return None
+        for _, fields in rows:
+            if wire.ORIGIN_ID in fields:
+                continue
+            value = fields.get(b"seq")
+            try:
+                return int(value) if value is not None else None
+            except ValueError:
+                return None
+        last = rows[-1][0]
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -389,7 +401,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                  for s in range(seq, seq + chunk)]
         try:
             if down is not None:  # the last send's fate is unknown: what does the stream hold?
-                stored = _stored_seq(producer.client, args.stream)
+                stored = stored_seq(producer.client, args.stream)
                 if stored is not None and seq <= stored < seq + chunk:
                     err_console.print(f"[yellow]seq {seq}..{stored} were stored before the "
                                       "connection was lost; going on after them[/]")
@@ -537,12 +549,20 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def fixer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``fix``'s options as :class:`FixerSettings` keywords (one stream or a topic)."""
+    return {**({"name": args.name} if args.name else {}),
+            "batch_size": args.batch, "visibility_ms": args.visibility_ms,
+            "max_attempts": args.max_attempts, "max_parks": args.max_parks}
+
+
 def cmd_fix(args: argparse.Namespace) -> int:
+    if args.topic is not None:
+        from .topic_fix import cmd_fix_topic
+
+        return cmd_fix_topic(args, err_console)
     repair = load_callable(args.repair) if args.repair else demo_repair
-    config = FixerConfig(stream=args.stream, group=args.group,
-                         **({"name": args.name} if args.name else {}),
-                         batch_size=args.batch, visibility_ms=args.visibility_ms,
-                         max_attempts=args.max_attempts, max_parks=args.max_parks)
+    config = FixerConfig(stream=args.stream, group=args.group, **fixer_settings(args))
     hooks: list[Hook] = [] if args.quiet else [print_event]
     client = _connected(args)
     hook, stop_metrics = _metrics(args.metrics_port, args.redis_url, hooks)
@@ -606,11 +626,67 @@ def _many(n: int, one: str, more: str) -> str:
     return f"{n} {one if n == 1 else more}"
 
 
+def dlq_entries_table(title: str, items: Sequence[tuple[int | None, ListedEntry]]) -> Any:
+    """``dlq list``'s table: one line per parked entry (``partition`` None: one stream, no
+    partition column)."""
+    from rich.table import Table
+
+    table = Table(title=title, box=None, pad_edge=False, header_style="bold underline")
+    # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
+    # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
+    rows: list[list[str]] = []
+    for partition, item in items:
+        e = item.entry
+        where = "" if partition is None else str(partition)
+        due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
+        if e is None:
+            rows.append([where, item.id, "", due_in, "?", str(item.error), "?", ""])
+            continue
+        role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
+        origin = "" if e.origin_id == item.id else e.origin_id
+        fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
+        rows.append([where, item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
+                     fields])
+    heads = ["p", "id", "origin", "due", "role", "reason", "repairs", "fields"]
+    caps = [0, 0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
+    show = [i for i in range(8) if i not in (0, 2) or any(r[i] for r in rows)]
+    widths: dict[int, int] = {}
+    for i in show:
+        widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
+        widths[i] = min(widest, caps[i]) if caps[i] else widest
+    others = sum(w for i, w in widths.items() if i != 7) + 2 * (len(show) - 1) + 1
+    widths[7] = max(10, min(widths[7], console.width - others))
+    for i in show:
+        table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
+    for cells in rows:
+        table.add_row(*(escape(cells[i]) for i in show))
+    return table
+
+
+def graveyard_table(title: str, buried: Sequence[tuple[int | None, dict[str, Any]]]) -> Any:
+    """``dlq list --graveyard``'s table (``partition`` None: one stream)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    widest = max((len(str(r.get("id", ""))) for _, r in buried), default=8)
+    if any(p is not None for p, _ in buried):
+        table.add_column("p", no_wrap=True)
+    table.add_column("entry id", no_wrap=True, min_width=widest)
+    table.add_column("graveyard id", no_wrap=True, min_width=widest)
+    table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
+    for partition, row in buried:
+        cells = [row.get("id", "?"), row["graveyard_id"], row.get("reason", "")]
+        table.add_row(*([] if partition is None else [str(partition)]), *cells)
+    return table
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     import json
 
-    from rich.table import Table
+    if args.topic is not None:
+        from .topic_fix import cmd_dlq_topic
 
+        return cmd_dlq_topic(args, console, err_console)
     _client, dlq = _open_dlq(args)
     action = args.action
     if action == "list":
@@ -620,54 +696,20 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             if args.json:
                 console.print_json(json.dumps({"graveyard": buried}))
                 return 0
-            table = Table(title=f"graveyard of {args.stream}/{args.group} "
-                                f"({counts.graveyard} entries; dlq requeue ID|--all, "
-                                "dlq purge --graveyard ID|--all)")
-            widest = max((len(str(r.get("id", ""))) for r in buried), default=8)
-            table.add_column("entry id", no_wrap=True, min_width=widest)
-            table.add_column("graveyard id", no_wrap=True, min_width=widest)
-            table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
-            for row in buried:
-                table.add_row(row.get("id", "?"), row["graveyard_id"], row.get("reason", ""))
-            console.print(table)
+            console.print(graveyard_table(
+                f"graveyard of {args.stream}/{args.group} ({counts.graveyard} entries; dlq "
+                "requeue ID|--all, dlq purge --graveyard ID|--all)",
+                [(None, row) for row in buried]))
             return 0
         items = dlq.entries(args.limit)
         if args.json:
             console.print_json(json.dumps({"counts": attrs.asdict(counts),
                                            "entries": [_entry_row(i) for i in items]}))
             return 0
-        table = Table(title=f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
-                            f"{counts.followers} held behind, {counts.graveyard} in the graveyard;"
-                            f" next {due_text(counts.next_due_ms)}",
-                      box=None, pad_edge=False, header_style="bold underline")
-        # ids are copied into show/retry/purge: never wrapped nor cut.  Every column is one
-        # line; the fields column gets what is left of the terminal (`dlq show ID` has all)
-        rows: list[list[str]] = []
-        for item in items:
-            e = item.entry
-            due_in = f"fixer {item.claimed_by}" if item.claimed_by else due_text(item.due_in_ms)
-            if e is None:
-                rows.append([item.id, "", due_in, "?", str(item.error), "?", ""])
-                continue
-            role = e.role if e.hold_key is None else f"{e.role} of {e.hold_key}"
-            origin = "" if e.origin_id == item.id else e.origin_id
-            fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
-            rows.append([item.id, origin, due_in, role, e.reason, str(e.fixer_attempts),
-                         fields])
-        heads = ["id", "origin", "due", "role", "reason", "repairs", "fields"]
-        caps = [0, 15, 16, 14, 18, 0, 0]  # 0: as wide as its widest value
-        show = [i for i in range(7) if i != 1 or any(r[1] for r in rows)]
-        widths: dict[int, int] = {}
-        for i in show:
-            widest = max([len(heads[i]), *(len(r[i]) for r in rows)])
-            widths[i] = min(widest, caps[i]) if caps[i] else widest
-        others = sum(w for i, w in widths.items() if i != 6) + 2 * (len(show) - 1) + 1
-        widths[6] = max(10, min(widths[6], console.width - others))
-        for i in show:
-            table.add_column(heads[i], no_wrap=True, overflow="ellipsis", width=widths[i])
-        for cells in rows:
-            table.add_row(*(escape(cells[i]) for i in show))
-        console.print(table)
+        console.print(dlq_entries_table(
+            f"parked in {args.stream}/{args.group}: {counts.parked} scheduled, "
+            f"{counts.followers} held behind, {counts.graveyard} in the graveyard; next "
+            f"{due_text(counts.next_due_ms)}", [(None, item) for item in items]))
         return 0
     if action == "show":
         shown = dlq.show(args.id)
@@ -685,23 +727,38 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if not args.all and not args.id:
         err_console.print(f"[bold red]error:[/] dlq {action}: give an entry ID or --all")
         return 2
+    n = dlq_act([dlq], args)
+    return 0 if n or args.all else 1
+
+
+def dlq_act(letters: Sequence[DeadLetters], args: argparse.Namespace) -> int:
+    """``dlq retry|requeue|purge ID|--all`` on the dead letters of one stream or of several
+    partitions; says how many entries it changed, and returns that."""
+    action = args.action
     ids = None if args.all else [args.id]
+    n = 0
+    for dlq in letters:
+        if action == "retry":
+            n += dlq.retry(ids)
+        elif action == "requeue":
+            done, problems = dlq.requeue(ids)
+            n += done
+            for problem in problems:
+                err_console.print(f"[yellow]not requeued: {problem}[/]", soft_wrap=True)
+        elif args.graveyard:
+            n += dlq.purge_graveyard(ids)
+        else:
+            n += dlq.purge(ids)
     if action == "retry":
-        n = dlq.retry(ids)
         console.print(f"{_many(n, 'parked entry', 'parked entries')} due now")
     elif action == "requeue":
-        n, problems = dlq.requeue(ids)
-        for problem in problems:
-            err_console.print(f"[yellow]not requeued: {problem}[/]", soft_wrap=True)
         console.print(f"{_many(n, 'buried entry', 'buried entries')} back in the delay set, "
                       "due now (a fixer repairs and re-streams them)")
     elif args.graveyard:
-        n = dlq.purge_graveyard(ids)
         console.print(f"{_many(n, 'buried entry', 'buried entries')} purged from the graveyard")
     else:
-        n = dlq.purge(ids)
         console.print(f"{_many(n, 'parked entry', 'parked entries')} purged")
-    return 0 if n or args.all else 1
+    return n
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -777,6 +834,14 @@ def _metrics_option(parser: argparse.ArgumentParser) -> None:
                         metavar="[HOST:]PORT",
                         help="serve Prometheus /metrics here (needs the 'prometheus' extra; "
                              "default: $ORDEREDSTREAM_METRICS_PORT, else off)")
+
+
+def _dlq_topic_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topic", default=None, metavar="NAME",
+                        help="every partition of this topic (for --group) instead of --stream")
+    parser.add_argument("--partition", type=int, default=None, metavar="N",
+                        help="with --topic: partition N only (an entry id names one entry "
+                             "per partition)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -905,6 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an entry parked more often than this (it fails again after every "
                           "repair) goes to the graveyard")
     fix.add_argument("--quiet", action="store_true", help="no event output")
+    fix.add_argument("--topic", default=None, metavar="NAME",
+                     help="fix --group's parked entries on every partition of this topic "
+                          "(instead of --stream), from one process")
     _metrics_option(fix)
     fix.set_defaults(func=cmd_fix)
 
@@ -927,7 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, help="entries/s produced")
     demo.add_argument("--corrupt-every", type=int, default=None,
                       help="every K-th payload is corrupted, parked and repaired (0: none; "
-                           "default: 50, and 0 with --partitions: its fixer is per stream)")
+                           "default: 50)")
     demo.add_argument("--defer-ms", type=int, default=500, help="delay before a repair")
     demo.add_argument("--lease-ttl-ms", type=int, default=1500, help="the consumers' lease TTL")
     demo.add_argument("--drain-timeout", type=float, default=30.0,
@@ -937,8 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the processes' logs (default: removed on exit)")
     demo.add_argument("--partitions", type=int, default=None, metavar="P",
                       help="the partitioned demo: an embedded cluster (3 primaries, 3 "
-                           "replicas), a topic of P partitions, --consumers members of it; a "
-                           "random member killed (and replaced) every --kill-every seconds")
+                           "replicas), a topic of P partitions, --consumers members of it (in "
+                           "hold-key mode) and two topic fixers; a random member killed (and "
+                           "replaced) every --kill-every seconds, a fixer once")
     demo.add_argument("--keys", type=int, default=32,
                       help="with --partitions: keys the producer's entries take turns on")
     demo.add_argument("--kill-primary", action="store_true",
@@ -966,12 +1035,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = dlq_sub.add_parser("list", help="parked entries by due time, with counts",
                                   formatter_class=_Formatter)
     _common(dlq_list)
+    _dlq_topic_options(dlq_list)
     dlq_list.add_argument("--limit", type=int, default=50, help="entries shown at most")
     dlq_list.add_argument("--graveyard", action="store_true", help="list the graveyard")
     dlq_list.add_argument("--json", action="store_true", help="as JSON")
     dlq_show = dlq_sub.add_parser("show", help="one parked (or buried) entry, as JSON",
                                   formatter_class=_Formatter)
     _common(dlq_show)
+    _dlq_topic_options(dlq_show)
     dlq_show.add_argument("id", help="entry id (or graveyard id)")
     for name, text in (("retry", "make parked entries due now (server clock)"),
                        ("purge", "drop parked entries for good (--graveyard: buried ones)"),
@@ -979,6 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fixer repairs and re-streams them")):
         one = dlq_sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
         _common(one)
+        _dlq_topic_options(one)
         one.add_argument("id", nargs="?", help="entry id (or graveyard id)")
         one.add_argument("--all", action="store_true", help="every entry")
         if name == "purge":

@@ -43,14 +43,16 @@ class _Cast:
 
     def __init__(self, url: str, stream: str, group: str, work: Path,
                  args: argparse.Namespace, *, topic: str | None = None,
-                 prefix: str = "consumer") -> None:
+                 prefix: str = "consumer", consumer_args: tuple[str, ...] = ()) -> None:
         self.url, self.stream, self.group, self.work = url, stream, group, work
         self.args = args
         self.where = ["--topic", topic] if topic is not None else ["--stream", stream]
         self.prefix = prefix
+        self.consumer_args = consumer_args  # more options for every consumer
         self.record = work / "handled.jsonl"
         self.consumers: dict[str, subprocess.Popen[bytes]] = {}
-        self.others: list[subprocess.Popen[bytes]] = []
+        self.fixers: dict[str, subprocess.Popen[bytes]] = {}
+        self.others: list[subprocess.Popen[bytes]] = []  # the producer, fixers killed
         self.count = 0
         self.env = dict(os.environ, ORDEREDSTREAM_RECORD=str(self.record),
                         ORDEREDSTREAM_DEFER_MS=str(args.defer_ms))
@@ -72,20 +74,26 @@ class _Cast:
         self.consumers[name] = self._spawn(
             name, "consume", "--name", name, "--quiet", "--lease-ttl-ms",
             str(self.args.lease_ttl_ms), "--batch", "20",
-            "--handler", "orderedstream.testing:record_handler")
+            "--handler", "orderedstream.testing:record_handler", *self.consumer_args)
         return name
 
-    def producer(self, *extra: str) -> None:
+    def producer(self, *extra: str) -> subprocess.Popen[bytes]:
         argv = ["produce", "--rate", str(self.args.rate), "--quiet", *extra]
         if self.args.corrupt_every:
             argv += ["--corrupt-every", str(self.args.corrupt_every)]
         self.others.append(self._spawn("producer", *argv))
+        return self.others[-1]
 
-    def fixer(self) -> None:
-        self.others.append(self._spawn("fixer", "fix", "--quiet", "--visibility-ms", "5000"))
+    def fixer(self, name: str = "fixer") -> None:
+        """Start fixer ``name`` (again: a killed one restarting; the old process is kept
+        among ``others`` to be reaped)."""
+        if name in self.fixers:
+            self.others.append(self.fixers[name])
+        self.fixers[name] = self._spawn(name, "fix", "--name", name, "--quiet",
+                                        "--visibility-ms", "5000")
 
     def stop(self) -> None:
-        procs = [*self.others, *self.consumers.values()]
+        procs = [*self.others, *self.fixers.values(), *self.consumers.values()]
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
@@ -167,7 +175,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         for _ in range(args.consumers):
             cast.consumer()
         cast.fixer()
-        cast.producer()
+        producer = cast.producer()
         failovers: list[tuple[str, str, str, float | None]] = []
         took: list[float] = []
         pending_kill: tuple[float, str, int] | None = None  # when, whom, its epoch
@@ -233,7 +241,6 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             for zombie in paused:
                 zombie.send_signal(signal.SIGCONT)
             # stop producing, then let the consumers and the fixer drain everything
-            producer = cast.others[-1]
             producer.terminate()
             producer.wait(10)
             produced, corrupt = _produced(client, stream)

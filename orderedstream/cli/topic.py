@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import redis.exceptions as rex
 from rich.console import Console
 
 from .._demo import demo_payload
-from .._recovery import passing_fault
+from .._recovery import passing_cluster_fault
 from .._server import AnyClient, connect_url
 from .._topic import Topic, TopicProducer, create_topic, describe_topic, fields_key, load_topic
 from ..exceptions import ConfigError
@@ -90,24 +89,15 @@ def _user_entries(args: argparse.Namespace) -> Iterator[tuple[Any, dict[str, Any
             raise ConfigError(f"stdin line {number}: {err}") from err
 
 
-def _fault(err: BaseException) -> str | None:
-    """A fault to wait out: the usual ones, and a cluster's own while it fails over."""
-    reason = passing_fault(err)
-    if reason is None and isinstance(err, rex.RedisClusterException | rex.ClusterError):
-        reason = f"CLUSTER {type(err).__name__}: {err}"
-    return reason
+_fault = passing_cluster_fault  # a fault to wait out: also a cluster's own while it fails over
 
 
 def _stored_seqs(client: AnyClient, streams: set[str]) -> dict[str, int]:
-    """The ``seq`` of each stream's last entry (0: none, or no seq)."""
-    out = {}
-    for stream in streams:
-        last: Any = client.xrevrange(stream, count=1)
-        try:
-            out[stream] = int(last[0][1].get(b"seq", 0)) if last else 0
-        except ValueError:
-            out[stream] = 0
-    return out
+    """The ``seq`` of the last entry the producer wrote to each stream (0: none, or no seq;
+    copies a fixer re-streamed are passed over)."""
+    from . import stored_seq
+
+    return {stream: stored_seq(client, stream) or 0 for stream in streams}
 
 
 def cmd_produce_topic(args: argparse.Namespace, console: Console, err_console: Console,

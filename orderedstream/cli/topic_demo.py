@@ -1,15 +1,22 @@
 """``orderedstream demo --partitions P``: the failover demo for a partitioned topic.
 
 An embedded cluster (3 primaries, 3 replicas), a topic of P partitions, a producer (``produce
---topic``: entries with ``seq``, ``key``, ``kseq``), ``--consumers`` members (``consume
---topic`` with the recording handler), all real processes.  Every ``--kill-every`` seconds a
-random member that owns partitions is SIGKILLed and a new one started; with
-``--kill-primary`` one primary is killed once, mid-run (its replica is promoted).  A live
-panel (the ``status --topic`` view, the demo's kills merged into its timeline), then the
-verdict from what the handlers recorded: per-key order, lost, duplicates (flagged or not),
-epochs handed out twice (must be 0), and how long each failover took.
+--topic``: entries with ``seq``, ``key``, ``kseq``; every ``--corrupt-every``-th payload
+corrupted, as in the single-stream demo), ``--consumers`` members (``consume --topic`` with the
+recording handler, in hold-key mode on ``key``) and two topic fixers (``fix --topic``), all real
+processes.  Every ``--kill-every`` seconds a random member that owns partitions is SIGKILLed and
+a new one started; once, mid-run, a fixer is SIGKILLed and started again; with
+``--kill-primary`` one primary is killed once, mid-run (its replica is promoted).  A live panel
+(the ``status --topic`` view, the demo's kills merged into its timeline), then the verdict from
+what the handlers recorded: per-key order, lost, duplicates (flagged or not), epochs handed out
+twice (must be 0), corrupted entries repaired (distinct entries, not handlings), entries still
+parked or buried (must be 0), and how long each failover took.
 
-No fixer runs: a fixer serves one stream, so the producer writes no corrupted payloads here.
+Per-key order is judged strictly, repaired entries included: the handler parks a corrupted
+entry (``Defer``), and hold-key mode parks its key's later entries behind it, so when a fixer
+re-streams it repaired (at the tail) they come back after it, in order (DESIGN.md §6).  Without
+hold-key mode a repaired entry would come back after its key's later entries: what the
+single-stream demo counts as "late", and no per-key order a topic could promise.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .. import _wire as wire
+from .._demo import is_corrupt
+from .._dlq import DeadLetters
 from .._server import AnyClient, connect_url
 from .._status import TopicEvent, TopicStatus, topic_status
 from .._topic import Topic, create_topic
@@ -79,9 +90,14 @@ class _Failover:
                           partition=None, epoch=None, detail=detail)
 
 
-def _in_streams(client: AnyClient, topic: Topic) -> dict[int, tuple[str, int]]:
-    """seq -> (key, kseq) of every entry the partition streams hold."""
+HOLD_KEY_FIELD = "key"  # the members' hold-key field: the demo entries' routing key
+
+
+def _in_streams(client: AnyClient, topic: Topic) -> tuple[dict[int, tuple[str, int]], set[int]]:
+    """seq -> (key, kseq) of every entry the partition streams hold, and the seqs written
+    corrupted (the producer's originals; re-streamed copies carry os-origin-id)."""
     out: dict[int, tuple[str, int]] = {}
+    corrupt: set[int] = set()
     for stream in topic.streams:
         last = "-"
         while True:
@@ -92,17 +108,31 @@ def _in_streams(client: AnyClient, topic: Topic) -> dict[int, tuple[str, int]]:
                 break
             for _, fields in rows:
                 if b"seq" in fields:
-                    out[int(fields[b"seq"])] = (fields[b"key"].decode(), int(fields[b"kseq"]))
+                    seq = int(fields[b"seq"])
+                    out[seq] = (fields[b"key"].decode(), int(fields[b"kseq"]))
+                    if wire.ORIGIN_ID not in fields and is_corrupt(
+                            fields.get(b"payload", b"").decode("utf-8", "replace")):
+                        corrupt.add(seq)
             last = rows[-1][0].decode()
-    return out
+    return out, corrupt
 
 
-def judge(records: list[dict[str, Any]], present: dict[int, tuple[str, int]]
+def _dead_letters(client: AnyClient, topic: Topic, group: str) -> tuple[int, int]:
+    """(entries still parked or held behind, entries buried) over every partition."""
+    counts = [d.counts() for d in DeadLetters.of_topic(client, topic.streams, group)]
+    return sum(c.parked + c.followers for c in counts), sum(c.graveyard for c in counts)
+
+
+def judge(records: list[dict[str, Any]], present: dict[int, tuple[str, int]],
+          corrupt: AbstractSet[int] = frozenset(), parked: int = 0, buried: int = 0
           ) -> dict[str, Any]:
     """The verdict over the handlers' records and what the streams hold.  An entry the
     producer was told was written but that a killed primary took with it (replication is
     asynchronous) is counted apart (``lost_by_server``), and per-key order is judged over the
-    entries that exist (a key's ``kseq`` renumbered over them)."""
+    entries that exist (a key's ``kseq`` renumbered over them), repaired ones in their place
+    (hold-key mode).  ``corrupt``: the seqs written corrupted; ``repaired`` counts those
+    handled repaired, once each however often a copy was handled; ``parked`` and ``buried``
+    (what the dead-letter path still holds) must be 0."""
     handled = {int(r["seq"]) for r in records}
     produced = max(present.keys() | handled, default=0)
     kseqs: dict[str, set[int]] = {}
@@ -115,10 +145,14 @@ def judge(records: list[dict[str, Any]], present: dict[int, tuple[str, int]]
     judged = topic_verdict((dict(r, kseq=rank[(str(r["key"]), int(r["kseq"]))])
                             for r in records), produced)
     lost = [s for s in judged.lost if s in present]
+    repaired = {int(r["seq"]) for r in records if r.get("repaired")}
     result = judged.as_dict()
-    result.update(lost=len(lost), lost_by_server=len(judged.lost) - len(lost))
+    result.update(lost=len(lost), lost_by_server=len(judged.lost) - len(lost),
+                  corrupted=len(corrupt), repaired=len(repaired & corrupt),
+                  still_parked=parked, buried=buried)
     result["ok"] = not (lost or judged.out_of_order or judged.unflagged_duplicates
-                        or judged.epochs_reused)
+                        or judged.epochs_reused or parked or buried
+                        or repaired & corrupt != corrupt)
     return result
 
 
@@ -135,10 +169,8 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
     if args.pause:
         raise ConfigError("--pause is the single-stream demo's: the partitioned demo kills "
                           "members (leave out --pause, or --partitions)")
-    if args.corrupt_every:
-        raise ConfigError("the partitioned demo runs no fixer (a fixer serves one stream), so "
-                          "it corrupts no payload: leave out --corrupt-every")
-    args.corrupt_every = 0
+    if args.corrupt_every is None:
+        args.corrupt_every = 50
     if args.kill_primary and args.redis_url is not None:
         raise ConfigError("--kill-primary kills a node of the demo's own cluster: leave out "
                           "--redis-url")
@@ -171,17 +203,24 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold]orderedstream demo[/] on {'an embedded cluster at ' if cluster else ''}"
                   f"{redact(url)}: topic {name} ({topic.partitions} partitions), group {group}, "
                   f"logs in {work}; Ctrl+C ends it with its verdict")
-        cast = _Cast(url, name, group, work, args, topic=name, prefix="member")
+        cast = _Cast(url, name, group, work, args, topic=name, prefix="member",
+                     consumer_args=("--hold-key-field", HOLD_KEY_FIELD))
         for _ in range(args.consumers):
             cast.consumer()
-        cast.producer("--keys", str(args.keys))
+        fixers = ("fixer-1", "fixer-2")  # side by side: each parked entry taken by one
+        for fixer in fixers:
+            cast.fixer(fixer)
+        producer = cast.producer("--keys", str(args.keys))
         tail = RecordTail(cast.record)
         seen = 0
         faults: list[_Failover] = []
+        fixer_kills: list[TopicEvent] = []
         rng = random.Random()
         started = time.monotonic()
         next_kill = started + args.kill_every
         primary_at = started + args.duration / 2 if args.kill_primary else None
+        # a fixer killed once (and started again), between the member kills
+        fixer_at: float | None = started + args.duration / 2 - args.kill_every / 2
         status: TopicStatus | None = None
         note: str | None = None
         last_rate: tuple[float, int] | None = None
@@ -218,7 +257,8 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
         def panel(title: str) -> Any:
             if status is None:
                 return f"[yellow]{note or 'reading the group...'}[/]"
-            return render_topic_status(status, rate=rate, events=[f.event() for f in faults],
+            return render_topic_status(status, rate=rate,
+                                       events=[*fixer_kills, *(f.event() for f in faults)],
                                        note=note, title=title, height=out.height - 1)
 
         with Live(console=out, refresh_per_second=4, transient=False) as live:
@@ -243,6 +283,17 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
                         faults.append(_Failover("SIGKILL", victim, at, owned, proc.pid))
                         cast.consumer()  # a new member takes its place
                     next_kill = now + args.kill_every
+                if fixer_at is not None and now >= fixer_at:
+                    fixer_at = None
+                    victim = rng.choice(fixers)
+                    proc = cast.fixers[victim]
+                    at = time.time()
+                    proc.kill()
+                    proc.wait(5)
+                    cast.fixer(victim)  # its claims come back to either after 5 s at most
+                    fixer_kills.append(TopicEvent(
+                        ts_ms=int(at * 1000), type="SIGKILL", member=victim, partition=None,
+                        epoch=None, detail={"fixer": "started again"}))
                 if (primary_at is not None and now >= primary_at and cluster is not None
                         and status is not None):
                     primary_at = None
@@ -258,15 +309,16 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
                 live.update(panel(f"orderedstream demo - {name}/{group} - "
                                   f"{time.monotonic() - started:.0f}/{args.duration:.0f} s"))
                 stop.wait(0.25)
-            # stop producing, then let the members handle everything the streams hold
-            producer = cast.others[-1]
+            # stop producing, then let the members and fixers handle everything the streams
+            # hold (a corrupted entry: once repaired)
             producer.send_signal(signal.SIGTERM)
             producer.wait(30)
             present: dict[int, tuple[str, int]] = {}
+            corrupt: set[int] = set()
             drain_until = time.monotonic() + args.drain_timeout
             while not signals.hurry.is_set():
                 try:
-                    present = _in_streams(client, topic)
+                    present, corrupt = _in_streams(client, topic)
                     break
                 except Exception as err:
                     if _fault(err) is None or time.monotonic() > drain_until:
@@ -280,7 +332,17 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
                 live.update(panel("draining... (Ctrl+C again: the verdict now)"))
                 signals.hurry.wait(0.25)
             look()
-        result = judge(tail.read(), present)
+            parked = buried = -1  # unknown (the cluster would not say)
+            for _ in range(20):
+                try:
+                    parked, buried = _dead_letters(client, topic, group)
+                    break
+                except Exception as err:
+                    if _fault(err) is None:
+                        raise
+                    _refresh(client)
+                    signals.hurry.wait(0.25)
+        result = judge(tail.read(), present, corrupt, parked, buried)
         kills = [f for f in faults if f.pid is not None]
         took = [f.took_ms for f in kills if f.took_ms is not None]
         primary = next((f for f in faults if f.pid is None), None)
@@ -289,6 +351,7 @@ def run_topic_demo(args: argparse.Namespace, console: Console) -> int:
             "kills": len(kills), "failover_ms_p50": _pct(took, 0.5),
             "failover_ms_p95": _pct(took, 0.95), "failovers_ms": [round(t, 1) for t in took],
             "failovers_not_seen": sum(1 for f in kills if f.took_ms is None),
+            "fixers": len(fixers), "fixer_kills": len(fixer_kills),
             "primary_killed": primary is not None,
             "primary_failover_ms": round(primary.took_ms, 1)
             if primary is not None and primary.took_ms is not None else None,
@@ -316,6 +379,10 @@ def _print_verdict(console: Console, result: dict[str, Any]) -> None:
         ("duplicates", f"{result['duplicates']} ({flagged} flagged redeliveries, "
                        f"{result['unflagged_duplicates']} not)"),
         ("epochs reused", f"[{ok}]{result['epochs_reused']}[/]"),
+        ("repaired", f"[{ok}]{result['repaired']}[/] of {result['corrupted']} corrupted, "
+                     f"each in its key's order ({result['fixers']} fixers, "
+                     f"{result['fixer_kills']} killed and started again)"),
+        ("still parked / buried", f"[{ok}]{result['still_parked']} / {result['buried']}[/]"),
         ("member failover p50 / p95",
          f"{result['failover_ms_p50']} / {result['failover_ms_p95']} ms over "
          f"{len(result['failovers_ms'])} kills (every orphaned partition handled again)"),
