@@ -169,6 +169,7 @@ class Owner:
         except StopRequested:
             pass
         finally:
+            self._watched = reader.watched  # (the ACL refused WATCH: not asked again)
             yield from reader.close()
             if (yield from self._release(lease)):  # handed over at once: standbys woken
                 self._emit(LeaseReleased, epoch=lease.epoch)

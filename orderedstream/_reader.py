@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import redis
 
 from ._config import CoordinatorConfig
-from ._engine import PIPE_RELEASE, Block, Pause, PipeRecv, PipeSend, Plain, Step
+from ._engine import PIPE_DROP, PIPE_RELEASE, Block, Pause, PipeRecv, PipeSend, Plain, Step
 from ._keys import GroupKeys, id_order
 from ._lease import Lease
 from ._recovery import Outage, passing_fault
@@ -85,9 +85,9 @@ class FencedReader:
         self._stop = stop
         self._outage = outage
         self._on_trimmed = on_trimmed
-        ahead = _WatchedAhead if watched else _ScriptedAhead
-        self._ahead: _ReadAhead = ahead(scripts, keys, lease.token, config.consumer,
-                                        config.batch_size)
+        self._scripts = scripts
+        self._ahead: _ReadAhead = (_WatchedAhead if watched else _ScriptedAhead)(
+            scripts, keys, lease.token, config.consumer, config.batch_size)
         self.acks: list[Any] = []
         self.cursor: bytes | str = "0"
         """The last entry handed out (history reads continue after it)."""
@@ -109,6 +109,16 @@ class FencedReader:
     def suspect_up_to_id(self, last_id: str) -> None:
         """:meth:`suspect_up_to` with the stream's last id ('0-0': the stream is empty)."""
         self.suspect_up_to([(last_id.encode(), [])] if last_id != "0-0" else [])
+
+    @property
+    def watched(self) -> bool:
+        """New entries are read under a ``WATCH`` fence (False: by the ``deliver`` script,
+        asked for, or because the ACL does not allow transactions)."""
+        return isinstance(self._ahead, _WatchedAhead)
+
+    def scripted(self) -> _ReadAhead:
+        return _ScriptedAhead(self._scripts, self._keys, self._lease.token,
+                              self._config.consumer, self._config.batch_size)
 
     def first_page(self, got: ReadReply, new: bool) -> Page | None:
         """The page the takeover script read (same fence, same round trip as the claims):
@@ -187,7 +197,13 @@ class FencedReader:
                 continue
             try:
                 if not ahead.in_flight:
-                    yield from ahead.send(self._take_acks(), self.cursor)
+                    try:
+                        yield from ahead.send(self._take_acks(), self.cursor)
+                    except Unwatchable:  # (its connection may hold a WATCH: not reused)
+                        self.acks = ahead.forget() + self.acks
+                        yield PIPE_DROP
+                        ahead = self._ahead = self.scripted()
+                        continue
                 rows, tail = yield from ahead.receive()
                 if len(rows) >= cfg.batch_size:
                     # more may be waiting: ask for the next batch now, so the server prepares
@@ -368,6 +384,7 @@ class _WatchedAhead(_ReadAhead):
         super().__init__(scripts, keys, token, consumer, batch)
         self._watching = False
         """A ``WATCH`` of the lease is on the connection and the ``GET`` after it was ours."""
+        self._probed = False  # MULTI / EXEC are allowed
         self._read = ("XREADGROUP", "GROUP", keys.group, consumer, "COUNT", batch,
                       "STREAMS", keys.stream, ">")
         self._tail = ("XREVRANGE", keys.stream, "+", "-", "COUNT", 1)
@@ -385,8 +402,18 @@ class _WatchedAhead(_ReadAhead):
 
     def _request(self, acks: list[Any], after: bytes | str) -> Step[list[tuple[Any, ...]]]:
         if not self._watching:
-            _, value = yield from self._roundtrip(list(self._rewatch))
-            self._watch(value)
+            # the term's first: an empty MULTI/EXEC too, so that a user the ACL does not allow
+            # transactions is told before a MULTI refused mid-term could let the commands
+            # queued behind it run unfenced
+            probe = [] if self._probed else [("MULTI",), ("EXEC",)]
+            replies = yield from self._roundtrip([*probe, *self._rewatch])
+            refused = [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
+            if refused:
+                if isinstance(refused[0], redis.exceptions.NoPermissionError):
+                    raise Unwatchable(str(refused[0]))
+                raise refused[0]
+            self._probed = True
+            self._watch(replies[-1])
         keys = self._keys
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         if acks:
@@ -428,6 +455,11 @@ class _WatchedAhead(_ReadAhead):
         if self._watching:
             self._watching = False
             yield from self._roundtrip([("UNWATCH",)])
+
+
+class Unwatchable(Exception):
+    """The server's ACL does not allow this user ``WATCH`` / ``MULTI`` / ``EXEC``: reads are
+    fenced by the ``deliver`` script instead."""
 
 
 def _rows(read: Any) -> list[Any]:

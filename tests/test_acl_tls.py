@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from orderedstream import GroupKeys
+from orderedstream import Coordinator, CoordinatorConfig, GroupKeys
 from orderedstream.testing import ServerProcess, free_port, wait_until
 
 from .conftest import EXTERNAL_URL
@@ -113,6 +113,31 @@ def test_each_role_works_under_the_documented_acl(acl_server: ServerProcess,
             if p.poll() is None:
                 p.terminate()
             p.wait(10)
+
+
+def test_a_consumer_without_transactions_fences_its_reads_by_script(
+        acl_server: ServerProcess) -> None:
+    """A consumer whose ACL lacks WATCH / MULTI / EXEC (rules written before the WATCH fence)
+    still consumes everything in order: its reads fall back to the deliver script, for this
+    term and the next, instead of failing."""
+    rules = [r for r in documented_rules()["consumer"]
+             if r not in ("+watch", "+unwatch", "+multi", "+exec")]
+    admin = acl_server.client()
+    admin.execute_command("ACL", "SETUSER", "old", "reset",
+                          *[">old-pw" if r.startswith(">") else r for r in rules])
+    ids = [admin.xadd(STREAM, {"seq": i}) for i in range(30)]
+    seen: list[bytes] = []
+    user = redis.Redis(host="127.0.0.1", port=acl_server.port, username="old",
+                       password="old-pw")
+    config = CoordinatorConfig(stream=STREAM, group="workers", consumer="c1", batch_size=7)
+    with Coordinator(config, lambda m: seen.append(m.id.encode()), user) as coordinator:
+        wait_until(lambda: len(seen) >= len(ids), 20, message="every entry handled")
+        more = [admin.xadd(STREAM, {"seq": 30 + i}) for i in range(5)]
+        wait_until(lambda: len(seen) >= len(ids) + len(more), 20, message="new ones too")
+    assert coordinator._owner._watched is False  # (recorded at the term's end)
+    assert seen == ids + more
+    assert admin.xpending(STREAM, "workers")["pending"] == 0
+    user.close()
 
 
 def _make_certs(work: Path) -> bool:
