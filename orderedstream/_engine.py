@@ -47,12 +47,14 @@ class Plain:
 
 class Block:
     """``XREAD COUNT 1 BLOCK block_ms STREAMS key after`` on the waiting connection: the
-    entries after ``after`` ([] when none came); ``stop()`` wakes it."""
+    entries after ``after`` ([] when none came); ``stop()`` wakes it.  ``due``: the step has
+    work at ``block_ms`` (acks to send), so a driver that is told of writes and would
+    otherwise sleep longer must wake it by then."""
 
-    __slots__ = ("after", "block_ms", "key")
+    __slots__ = ("after", "block_ms", "due", "key")
 
-    def __init__(self, key: str, after: str, block_ms: int) -> None:
-        self.key, self.after, self.block_ms = key, after, block_ms
+    def __init__(self, key: str, after: str, block_ms: int, due: bool = False) -> None:
+        self.key, self.after, self.block_ms, self.due = key, after, block_ms, due
 
 
 class Pause:

@@ -314,9 +314,10 @@ class Mux(threading.Thread):
                     routed = lane.node
                     # a write wakes it (the push); its partition's stop, or a lease lost, is
                     # told by a poke from the control thread
-                    wait_s = max(op.block_ms / 1000.0, BLOCK_WITH_PUSH_S)
+                    wait_s = (op.block_ms / 1000.0 if op.due
+                              else max(op.block_ms / 1000.0, BLOCK_WITH_PUSH_S))
                     if routed is None or not routed.wake_ok or routed.wake is None:
-                        wait_s = POLL_WITHOUT_PUSH_S
+                        wait_s = min(wait_s, POLL_WITHOUT_PUSH_S)
                     lane.deadline = time.monotonic() + wait_s
                     return
                 if kind is Pause:

@@ -191,7 +191,7 @@ class FencedReader:
                 # let the acks wait with it a little (they ride on that next request)
                 linger = min(cfg.block_ms, ACK_LINGER_MS) if self.acks else cfg.block_ms
                 try:
-                    yield Block(cfg.stream, _text(drained), linger)
+                    yield Block(cfg.stream, _text(drained), linger, due=bool(self.acks))
                 except (redis.RedisError, OSError) as err:
                     yield from self._wait_out(err)
                 continue
