@@ -439,10 +439,10 @@ class Mux(threading.Thread):
                 continue
             lane.error = error
             self._ready.append(lane)
+        self._close_wake(node)
         for lane in list(node.lanes):
             lane.node = None
             node.lanes.discard(lane)
-        self._close_wake(node)
         self._nodes.refresh()
 
     # -- sleeping and waking ------------------------------------------------------------------
@@ -493,7 +493,11 @@ class Mux(threading.Thread):
                 self._selector.unregister(sock)
 
     def _close_wake(self, node: _Node) -> None:
+        """Close ``node``'s wake-up connection; its lanes cannot be told of writes any more, so
+        those asleep in a Block wake now (a read tells them whether their node still serves
+        them: a failed primary is found, not waited out for ``BLOCK_WITH_PUSH_S``)."""
         self._unwatch(node)
+        self._dirty |= {lane.key for lane in node.lanes}
         wake, node.wake = node.wake, None
         node.prefixes = set()
         if wake is not None:

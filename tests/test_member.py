@@ -104,8 +104,13 @@ class Topic:
                 self.records.append({
                     "seq": int(fields["seq"]), "key": fields["key"],
                     "kseq": int(fields["kseq"]), "red": message.redelivered,
-                    "p": message.partition, "epoch": message.epoch, "pid": who})
+                    "p": message.partition, "epoch": message.epoch, "pid": who,
+                    "t": time.time()})
         return handle
+
+    def partitions_handled_since(self, t: float) -> set[int]:
+        with self.lock:
+            return {r["p"] for r in self.records if r["t"] > t}
 
     def handled(self) -> set[int]:
         with self.lock:
@@ -229,7 +234,9 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
     topic = Topic(client, partitions=16)
     nodes = NodeMap(client)
     assert len({nodes.node_name(s) for s in topic.streams}) == 3  # spread over the shards
-    members = [topic.member(cluster.client(), f"c{i}") for i in range(2)]
+    # a TTL longer than the failover: the terms on the failed shard outlive it (their renewals
+    # go to the promoted replica), so nothing but the mux itself gets their lanes going again
+    members = [topic.member(cluster.client(), f"c{i}", ttl_ms=4000) for i in range(2)]
     for member in members:
         member.start()
     try:
@@ -237,6 +244,7 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
         topic.produce_steadily(rate=200)
         wait_until(lambda: len(topic.handled()) > 100, 10)
         victim = cluster.primary_for(topic.streams[0])
+        on_victim = [p for p, s in enumerate(topic.streams) if cluster.primary_for(s) == victim]
         cluster.kill(victim)
         # the producer's writes to the dead shard fail until the replica is promoted
         def promoted() -> bool:
@@ -246,6 +254,11 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
                 return False
 
         wait_until(promoted, 30)
+        promoted_at = time.time()
+        # every partition of the failed shard goes on within seconds (lanes asleep waiting
+        # for a push from the dead node are woken, not left to their 30 s look)
+        wait_until(lambda: topic.partitions_handled_since(promoted_at) >= set(on_victim), 10,
+                   message="the failed shard's partitions handling again")
         cluster.restart(victim)  # back as a replica: the producer's WAIT is answered again
         before = topic.seq
         wait_until(lambda: topic.seq > before + 200, 30)
