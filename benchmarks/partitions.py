@@ -19,8 +19,9 @@ Parts (``--parts``, comma-separated):
 * ``primary``: a primary (not the URL's node) is SIGKILLed under load: how long its shard's
   partitions pause, and the other shards' end-to-end latency before and after;
 * ``scale``: one process owning 256 partitions: connections it holds per node, its idle CPU
-  over ``--idle-seconds`` (from ``/proc``), and end-to-end latency (entry id -> handled) p50/p99
-  under the producer.
+  over ``--idle-seconds`` (from ``/proc``), and under the producer for as long: end-to-end
+  latency (entry id -> handled) p50/p99, its CPU per entry, and the commands the servers ran per
+  entry (INFO commandstats of the primaries: every client's, the producer's XADD included).
 
 At the end every part's record is judged (per-key order, lost, duplicates flagged or not, no
 (partition, epoch) handled by two processes).
@@ -32,6 +33,7 @@ At the end every part's record is judged (per-key order, lost, duplicates flagge
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -419,18 +421,34 @@ def part_scale(cluster: ClusterServers, args: argparse.Namespace,
     time.sleep(args.idle_seconds)
     idle = (_cpu(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started)
     producer = Producer(client, topic, args.rate)
+    calls, ticks = _calls(cluster), _cpu(proc.pid)
     producer.start()
     time.sleep(args.idle_seconds)
     produced = producer.stop()
     wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
+    busy = (_cpu(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    calls = _calls(cluster) - calls
     records = members.record.read()
     latency = [float(r["t"]) - id_ms(r["id"]) for r in records]
     members.stop_all()
     return {"part": "scale", "partitions": 256, "connections_per_node": conns,
             "idle_cpu_percent": round(idle * 100, 2),
             "end_to_end_ms": _stats(latency), "rate": args.rate,
+            "member_cpu_us_per_entry": round(busy / produced * 1e6),
+            "server_commands_per_entry": {k: round(v / produced, 2)
+                                          for k, v in calls.most_common(8)},
             "verdict": topic_verdict(records, produced).as_dict()}
+
+
+def _calls(cluster: ClusterServers) -> collections.Counter[str]:
+    """Commands the primaries ran so far, by name (INFO commandstats), every client's."""
+    out: collections.Counter[str] = collections.Counter()
+    for node in cluster.primaries_now():
+        stats: Any = cluster.server(node).client().info("commandstats")
+        for name, row in stats.items():
+            out[name.removeprefix("cmdstat_")] += int(row["calls"])
+    return out
 
 
 def part_churn(cluster: ClusterServers, args: argparse.Namespace,

@@ -578,6 +578,8 @@ class TopicMember(Background):
             other.lease.lose(reason)
             other.life.halt()
             by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+        if self._mux is not None:
+            self._mux.poke()  # (its lanes asleep wake when the stuck call returns)
         for group in by_node.values():
             beat = self._node_beat(self._streams[group[0]])
             with contextlib.suppress(*CONNECTION_ERRORS, redis.ResponseError):

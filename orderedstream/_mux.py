@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import selectors
@@ -145,6 +147,11 @@ class Mux(threading.Thread):
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._halt = False
         self._dirty: set[str] = set()  # keys written since their lane last slept on them
+        # the lanes asleep, found without looking at every lane: by the key their Block waits
+        # on, and by deadline (a heap; an entry whose lane woke meanwhile is dropped when met)
+        self._blocked: dict[str, Lane] = {}
+        self._timers: list[tuple[float, int, Lane]] = []
+        self._order = itertools.count()  # ties in the heap
         self.error: BaseException | None = None
 
     # -- the control thread's side --------------------------------------------------------
@@ -309,8 +316,6 @@ class Mux(threading.Thread):
                         self._dirty.discard(op.key)
                         lane.value = []
                         continue
-                    lane.sleeping = True
-                    lane.block_key = op.key
                     routed = lane.node
                     # a write wakes it (the push); its partition's stop, or a lease lost, is
                     # told by a poke from the control thread
@@ -318,14 +323,13 @@ class Mux(threading.Thread):
                               else max(op.block_ms / 1000.0, BLOCK_WITH_PUSH_S))
                     if routed is None or not routed.wake_ok or routed.wake is None:
                         wait_s = min(wait_s, POLL_WITHOUT_PUSH_S)
-                    lane.deadline = time.monotonic() + wait_s
+                    self._doze(lane, wait_s, op.key)
                     return
                 if kind is Pause:
                     if lane.stop.is_set():
                         lane.value = True
                         continue
-                    lane.sleeping = True
-                    lane.deadline = time.monotonic() + op.seconds
+                    self._doze(lane, op.seconds, None)
                     return
                 raise OrderedStreamError(f"the topic driver cannot carry out {op!r}")
             except BaseException as err:  # thrown into the step where it yielded the op
@@ -514,10 +518,10 @@ class Mux(threading.Thread):
 
     def _sleep(self) -> None:
         """Nothing is ready: wait for a push, a poke or the first deadline; wake the lanes
-        whose time came, whose stream was written, or whose partition must stop."""
+        whose time came, whose stream was written, or (after a poke) whose partition must
+        stop."""
         now = time.monotonic()
-        deadline = min((lane.deadline for lane in self._lanes if lane.sleeping),
-                       default=now + 1.0)
+        deadline = self._next_deadline(now + 1.0)
         for node in self._by_name.values():
             if node.lanes and node.wake is None and node.wake_ok:
                 self._arm(node)
@@ -528,13 +532,14 @@ class Mux(threading.Thread):
                 if sock is not None:
                     self._selector.register(sock, selectors.EVENT_READ, node)
                     node.wake_sock = sock
-        if not self._drain_wakes() and not self._woken():
+        if not self._drain_wakes() and not self._woken(False):
             self._selector.select(max(deadline - now, 0.0))
+        poked = False
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
-                pass
+                poked = True
         self._drain_wakes()
-        self._woken()
+        self._woken(poked)
 
     def _drain_wakes(self) -> bool:
         """Read the pushes waiting on the wake-up connections; True if any came."""
@@ -555,30 +560,61 @@ class Mux(threading.Thread):
                 came = True
         return came
 
-    def _woken(self) -> bool:
-        """Make ready every sleeping lane whose time came, stream was written, or stop was
-        asked; True if any."""
-        now = time.monotonic()
+    def _doze(self, lane: Lane, seconds: float, key: str | None) -> None:
+        """Put ``lane`` to sleep for ``seconds``, or (``key``) until that key is written."""
+        lane.sleeping = True
+        lane.deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (lane.deadline, next(self._order), lane))
+        if key is not None:
+            lane.block_key = key
+            self._blocked[key] = lane
+        if len(self._timers) > 4 * len(self._lanes) + 64:  # mostly lanes woken early: rebuild
+            self._timers = [t for t in self._timers if t[2].sleeping and t[2].deadline == t[0]]
+            heapq.heapify(self._timers)
+
+    def _next_deadline(self, default: float) -> float:
+        timers = self._timers
+        while timers and not (timers[0][2].sleeping and timers[0][2].deadline == timers[0][0]):
+            heapq.heappop(timers)  # its lane woke before its time
+        return timers[0][0] if timers else default
+
+    def _wake(self, lane: Lane) -> None:
+        key = lane.block_key
+        if key is not None:  # a Block: nothing read ([]); the step reads again
+            self._dirty.discard(key)
+            if self._blocked.get(key) is lane:
+                del self._blocked[key]
+            lane.value = []
+        else:  # a Pause: whether it was asked to stop
+            lane.value = lane.stop.is_set()
+        lane.sleeping = False
+        lane.block_key = None
+        lane.deadline = math.inf
+        self._ready.append(lane)
+
+    def _woken(self, poked: bool) -> bool:
+        """Make ready every sleeping lane whose stream was written or whose time came, and
+        (``poked``: the control thread asked, or the mux halts) whose partition must stop;
+        True if any."""
         woke = False
-        dirty = self._dirty
-        for lane in self._lanes:
-            if not lane.sleeping:
-                continue
-            key = lane.block_key
-            if lane.stop.is_set() or now >= lane.deadline or (key is not None and key in dirty):
-                if key is not None:
-                    dirty.discard(key)
-                    lane.value = []
-                else:
-                    lane.value = lane.stop.is_set()
-                lane.sleeping = False
-                lane.block_key = None
-                lane.deadline = math.inf
-                self._ready.append(lane)
+        dirty, blocked = self._dirty, self._blocked
+        if dirty and blocked:
+            keys = dirty if len(dirty) <= len(blocked) else list(blocked)
+            for key in [k for k in keys if k in dirty and k in blocked]:
+                self._wake(blocked[key])
                 woke = True
+        now = time.monotonic()
+        while self._next_deadline(math.inf) <= now:
+            self._wake(heapq.heappop(self._timers)[2])
+            woke = True
         if self._halt:
             for lane in self._lanes:
                 lane.stop.set()
+        if poked or self._halt:
+            for lane in self._lanes:
+                if lane.sleeping and lane.stop.is_set():
+                    self._wake(lane)
+                    woke = True
         return woke
 
     def _close(self) -> None:
