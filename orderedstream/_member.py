@@ -58,7 +58,7 @@ from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts, take_over_command
 from ._server import NodeMap, client_name, connect_url
 from ._takeover import ensure_group
-from ._target import Target, settle_target
+from ._target import Target, read_target, settle_target
 from ._topic import Topic, load_topic
 from ._wire import Rebalance as R
 from .exceptions import ConfigError
@@ -432,6 +432,7 @@ class TopicMember(Background):
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         for partition in partitions:
             by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+        fresh = False
         for group in by_node.values():
             beat = self._node_beat(self._streams[group[0]])
             ends: list[tuple[Any, ...]] = []
@@ -440,10 +441,19 @@ class TopicMember(Background):
                 if isinstance(got, Lease):
                     continue
                 holder = parse_token(got.holder)[0]
+                if holder not in live and holder != cfg.name and not fresh:
+                    # the target's members may be older than the holder's term (it joined,
+                    # and acquired, since): only the members live now say it is gone (it
+                    # joined before it acquired, so it is among them unless it is gone)
+                    assert self._topic is not None and self._registry is not None
+                    live = set(read_target(self._registry.client, self._topic,
+                                           cfg.group).live) | {cfg.name}
+                    fresh = True
                 if holder in live and holder != cfg.name:
                     # the holder hands it over when it sees the same target; its 'released'
                     # record wakes us; look again meanwhile now and then
                     self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
+                    self._target_stale |= fresh  # derived for fewer members than live now
                     continue
                 ends.append(self._end_command(beat, partition, got.holder, "ended",
                                               f"member {holder} is gone"))
@@ -488,19 +498,23 @@ class TopicMember(Background):
     @staticmethod
     def _pipeline(beat: _Beat, commands: list[tuple[Any, ...]]) -> list[tuple[float, Any]]:
         """Run ``commands`` (EVALSHA) in one round trip on ``beat``; (send time, reply or
-        error) each.  Scripts missing from the server's cache are loaded and sent again."""
+        error) each.  Scripts missing from the server's cache are loaded, and the commands
+        that found them missing (only those: the others ran) sent again."""
+        out: list[tuple[float, Any]] = [(0.0, None)] * len(commands)
+        todo = list(range(len(commands)))
         for attempt in range(2):
             pipe = beat.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            for i in todo:
+                pipe.execute_command(*commands[i])  # type: ignore[no-untyped-call]
             sent = time.monotonic()
-            replies = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError)
-                                  for r in replies):
+            for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                out[i] = (sent, reply)
+            todo = [i for i in todo if isinstance(out[i][1], redis.exceptions.NoScriptError)]
+            if attempt or not todo:
                 break
             for name in ("acquire", "renew", "end_term", "take_over"):
                 beat.scripts.sha(name)
-        return [(sent, r) for r in replies]
+        return out
 
     def _serve(self, partition: int, lease: Lease) -> None:
         """Start serving ``partition`` under ``lease`` (its term runs on the driver)."""

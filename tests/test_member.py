@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from orderedstream._config import LeaseConfig, MemberConfig
+from orderedstream._keys import GroupKeys
 from orderedstream._member import TopicMember
 from orderedstream._server import NodeMap
 from orderedstream._topic import create_topic
@@ -134,6 +135,35 @@ def single() -> Iterator[ServerProcess]:
 def _settled(members: list[TopicMember], partitions: int) -> bool:
     counts = [len(m.owned) for m in members]
     return sum(counts) == partitions and max(counts) - min(counts) <= 1
+
+
+def test_members_starting_together_never_end_a_live_members_term(single: ServerProcess) -> None:
+    """Members started at once race for the partitions while their targets catch up with each
+    other's joins: a term held by a member that joined after a target was derived is handed
+    over, never ended as if its holder were gone (its handled, unacknowledged entries would
+    come again), so nothing is handled twice."""
+    topic = Topic(single.client(), partitions=16)
+    topic.produce_steadily(rate=400)
+    members = [topic.member(single.client(), f"s{i}", ttl_ms=3000) for i in range(4)]
+    try:
+        for member in members:
+            member.start()
+        wait_until(lambda: _settled(members, 16), 15)
+        mark = topic.seq
+        wait_until(lambda: topic.seq > mark + 100, 10)
+        topic.stop_producing()
+        topic.all_handled()
+    finally:
+        topic.stop_producing()
+        for member in members:
+            member.stop()
+    client = single.client()
+    gone = [(p, f) for p, stream in enumerate(topic.streams)
+            for _, f in client.xrange(GroupKeys(stream, "g").events)
+            if f.get(b"type") == b"ended"]
+    assert not gone, [(p, f.get(b"consumer"), f.get(b"by"), f.get(b"reason")) for p, f in gone]
+    result = topic_verdict(topic.records, topic.seq)
+    assert result.ok and result.duplicates == 0, result.as_dict()
 
 
 def test_members_balance_and_hand_over_under_load(single: ServerProcess) -> None:
