@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from orderedstream import GroupKeys
+from orderedstream._server import AnyClient, connect_url
 from orderedstream.testing import ClusterServers, ServerProcess
 
 EXTERNAL_URL = os.environ.get("ORDEREDSTREAM_TEST_URL")
@@ -140,3 +141,18 @@ def own_cluster() -> Iterator[ClusterServers]:
     """A private 3 + 3 cluster, for a test that kills, pauses or promotes nodes."""
     with ClusterServers() as servers:
         yield servers
+
+
+@pytest.fixture(params=["cluster", "single"])
+def any_url(request: pytest.FixtureRequest) -> str:
+    """The URL of the session cluster, then of the single server."""
+    return str(request.getfixturevalue(
+        "cluster" if request.param == "cluster" else "server").url)
+
+
+@pytest.fixture
+def any_client(any_url: str) -> Iterator[AnyClient]:
+    """A checked client (``connect_url``): a RedisCluster or a plain Redis."""
+    client = connect_url(any_url)
+    yield client
+    client.close()

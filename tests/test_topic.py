@@ -44,21 +44,6 @@ def test_golden_routing() -> None:
         partition_for("x", 0)
 
 
-@pytest.fixture(params=["cluster", "single"])
-def any_url(request: pytest.FixtureRequest) -> str:
-    """The URL of the session cluster, then of the single server."""
-    return str(request.getfixturevalue(
-        "cluster" if request.param == "cluster" else "server").url)
-
-
-@pytest.fixture
-def any_client(any_url: str) -> Iterator[AnyClient]:
-    """A checked client (``connect_url``): a RedisCluster or a plain Redis."""
-    client = connect_url(any_url)
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def topic_name(any_client: AnyClient) -> Iterator[str]:
     """A fresh topic name; its metadata and partition streams are deleted afterwards."""

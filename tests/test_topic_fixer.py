@@ -40,20 +40,6 @@ from orderedstream._topic import Topic
 from orderedstream.testing import ServerProcess, park_directly, wait_until
 
 
-@pytest.fixture(params=["cluster", "single"])
-def any_url(request: pytest.FixtureRequest) -> str:
-    """The URL of the session cluster, then of the single server."""
-    return str(request.getfixturevalue(
-        "cluster" if request.param == "cluster" else "server").url)
-
-
-@pytest.fixture
-def any_client(any_url: str) -> Iterator[AnyClient]:
-    client = connect_url(any_url)
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def topic_of() -> Iterator[Any]:
     """``topic_of(url, P)`` creates a topic with a fresh name on the server or cluster at

@@ -172,6 +172,16 @@ def _install_log_handler() -> None:
         logger.addHandler(_QuietLogs())
 
 
+def wait_stopped(task: Any, stop_metrics: Callable[[], None]) -> None:
+    """Wait until ``task`` (a started coordinator, member or fixer) ends (a signal asks it to
+    stop); the metrics server goes either way."""
+    try:
+        while not task.join(timeout=0.5):
+            pass
+    finally:
+        stop_metrics()
+
+
 def _metrics(spec: str | None, url: str, hooks: list[Hook]
              ) -> tuple[Any, Callable[[], None]]:
     """``--metrics-port [HOST:]PORT``: a Prometheus hook appended to ``hooks`` and ``/metrics``
@@ -536,15 +546,12 @@ def cmd_consume(args: argparse.Namespace) -> int:
                       soft_wrap=True)
     coordinator.start(max_messages=args.max_messages)
     try:
-        while not coordinator.join(timeout=0.5):
-            pass
+        wait_stopped(coordinator, stop_metrics)
     except (KeyboardInterrupt, SystemExit) as err:  # raised by the handler, in the loop's thread
         err_console.print(f"[bold red]error:[/] the handler raised {type(err).__name__}; "
                           f"{config.consumer} stopped and handed the lease over, the entry it "
                           "was handling stays pending for the next owner")
         return 2
-    finally:
-        stop_metrics()
     err_console.print(f"[green]{config.consumer} stopped after {coordinator.handled} entries[/]")
     return 0
 
@@ -573,11 +580,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
     err_console.print(f"[bold]{escape(config.name)}[/] fixing parked entries of "
                       f"{args.stream}/{args.group} at {redact(args.redis_url)}", soft_wrap=True)
     fixer.start()
-    try:
-        while not fixer.join(timeout=0.5):
-            pass
-    finally:
-        stop_metrics()
+    wait_stopped(fixer, stop_metrics)
     totals = fixer.totals
     err_console.print(f"[green]{config.name} stopped: re-streamed {totals['restreamed']}, "
                       f"rescheduled {totals['rescheduled']}, buried {totals['buried']}[/]")

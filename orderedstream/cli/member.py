@@ -23,6 +23,7 @@ def cmd_consume_topic(args: argparse.Namespace, err_console: Console) -> int:
         load_callable,
         print_event,
         redact,
+        wait_stopped,
     )
 
     if args.use_async or args.batch_handler:
@@ -44,14 +45,12 @@ def cmd_consume_topic(args: argparse.Namespace, err_console: Console) -> int:
                       soft_wrap=True)
     member.start()
     try:
-        while not member.join(timeout=0.5):
-            pass
+        wait_stopped(member, stop_metrics)
     except (KeyboardInterrupt, SystemExit) as err:  # raised by the handler
         err_console.print(f"[bold red]error:[/] the handler raised {type(err).__name__}; "
                           f"{config.name} stopped and handed its partitions over")
         return 2
     finally:
-        stop_metrics()
         client.close()
     err_console.print(f"[green]{config.name} stopped[/]")
     return 0

@@ -35,7 +35,7 @@ def _printer(topic: Topic) -> Hook:
 
 
 def cmd_fix_topic(args: argparse.Namespace, err_console: Console) -> int:
-    from . import _metrics, _Signals, fixer_settings, load_callable, redact
+    from . import _metrics, _Signals, fixer_settings, load_callable, redact, wait_stopped
 
     repair = load_callable(args.repair) if args.repair else demo_repair
     config = TopicFixerConfig(topic=args.topic, group=args.group, **fixer_settings(args))
@@ -50,11 +50,7 @@ def cmd_fix_topic(args: argparse.Namespace, err_console: Console) -> int:
                           f"{args.topic}/{args.group} ({topic.partitions} partitions) at "
                           f"{redact(args.redis_url)}", soft_wrap=True)
         fixer.start()
-        try:
-            while not fixer.join(timeout=0.5):
-                pass
-        finally:
-            stop_metrics()
+        wait_stopped(fixer, stop_metrics)
     finally:
         client.close()
     totals = fixer.totals
