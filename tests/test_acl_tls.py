@@ -123,8 +123,16 @@ def test_a_consumer_without_transactions_fences_its_reads_by_script(
     rules = [r for r in documented_rules()["consumer"]
              if r not in ("+watch", "+unwatch", "+multi", "+exec")]
     admin = acl_server.client()
-    admin.execute_command("ACL", "SETUSER", "old", "reset",
-                          *[">old-pw" if r.startswith(">") else r for r in rules])
+    rules = [">old-pw" if r.startswith(">") else r for r in rules]
+    while True:
+        try:
+            admin.execute_command("ACL", "SETUSER", "old", "reset", *rules)
+            break
+        except redis.ResponseError as err:  # a command this server does not have (Redis 7.0:
+            unknown = re.search(r"modifier '([^']+)'", str(err))  # client|setinfo): not needed
+            if unknown is None:
+                raise
+            rules.remove(unknown.group(1))
     ids = [admin.xadd(STREAM, {"seq": i}) for i in range(30)]
     seen: list[bytes] = []
     user = redis.Redis(host="127.0.0.1", port=acl_server.port, username="old",
