@@ -569,12 +569,12 @@ class Mux(threading.Thread):
             lane.block_key = key
             self._blocked[key] = lane
         if len(self._timers) > 4 * len(self._lanes) + 64:  # mostly lanes woken early: rebuild
-            self._timers = [t for t in self._timers if t[2].sleeping and t[2].deadline == t[0]]
+            self._timers = [t for t in self._timers if _current(t)]
             heapq.heapify(self._timers)
 
     def _next_deadline(self, default: float) -> float:
         timers = self._timers
-        while timers and not (timers[0][2].sleeping and timers[0][2].deadline == timers[0][0]):
+        while timers and not _current(timers[0]):
             heapq.heappop(timers)  # its lane woke before its time
         return timers[0][0] if timers else default
 
@@ -629,6 +629,11 @@ class Mux(threading.Thread):
         with contextlib.suppress(OSError):
             self._wake_r.close()
             self._wake_w.close()
+
+
+def _current(timer: tuple[float, int, Lane]) -> bool:
+    """The timer's lane still sleeps until that deadline (it did not wake before)."""
+    return timer[2].sleeping and timer[2].deadline == timer[0]
 
 
 def _same(message: Any) -> Any:

@@ -116,7 +116,7 @@ class FencedReader:
         asked for, or because the ACL does not allow transactions)."""
         return isinstance(self._ahead, _WatchedAhead)
 
-    def scripted(self) -> _ReadAhead:
+    def _scripted(self) -> _ReadAhead:
         return _ScriptedAhead(self._scripts, self._keys, self._lease.token,
                               self._config.consumer, self._config.batch_size)
 
@@ -202,7 +202,7 @@ class FencedReader:
                     except Unwatchable:  # (its connection may hold a WATCH: not reused)
                         self.acks = ahead.forget() + self.acks
                         yield PIPE_DROP
-                        ahead = self._ahead = self.scripted()
+                        ahead = self._ahead = self._scripted()
                         continue
                 rows, tail = yield from ahead.receive()
                 if len(rows) >= cfg.batch_size:
@@ -270,9 +270,6 @@ class _ReadAhead:
     without waiting, so the server works on batch N+1 while the handler works on batch N.  The
     two kinds differ only in how the request is fenced and its reply read."""
 
-    REPLIES = 2
-    """Replies one request gets."""
-
     def __init__(self, scripts: Scripts, keys: GroupKeys, token: str, consumer: str,
                  batch: int) -> None:
         self._scripts = scripts
@@ -281,7 +278,7 @@ class _ReadAhead:
         self._consumer = consumer
         self._batch = batch
         self._sent_acks: list[Any] = []
-        self._replies = self.REPLIES
+        self._replies = 0  # how many the request in flight gets
         self.in_flight = False
 
     def send(self, acks: list[Any], after: bytes | str, ahead: bool = False) -> Step[None]:
@@ -376,8 +373,6 @@ class _WatchedAhead(_ReadAhead):
     ``PEXPIRE`` writes the key as well: that ``EXEC`` is refused, the ``GET`` behind it shows our
     token, and the same request is sent again (once per renewal, every ``ttl_ms / 3``).  A
     term's first request costs one round trip more (the first ``WATCH``)."""
-
-    REPLIES = 7
 
     def __init__(self, scripts: Scripts, keys: GroupKeys, token: str, consumer: str,
                  batch: int) -> None:
