@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from orderedstream._config import LeaseConfig, MemberConfig
+from orderedstream._events import ServerUnavailable
 from orderedstream._keys import GroupKeys
 from orderedstream._member import TopicMember
 from orderedstream._server import NodeMap
@@ -304,6 +305,36 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
     # writes the old primary acknowledged but never passed on are lost with it (the cluster's
     # asynchronous replication); anything the promoted replica holds is handled
     assert len(result.lost) <= 5, result.as_dict()
+
+
+@pytest.mark.slow
+def test_cluster_member_waits_out_a_cluster_with_no_node_up(own_cluster: Any) -> None:
+    """Every node of the cluster gone at once: the member's driver waits it out (its
+    partitions say ServerUnavailable) instead of dying when the slot map cannot be read from
+    any node (it once did: RedisClusterException escaped the refresh)."""
+    cluster = own_cluster
+    topic = Topic(cluster.client(), partitions=6)
+    seen: list[Any] = []
+    config = MemberConfig(topic=topic.name, group="g", name="w1", batch_size=20)
+    member = TopicMember(config, topic.handler("w1"), cluster.client(), hooks=[seen.append])
+    member.start()
+    try:
+        wait_until(lambda: len(member.owned) == 6, 15)
+        topic.produce(30)
+        topic.all_handled(10)
+        for server in cluster.servers:
+            server.kill()
+        gone_at = time.monotonic()
+        wait_until(lambda: any(isinstance(e, ServerUnavailable) for e in seen), 10,
+                   message="the partitions waiting the outage out")
+        mux = member._mux
+        assert mux is not None
+        # through several of their retries (each one reads the slot map again)
+        wait_until(lambda: not mux.is_alive() or time.monotonic() > gone_at + 3.0, 10)
+        assert mux.is_alive() and mux.error is None, mux.error
+    finally:
+        member.stop(timeout=5)
+    assert member._mux is None or member._mux.error is None
 
 
 @pytest.mark.slow
