@@ -53,6 +53,7 @@ from typing import Any
 import redis
 
 from orderedstream import GroupKeys
+from orderedstream._server import parse_info
 from orderedstream.testing import ServerProcess, process_stopped, read_records, wait_until
 
 FAULTS = ("kill", "pause", "clientkill", "killfixer")
@@ -492,9 +493,7 @@ class Chaos:
             server.start()
             self.server_pids.append(server.proc.pid if server.proc else 0)
             self.admin = server.client(socket_timeout=2)
-            info = self.admin.info("server")
-            label = (f"{info.get('server_name') or 'redis'} "
-                     f"{info.get('valkey_version') or info['redis_version']}")
+            label = parse_info(self.admin.info("server")).label
             env = dict(os.environ, ORDEREDSTREAM_RECORD=str(record),
                        ORDEREDSTREAM_DEFER_MS=str(args.defer_ms), ORDEREDSTREAM_WORK_MS="0",
                        PYTHONUNBUFFERED="1")

@@ -31,7 +31,8 @@ import redis
 
 from orderedstream import GroupKeys
 from orderedstream._scripts import Scripts
-from orderedstream.testing import ServerProcess
+from orderedstream._server import parse_info
+from orderedstream.testing import ServerProcess, fill_stream
 
 STREAM = "bench-fenced-read"
 BATCH = 500
@@ -116,15 +117,8 @@ def main() -> int:
     used: dict[str, list[float]] = {mode: [] for mode in modes}
     with ServerProcess(args.server_bin) as server:
         client = server.client(protocol=2)
-        info = client.info("server")
-        label = (f"{info.get('server_name') or 'redis'} "
-                 f"{info.get('valkey_version') or info['redis_version']}")
-        pipe = client.pipeline(transaction=False)
-        for i in range(args.entries):
-            pipe.xadd(STREAM, {"seq": i, "payload": f"order-{i}"})
-            if i % 1000 == 999:
-                pipe.execute()
-        pipe.execute()
+        label = parse_info(client.info("server")).label
+        fill_stream(client, STREAM, args.entries)
         scripts = Scripts(client)
         client.execute_command(*scripts.load_command("deliver"))  # type: ignore[no-untyped-call]
         for r in range(args.rounds):

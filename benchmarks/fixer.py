@@ -25,7 +25,7 @@ from collections import Counter
 import redis
 
 from orderedstream import Fixer, FixerConfig, GroupKeys, ParkedEntry, identity_repair
-from orderedstream._server import clone_client
+from orderedstream._server import clone_client, parse_info
 from orderedstream.testing import ServerProcess, park_directly
 
 STREAM = "bench-fixer"
@@ -60,9 +60,7 @@ def main() -> int:
     args = parser.parse_args()
     with ServerProcess(args.server_bin) as server:
         client = clone_client(server.client(), socket_timeout_s=60)
-        info = client.info("server")
-        label = (f"{info.get('server_name') or 'redis'} "
-                 f"{info.get('valkey_version') or info['redis_version']}")
+        label = parse_info(client.info("server")).label
         keys = GroupKeys(STREAM, "g")
         ids = park(client, keys, args.entries)
         print(f"fixer on {label}, redis-py {redis.__version__}")

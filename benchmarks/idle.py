@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 
 from orderedstream import GroupKeys
+from orderedstream._server import parse_info
 from orderedstream.testing import ServerProcess, wait_until
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -57,9 +58,7 @@ def main() -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     with ServerProcess(args.server_bin) as server:
         client = server.client()
-        info = client.info("server")
-        label = (f"{info.get('server_name') or 'redis'} "
-                 f"{info.get('valkey_version') or info['redis_version']}")
+        label = parse_info(client.info("server")).label
         try:
             for engine, use_async in (("async", True), ("sync", False)):
                 stream = f"idle-{engine}"

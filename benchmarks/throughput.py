@@ -36,14 +36,15 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import redis
 import redis.asyncio
 
 from orderedstream import AsyncCoordinator, Coordinator, CoordinatorConfig, GroupKeys, Message
-from orderedstream._server import clone_client
-from orderedstream.testing import ServerProcess
+from orderedstream._server import clone_client, parse_info
+from orderedstream.testing import ServerProcess, fill_stream
 
 STREAM = "bench-throughput"
 CPU_US: dict[str, list[float]] = {"": [], "hook": [], "timed": []}
@@ -165,6 +166,15 @@ def raw_async(url: str, group: str, total: int) -> float:
     return asyncio.run(run())
 
 
+def run_async(run: Coroutine[Any, Any, float], url: str, group: str) -> float:
+    """Run an async contender to its rate, then delete its group's keys."""
+    rate = asyncio.run(run)
+    cleanup = redis.Redis.from_url(url)
+    cleanup.delete(*GroupKeys(STREAM, group).all())
+    cleanup.close()
+    return rate
+
+
 def coordinator_async(url: str, group: str, total: int, batched: bool = False) -> float:
     """AsyncCoordinator (batch_size 500) with an awaited no-op handler (or batch handler)."""
     seen = [0]
@@ -192,11 +202,7 @@ def coordinator_async(url: str, group: str, total: int, batched: bool = False) -
         await client.aclose()
         return total / elapsed
 
-    rate = asyncio.run(run())
-    cleanup = redis.Redis.from_url(url)
-    cleanup.delete(*GroupKeys(STREAM, group).all())
-    cleanup.close()
-    return rate
+    return run_async(run(), url, group)
 
 
 def coordinator_messages(url: str, group: str, total: int) -> float:
@@ -217,11 +223,7 @@ def coordinator_messages(url: str, group: str, total: int) -> float:
         await client.aclose()
         return total / elapsed
 
-    rate = asyncio.run(run())
-    cleanup = redis.Redis.from_url(url)
-    cleanup.delete(*GroupKeys(STREAM, group).all())
-    cleanup.close()
-    return rate
+    return run_async(run(), url, group)
 
 
 def main() -> int:
@@ -236,15 +238,8 @@ def main() -> int:
     args = parser.parse_args()
     with ServerProcess(args.server_bin) as server:
         client = clone_client(server.client(), socket_timeout_s=30)
-        info = client.info("server")
-        label = (f"{info.get('server_name') or 'redis'} "
-                 f"{info.get('valkey_version') or info['redis_version']}")
-        pipe = client.pipeline(transaction=False)
-        for i in range(args.entries):
-            pipe.xadd(STREAM, {"seq": i, "payload": f"order-{i}"})
-            if i % 1000 == 999:
-                pipe.execute()
-        pipe.execute()
+        label = parse_info(client.info("server")).label
+        fill_stream(client, STREAM, args.entries)
         rates: dict[str, list[float]] = {"raw": [], "coordinator": [], "raw, no handler": [],
                                          "batch handler": [], "raw asyncio": [],
                                          "async coordinator": [], "async batch": [],

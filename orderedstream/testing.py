@@ -867,6 +867,17 @@ def record_handler(message: Any) -> None:
     os.write(fd, line.encode())
 
 
+def fill_stream(client: redis.Redis, stream: str, count: int) -> None:
+    """XADD ``count`` entries ``{seq: i, payload: order-i}`` to ``stream``, 1000 per round trip
+    (the benchmarks' pre-filled streams)."""
+    pipe = client.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(stream, {"seq": i, "payload": f"order-{i}"})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+
+
 def park_directly(client: redis.Redis, keys: GroupKeys, entries: Iterable[ParkedEntry],
                   chunk: int = 2000) -> list[str]:
     """Store ``ParkedEntry`` records the way the defer script does (JSON record + delay-set
