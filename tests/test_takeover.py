@@ -9,7 +9,6 @@ keeps the acks it carried."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from orderedstream._scripts import Scripts, TakeOverReply, take_over_op
 from orderedstream._server import clone_client
 from orderedstream._takeover import first_script, take_over
 from orderedstream.exceptions import GroupMissing, NotOwner, ResyncNeeded
+from orderedstream.testing import wait_until
 
 
 def config(stream: str, consumer: str, claim_page: int = 100) -> CoordinatorConfig:
@@ -194,9 +194,7 @@ def test_watched_read_is_refused_once_the_lease_changed(client: redis.Redis, str
         assert isinstance(b.try_acquire(), Lease)
     else:
         client.pexpire(keys.lease, 1)
-        deadline = time.monotonic() + 5
-        while client.exists(keys.lease) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: not client.exists(keys.lease), 5, 0.005, message="the lease expired")
     run(ahead.send(list(first), first[-1]))
     with pytest.raises(NotOwner):
         run(ahead.receive())
