@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -288,6 +289,9 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
     client, topic, streams, members = _settled_group(cluster, args, work, "br")
     producer = Producer(client, topic, args.rate)
     producer.start()
+    cpu = CpuSampler(members, cluster)
+    if args.detail:
+        cpu.start()
     out: dict[str, Any] = {"part": "rebalance", "partitions": args.partitions,
                            "cycles": args.rebalances}
     quiet: list[tuple[float, float]] = []
@@ -324,6 +328,7 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
                                     len(members.live()) + 1))
     finally:
         produced = producer.stop()
+        cpu.halt()
     wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 60,
                message="everything handled")
     members.stop_all()
@@ -331,19 +336,67 @@ def part_rebalance(cluster: ClusterServers, args: argparse.Namespace,
     every = list(range(args.partitions))
     quiet_gaps = [_longest_gap(records, every, window) for window in quiet]
     out["quiet_longest_gap_ms"] = _gaps(quiet_gaps)
+    if args.detail:
+        out["quiet_detail"] = [{"worst": _worst_gaps(records, every, w),
+                                "cpu_ms": cpu.spent(*w)} for w in quiet]
     for kind, happened in events.items():
-        moved_counts, pauses, gaps = [], [], []
+        moved_counts, pauses, gaps, details = [], [], [], []
         for at, before, after, _ in happened:
             moved, paused, gap = _moves(records, before, after, at, args.partitions)
             moved_counts.append(moved)
             pauses += paused
             gaps.append(gap)
+            if args.detail:
+                stayed = [p for p in every if before.get(p) == after.get(p)]
+                details.append({"at": round(at, 3),
+                                "worst": _worst_gaps(records, stayed, (at, at + 2.0)),
+                                "cpu_ms": cpu.spent(at, at + 2.0)})
         out[kind] = {"moved": moved_counts,
                      "bound": math.ceil(args.partitions / happened[0][3]) + 1,
                      "pause_ms": _stats(pauses),
                      "unmoved_longest_gap_ms": _gaps(gaps)}
+        if args.detail:
+            out[kind]["detail"] = details
     out["verdict"] = topic_verdict(records, produced).as_dict()
     return out
+
+
+class CpuSampler(threading.Thread):
+    """``--detail``: the CPU time of every member process and server node, read from ``/proc``
+    every 50 ms, so the CPU each spent in a window can be told (:meth:`spent`)."""
+
+    def __init__(self, members: Members, cluster: ClusterServers) -> None:
+        super().__init__(daemon=True)
+        self.members = members
+        self.servers = {f"s{s.port}": s.proc.pid for s in cluster.servers
+                        if s.proc is not None}
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            pids = {**{n: p.pid for n, p in self.members.live().items()}, **self.servers}
+            ticks = {}
+            for name, pid in pids.items():
+                with contextlib.suppress(OSError, IndexError):
+                    ticks[name] = _cpu(pid)
+            self.samples.append((time.time(), ticks))
+
+    def halt(self) -> None:
+        self.done.set()
+
+    def spent(self, start: float, end: float) -> dict[str, float]:
+        """ms of CPU each process spent from ``start`` to ``end`` (nearest samples), plus the
+        members' and the servers' sums."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        first, last = inside[0][1], inside[-1][1]
+        tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
+        out = {n: round((last[n] - first.get(n, 0)) * tick_ms) for n in last}
+        out["members"] = sum(v for n, v in out.items() if n.startswith("m"))
+        out["servers"] = sum(v for n, v in out.items() if n.startswith("s"))
+        return out
 
 
 def _gaps(gaps: list[float]) -> dict[str, Any]:
@@ -368,6 +421,25 @@ def _moves(records: list[dict[str, Any]], before: dict[int, str], after: dict[in
             pauses.append(float(first_new["t"]) - max(last_old, id_ms(first_new["id"])))
     stayed = [p for p in range(partitions) if p not in moved]
     return len(moved), pauses, _longest_gap(records, stayed, (at, at + 2.0))
+
+
+def _worst_gaps(records: list[dict[str, Any]], partitions: list[int],
+                window: tuple[float, float], n: int = 3) -> list[dict[str, Any]]:
+    """``--detail``: the ``n`` longest waits inside ``window`` (as in :func:`_longest_gap`),
+    each with when it ended (ms after the window's start), its partition and process."""
+    wanted = set(partitions)
+    last: dict[int, float] = {}
+    found = []
+    for r in records:
+        p = r["p"]
+        if p not in wanted:
+            continue
+        t = float(r["t"])
+        if window[0] <= t <= window[1] and p in last:
+            found.append({"ms": round((t - max(last[p], id_ms(r["id"]))) * 1000, 1),
+                          "at_ms": round((t - window[0]) * 1000), "p": p, "pid": r["pid"]})
+        last[p] = t
+    return sorted(found, key=lambda g: -g["ms"])[:n]
 
 
 def _record_time(client: Any, topic: str, kind: str, member: str, after: float) -> float:

@@ -134,6 +134,7 @@ class TopicMember(Background):
         super().__init__(self._nodes.node_for(self._keys.members, f"{self._base}:poke")[1])
         self._served: dict[int, _Served] = {}
         self._ended: collections.deque[tuple[int, BaseException | None]] = collections.deque()
+        self._handed: list[int] = []  # handed over in the driver's current round (its thread)
         self._live: tuple[str, ...] = ()
         self._conns: dict[str, str] = {}  # other members' connection records
         self._run_id = ""
@@ -192,6 +193,7 @@ class TopicMember(Background):
                 ensure_group(self._client, cfg.partition(stream), None)
             mux = self._mux
             assert mux is not None
+            self._prepare(mux)
             mux.start()
             self._last_event = self._tail_id()  # every record from here on wakes us
             self._beat("join")
@@ -249,6 +251,15 @@ class TopicMember(Background):
         if self._scripts is None:
             self._scripts = Scripts(client)
             self._mux = Mux(self._nodes, self._scripts, self._base)
+
+    def _prepare(self, mux: Mux) -> None:
+        """Before joining: the connections this member will serve partitions over, to every
+        node that serves one (a member that opens them while taking its partitions spends
+        that CPU inside the rebalance, where every member's partitions feel it)."""
+        mux.prepare(self._streams)
+        for stream in self._streams:
+            with contextlib.suppress(*CONNECTION_ERRORS, redis.RedisError):
+                self._node_beat(stream)
 
     def _close_registry(self) -> None:
         for client in (self._registry.client if self._registry else None, self._waiter,
@@ -547,13 +558,22 @@ class TopicMember(Background):
             if served is not None and served.handing_over and self._mux is not None:
                 # announce the handover from here, in the driver's next write: the target
                 # member wakes without waiting for this member's control thread
-                self._mux.post(self._keys.events, (
-                    "XADD", self._keys.events, "MAXLEN", "~", EVENTS_MAXLEN, "*",
-                    R.TYPE, "released", R.MEMBER, cfg.name, R.PARTITIONS, str(partition)))
+                if not self._handed:
+                    self._mux.at_round_end(self._announce_handed)
+                self._handed.append(partition)
             self._ended.append((partition, error))
             self._poke()
 
         self._mux.add(Lane(stream, owner.serve(lease), life.stop, done))
+
+    def _announce_handed(self) -> None:
+        """On the driver's thread, as its round ends: one ``released`` record for every
+        partition handed over in that round (each record wakes every member of the group)."""
+        handed, self._handed = self._handed, []
+        if handed and self._mux is not None:
+            self._mux.post(self._keys.events, (
+                "XADD", self._keys.events, "MAXLEN", "~", EVENTS_MAXLEN, "*", R.TYPE,
+                "released", R.MEMBER, self.config.name, R.PARTITIONS, ",".join(map(str, handed))))
 
     def _watch_stalls(self, now: float) -> None:
         """The handler timeout: every partition's handler runs on the driver's one thread, so a

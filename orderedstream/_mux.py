@@ -152,6 +152,7 @@ class Mux(threading.Thread):
         self._blocked: dict[str, Lane] = {}
         self._timers: list[tuple[float, int, Lane]] = []
         self._order = itertools.count()  # ties in the heap
+        self._round_end: list[Callable[[], None]] = []
         self.error: BaseException | None = None
 
     # -- the control thread's side --------------------------------------------------------
@@ -162,12 +163,40 @@ class Mux(threading.Thread):
             self._added.append(lane)
         self.poke()
 
+    def prepare(self, keys: list[str]) -> None:
+        """Before :meth:`start`: open the command and wake-up connections to every node that
+        serves one of ``keys`` now (best effort), so that a member that joins has them before
+        it takes a partition (opening one costs a handshake of several round trips)."""
+        assert not self.is_alive(), "prepare() before start()"
+        for key in keys:
+            try:
+                node = self._node(key)
+                node.connection().connect()
+                if node.wake is None and node.wake_ok:
+                    node.wake = resp3_connection(node.client, f"{self._name}:wake")
+                    node.wake._parser.set_invalidation_push_handler(_same)
+            except (*CONNECTION_ERRORS, redis.RedisError):
+                continue  # made on first use instead
+
     def post(self, key: str, command: tuple[Any, ...]) -> None:
         """Send ``command`` (about ``key``) with the next write to the node serving ``key``, its
         reply ignored: called on the driver's own thread (a lane's ``on_done``)."""
         node = self._node(key)
         node.out.append(command)
         node.owed.append(_Owed("drop", None))
+
+    def at_round_end(self, call: Callable[[], None]) -> None:
+        """Call ``call`` once, on the driver's own thread, when the lanes ready now have run
+        and before the round's writes go out (what it posts goes with them)."""
+        self._round_end.append(call)
+
+    def _run_round_end(self) -> None:
+        calls, self._round_end = self._round_end, []
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                log.exception("topic member: a round's end was not carried out")
 
     def poke(self) -> None:
         """Wake the mux: a lane was added or asked to stop."""
@@ -205,6 +234,8 @@ class Mux(threading.Thread):
                 return
             while self._ready:
                 self._advance(self._ready.popleft())
+            if self._round_end:
+                self._run_round_end()
             self._flush()
             self._collect()
             if not self._ready and not (self._halt and not self._lanes):

@@ -11,6 +11,7 @@ Keys reach the scripts only through KEYS (computed by :mod:`._keys`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -39,9 +40,11 @@ except ImportError:  # pragma: no cover - hiredis is an optional extra
 Encodable = str | bytes | int | float
 
 
+@functools.cache
 def _load(name: str) -> str:
     """A script's text, with each ``--! include lib/x.lua`` line replaced by that file (Lua
-    scripts sent to the server cannot load code of their own)."""
+    scripts sent to the server cannot load code of their own).  Read once per process: every
+    :class:`Scripts` (one per connection that runs scripts) and every target read asks."""
     folder = resources.files("orderedstream").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text("utf-8")
     lines = []
@@ -332,14 +335,19 @@ def hold_op(keys: GroupKeys, token: str, entry_id: bytes | str, hold_key: str,
         _hold_reply)
 
 
+@functools.cache
+def _texts_and_shas() -> tuple[dict[str, str], dict[str, str]]:
+    """Every script's text and SHA1, by name (made once per process)."""
+    texts = {name: _load(name) for name in script_names()}
+    return texts, {name: hashlib.sha1(text.encode()).hexdigest() for name, text in texts.items()}
+
+
 class Scripts:
     """The package's scripts for one client; run them on that client or another one."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._texts = {name: _load(name) for name in script_names()}
-        self._shas = {name: hashlib.sha1(text.encode()).hexdigest()
-                      for name, text in self._texts.items()}
+        self._texts, self._shas = _texts_and_shas()
 
     @property
     def client(self) -> redis.Redis:

@@ -109,6 +109,19 @@ def client_name(text: str) -> str:
     return "".join(out)
 
 
+def _driver_info() -> Any:
+    """redis-py's client description (for ``CLIENT SETINFO``), made once; None before redis-py
+    8, whose connections take their version from a default argument evaluated once."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:
+        return None
+    return DriverInfo()
+
+
+_DRIVER_INFO = _driver_info()
+
+
 def _own_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """A client's connection settings (address, credentials, TLS) without those we set
     ourselves (retries, name, protocol, decoding, socket timeout)."""
@@ -121,6 +134,11 @@ def _own_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             del out[key]
     if isinstance(getattr(out.get("redis_connect_func"), "__self__", None), redis.RedisCluster):
         del out["redis_connect_func"]  # a cluster's node client: the clone stands on its own
+    if "driver_info" not in out and _DRIVER_INFO is not None:
+        # redis-py >= 8 makes each connection without one look its own version up in the
+        # installed packages' metadata (a cluster's node clients have none): milliseconds of
+        # CPU per connection on a busy machine, where a member joining opens a dozen at once
+        out["driver_info"] = _DRIVER_INFO
     return out
 
 
@@ -284,14 +302,7 @@ def resp3_connection(client: redis.Redis, name: str, *, socket_timeout_s: float 
     """A connected RESP3 connection to ``client``'s server, like its own, named, without
     automatic retries (for pushes: ``CLIENT TRACKING``)."""
     pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
-    for key in ("retry", "retry_on_timeout", "retry_on_error", "client_name",
-                "decode_responses", "protocol", "socket_timeout", "cache", "cache_config",
-                "encoding_errors"):
-        kwargs.pop(key, None)
-    for key in list(kwargs):
-        if key.startswith(("maint_notifications", "oss_cluster_maint")):
-            del kwargs[key]
+    kwargs = _own_settings(pool.connection_kwargs)
     conn = pool.connection_class(protocol=3, client_name=client_name(name),
                                  socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
                                  **kwargs)

@@ -14,6 +14,7 @@ from orderedstream._server import (
     connect_url,
     describe_url,
     node_client,
+    resp3_connection,
 )
 from orderedstream.exceptions import ConnectionFailed
 from orderedstream.testing import ClusterServers, free_port, wait_until
@@ -147,6 +148,31 @@ def test_connect_url_detects_cluster_mode(cluster: ClusterServers, server: objec
         assert node_client(single, "a") is single
     finally:
         single.close()
+
+
+def test_our_node_connections_do_not_look_up_the_library_version(
+        cluster: ClusterServers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections we open to a cluster's nodes (a member opens a dozen as it joins) carry
+    redis-py's client description made once: redis-py >= 8 would otherwise search the installed
+    packages' metadata for its own version at every connection a node's client opens."""
+    pytest.importorskip("redis.driver_info")
+    import redis.utils
+
+    client = connect_url(cluster.url)
+    calls: list[int] = []
+    real = redis.utils.get_lib_version
+    monkeypatch.setattr(redis.utils, "get_lib_version", lambda: calls.append(1) or real())
+    try:
+        own = clone_client(node_client(client, "a"), name="os:test", single=True)
+        push = resp3_connection(node_client(client, "a"), "os:test:push")
+        try:
+            assert own.client_getname() == "os:test"
+            assert calls == []
+        finally:
+            own.close()
+            push.disconnect()
+    finally:
+        client.close()
 
 
 def test_connect_url_refuses_in_one_line_when_nothing_listens() -> None:

@@ -14,7 +14,7 @@ import redis
 
 from orderedstream._config import LeaseConfig, MemberConfig
 from orderedstream._events import ServerUnavailable
-from orderedstream._keys import GroupKeys
+from orderedstream._keys import GroupKeys, TopicGroupKeys
 from orderedstream._member import TopicMember
 from orderedstream._server import NodeMap
 from orderedstream._topic import create_topic
@@ -198,6 +198,46 @@ def test_members_balance_and_hand_over_under_load(single: ServerProcess) -> None
     result = topic_verdict(topic.records, topic.seq)
     assert result.ok, result.as_dict()
     assert result.handled >= topic.seq > 100
+
+
+def test_a_member_connects_before_it_joins_and_announces_a_handover_once(
+        single: ServerProcess) -> None:
+    """A member opens its driver's connections before it joins (opening them while it takes
+    its partitions would spend that CPU inside the rebalance): one that owns nothing yet holds
+    them already.  Partitions handed over in one round of the driver are announced by one
+    ``released`` record naming them all (each record wakes every member of the group)."""
+    admin = single.client()
+    topic = Topic(admin, partitions=1)
+    a = topic.member(single.client(), "a")
+    b = topic.member(single.client(), "b")
+    try:
+        a.start()
+        wait_until(lambda: len(a.owned) == 1, 10)
+        b.start()
+        wait_until(lambda: b.members == ("a", "b") and a.members == ("a", "b"), 10)
+        names = {c["name"] for c in admin.client_list()}
+        assert not b.owned and {"os:b:wake", "os:b"} <= names, sorted(names)
+    finally:
+        a.stop()
+        b.stop()
+
+    many = Topic(admin, partitions=12)
+    c = many.member(single.client(), "c")
+    d = many.member(single.client(), "d")
+    try:
+        c.start()
+        wait_until(lambda: len(c.owned) == 12, 10)  # idle: every lane asleep
+        d.start()
+        wait_until(lambda: _settled([c, d], 12), 10)
+        moved = set(d.owned)
+    finally:
+        c.stop()
+        d.stop()
+    released = [f[b"partitions"].decode().split(",")
+                for _, f in admin.xrange(TopicGroupKeys(many.name, "g").events)
+                if f[b"type"] == b"released" and f[b"member"] == b"c"]
+    assert {int(p) for names in released for p in names} >= moved
+    assert len(moved) == 6 and len(released) < len(moved), released
 
 
 def test_a_member_whose_connection_is_gone_is_replaced_at_once(single: ServerProcess) -> None:
