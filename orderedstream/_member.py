@@ -257,9 +257,15 @@ class TopicMember(Background):
         node that serves one (a member that opens them while taking its partitions spends
         that CPU inside the rebalance, where every member's partitions feel it)."""
         mux.prepare(self._streams)
+        ready: set[int] = set()
         for stream in self._streams:
             with contextlib.suppress(*CONNECTION_ERRORS, redis.RedisError):
-                self._node_beat(stream)
+                beat = self._node_beat(stream)
+                if id(beat) not in ready:  # its pipelines' connection (acquire, renew)
+                    ready.add(id(beat))
+                    pipe = beat.client.pipeline(transaction=False)
+                    pipe.execute_command("PING")  # type: ignore[no-untyped-call]
+                    pipe.execute()
 
     def _close_registry(self) -> None:
         for client in (self._registry.client if self._registry else None, self._waiter,
@@ -372,7 +378,13 @@ class TopicMember(Background):
             if kinds - {b"released", b"assigned"}:
                 self._beat("renew")
             if b"assigned" in kinds:
-                self._target_stale = True
+                # the target stored since ours, if any (every member wakes to the record of a
+                # target that most of them derived or read already)
+                newest = max(int(fields.get(R.VERSION.encode(), b"0") or 0)
+                             for _, fields in entries
+                             if fields.get(R.TYPE.encode()) == b"assigned")
+                if self._target is None or not newest or newest > self._target.version:
+                    self._target_stale = True
             self._retry_at = {p: 0.0 for p in self._retry_at}  # look again at once
 
     def _tail_id(self) -> str:

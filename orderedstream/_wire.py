@@ -56,12 +56,14 @@ class Rebalance:
     REASON = "reason"
     TS_MS = "ts_ms"
     PARTITIONS = "partitions"
+    VERSION = "version"
 
-    FIELDS = (TYPE, MEMBER, BY, REASON, TS_MS, PARTITIONS)
+    FIELDS = (TYPE, MEMBER, BY, REASON, TS_MS, PARTITIONS, VERSION)
     TYPES = ("joined", "left", "gone", "expired", "assigned", "released")
     """'joined' a member's first heartbeat; 'left' a clean stop; 'gone' another member found its
     heartbeat connection gone; 'expired' its membership ran out on the server's clock;
-    'assigned' ``member`` stored the next target, moving ``partitions``; 'released' ``member``
+    'assigned' ``member`` stored the next target (its ``version``), moving ``partitions``;
+    'released' ``member``
     handed ``partitions`` (comma-separated) over to their new targets."""
 
 

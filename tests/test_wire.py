@@ -22,7 +22,8 @@ def test_golden_record_fields() -> None:
     assert wire.Timeline.FIELDS == ("type", "consumer", "epoch", "ts_ms", "by", "reason",
                                     "claimed", "deleted", "trimmed", "duration_ms")
     assert wire.Timeline.TYPES == ("acquired", "takeover", "released", "ended", "stalled")
-    assert wire.Rebalance.FIELDS == ("type", "member", "by", "reason", "ts_ms", "partitions")
+    assert wire.Rebalance.FIELDS == ("type", "member", "by", "reason", "ts_ms", "partitions",
+                                     "version")
     assert wire.Rebalance.TYPES == ("joined", "left", "gone", "expired", "assigned",
                                     "released")
     assert wire.Graveyard.FIELDS == ("id", "reason", "record")

@@ -28,5 +28,5 @@ local now_ms = string.format('%d', now)
 redis.call('HSET', KEYS[2], 'version', version, 'members', ARGV[2], 'target', ARGV[3],
            'updated_ms', now_ms)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'type', 'assigned', 'member', ARGV[4],
-  'partitions', ARGV[5], 'ts_ms', now_ms)
+  'partitions', ARGV[5], 'ts_ms', now_ms, 'version', version)
 return {1, version}
