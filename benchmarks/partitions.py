@@ -425,8 +425,8 @@ def _moves(records: list[dict[str, Any]], before: dict[int, str], after: dict[in
 
 def _worst_gaps(records: list[dict[str, Any]], partitions: list[int],
                 window: tuple[float, float], n: int = 3) -> list[dict[str, Any]]:
-    """``--detail``: the ``n`` longest waits inside ``window`` (as in :func:`_longest_gap`),
-    each with when it ended (ms after the window's start), its partition and process."""
+    """The ``n`` longest waits inside ``window`` (:func:`_longest_gap`), each with when it
+    ended (ms after the window's start), its partition and process."""
     wanted = set(partitions)
     last: dict[int, float] = {}
     found = []
@@ -436,7 +436,7 @@ def _worst_gaps(records: list[dict[str, Any]], partitions: list[int],
             continue
         t = float(r["t"])
         if window[0] <= t <= window[1] and p in last:
-            found.append({"ms": round((t - max(last[p], id_ms(r["id"]))) * 1000, 1),
+            found.append({"ms": round((t - max(last[p], id_ms(r["id"]))) * 1000, 3),
                           "at_ms": round((t - window[0]) * 1000), "p": p, "pid": r["pid"]})
         last[p] = t
     return sorted(found, key=lambda g: -g["ms"])[:n]
@@ -460,18 +460,8 @@ def _longest_gap(records: list[dict[str, Any]], partitions: list[int],
                  window: tuple[float, float]) -> float:
     """The longest time an entry of one of ``partitions`` waited beyond its arrival for the
     previous one to be handled, inside ``window``: handled - max(arrival, previous handled)."""
-    worst = 0.0
-    wanted = set(partitions)
-    last: dict[int, float] = {}
-    for r in records:
-        p = r["p"]
-        if p not in wanted:
-            continue
-        t = float(r["t"])
-        if window[0] <= t <= window[1] and p in last:
-            worst = max(worst, t - max(last[p], id_ms(r["id"])))
-        last[p] = t
-    return worst
+    worst = _worst_gaps(records, partitions, window, 1)
+    return worst[0]["ms"] / 1000.0 if worst else 0.0
 
 
 def part_scale(cluster: ClusterServers, args: argparse.Namespace,

@@ -113,7 +113,12 @@ class _Node:
         self.conn: Any = None
         self.owed: collections.deque[_Owed] = collections.deque()
         self.out: list[tuple[Any, ...]] = []
-        self.waiting = 0  # lanes that cannot go on before a reply from this node
+        # while it owes replies: when it last sent one (or was sent the first owed); it
+        # is failed once it has sent nothing for its socket timeout
+        self.heard: float | None = None
+        self.timeout = float(client.connection_pool.connection_kwargs.get("socket_timeout")
+                             or 5.0)
+        self.conn_fd = -1  # the command connection's socket, as registered with the selector
         self.lanes: set[Lane] = set()
         self.wake: Any = None  # RESP3 connection with CLIENT TRACKING BCAST
         self.wake_sock: Any = None  # its socket, as registered with the mux's selector
@@ -274,12 +279,8 @@ class Mux(threading.Thread):
         node.lanes.discard(lane)
         for owed in node.owed:  # replies on their way to it are read and dropped
             if owed.lane is lane:
-                if owed.kind in ("reply", "script"):
-                    node.waiting -= 1
                 owed.kind = "drop"
-        if lane.want:
-            lane.want = 0
-            node.waiting -= 1
+        lane.want = 0
         lane.pipe_owed = 0
         lane.mailbox.clear()
 
@@ -304,13 +305,11 @@ class Mux(threading.Thread):
                     command = self._scripts.command(op.name, op.keys, op.args)
                     node.out.append(command)
                     node.owed.append(_Owed("script", lane, op.parse, command, op.name))
-                    node.waiting += 1
                     return
                 if kind is Plain:
                     node = self._route(lane)
                     node.out.append(op.args)
                     node.owed.append(_Owed("reply", lane, _plain_parser(node.client, op.args)))
-                    node.waiting += 1
                     return
                 if kind is PipeSend:
                     node = self._route(lane)
@@ -330,7 +329,6 @@ class Mux(threading.Thread):
                     if len(lane.mailbox) + lane.pipe_owed < op.count:
                         raise redis.ConnectionError("the read-ahead has no request in flight")
                     lane.want = op.count
-                    self._route(lane).waiting += 1
                     return
                 if kind is PipeDrop or kind is PipeRelease:
                     held = lane.node
@@ -386,6 +384,8 @@ class Mux(threading.Thread):
         if not node.out:
             return
         commands, node.out = node.out, []
+        if node.heard is None:
+            node.heard = time.monotonic()
         try:
             conn = node.connection()
             if pack_command is not None and all(" " not in str(c[0]) for c in commands):
@@ -400,18 +400,28 @@ class Mux(threading.Thread):
             self._send(node)
 
     def _collect(self) -> None:
-        """Read the replies that lanes wait for (and any others already here)."""
+        """Read every reply already here, from every node, without waiting for any: a node
+        that is slow to answer (busy, or hung) holds up only the lanes that wait on it
+        (:meth:`_sleep` waits for the first node to answer, each at most its socket
+        timeout)."""
+        now = time.monotonic()
         for node in list(self._by_name.values()):
             conn = node.conn
+            if conn is None or not node.owed:
+                continue
             try:
-                while node.owed and conn is not None:
-                    if node.waiting <= 0 and not conn.can_read(0):
-                        break
+                read = False
+                while node.owed and conn.can_read(0):
                     try:
                         reply: Any = conn.read_response()
                     except redis.ResponseError as err:
                         reply = err
+                    read = True
                     self._deliver(node, node.owed.popleft(), reply)
+                if read or node.heard is None:
+                    node.heard = now if node.owed else None
+                elif now - node.heard >= node.timeout:
+                    raise redis.TimeoutError(f"{node.name} sent no reply for {node.timeout} s")
             except BaseException as err:
                 self._fail(node, err)
 
@@ -425,7 +435,6 @@ class Mux(threading.Thread):
             if lane.want and len(lane.mailbox) >= lane.want:
                 lane.value = self._take_mail(lane, lane.want)
                 lane.want = 0
-                node.waiting -= 1
                 self._ready.append(lane)
             return
         if owed.kind == "script" and owed.script and isinstance(reply, rex.NoScriptError):
@@ -434,7 +443,6 @@ class Mux(threading.Thread):
             node.owed += [_Owed("drop", None), _Owed("script", lane, owed.parse, owed.command)]
             self._send(node)
             return
-        node.waiting -= 1
         try:
             if isinstance(reply, redis.ResponseError):
                 if owed.kind == "script":
@@ -452,6 +460,7 @@ class Mux(threading.Thread):
         """``node``'s command connection failed: close it, throw ``err`` into every lane that
         waited on it, and let every lane routed there look its node up again."""
         conn, node.conn = node.conn, None
+        self._unwatch_conn(node)
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.disconnect()
@@ -459,7 +468,7 @@ class Mux(threading.Thread):
                 node.client.connection_pool.release(conn)
         owed, node.owed = node.owed, collections.deque()
         node.out = []
-        node.waiting = 0
+        node.heard = None
         error = err if isinstance(err, CONNECTION_ERRORS) else redis.ConnectionError(str(err))
         for item in owed:
             lane = item.lane
@@ -521,6 +530,25 @@ class Mux(threading.Thread):
         # every write since the lanes' reads may have gone unseen: look once more
         self._dirty |= set(new)
 
+    def _watch_conn(self, node: _Node) -> None:
+        """Have the selector watch ``node``'s command connection while it owes replies (they
+        wake the driver); not while it owes none (a connection the server closed would be
+        readable, at its end, for ever)."""
+        sock = (getattr(node.conn, "_sock", None) if node.conn is not None and node.owed
+                else None)
+        fd = sock.fileno() if sock is not None else -1
+        if fd != node.conn_fd:
+            self._unwatch_conn(node)
+            if fd >= 0:
+                self._selector.register(fd, selectors.EVENT_READ, None)
+                node.conn_fd = fd
+
+    def _unwatch_conn(self, node: _Node) -> None:
+        fd, node.conn_fd = node.conn_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(fd)
+
     def _unwatch(self, node: _Node) -> None:
         sock, node.wake_sock = node.wake_sock, None
         if sock is not None:
@@ -563,6 +591,9 @@ class Mux(threading.Thread):
                 if sock is not None:
                     self._selector.register(sock, selectors.EVENT_READ, node)
                     node.wake_sock = sock
+            self._watch_conn(node)
+            if node.heard is not None:  # replies owed: wake in time to give up on them
+                deadline = min(deadline, node.heard + node.timeout)
         if not self._drain_wakes() and not self._woken(False):
             self._selector.select(max(deadline - now, 0.0))
         poked = False
@@ -650,6 +681,7 @@ class Mux(threading.Thread):
 
     def _close(self) -> None:
         for node in self._by_name.values():
+            self._unwatch_conn(node)
             if node.conn is not None:
                 with contextlib.suppress(Exception):
                     node.conn.disconnect()

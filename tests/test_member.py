@@ -348,6 +348,55 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
 
 
 @pytest.mark.slow
+def test_a_hung_primary_stalls_only_its_own_shards_partitions(own_cluster: Any) -> None:
+    """A primary that stops answering (SIGSTOP: its connections stay open, as in a network
+    partition) stalls the partitions it serves, not the member's partitions on the other
+    shards: the driver reads each node's replies as they come, never waiting on one node's
+    socket while another node's replies are in (it once did, for the socket timeout, again
+    at each of the stalled partitions' retries)."""
+    cluster = own_cluster
+    client = cluster.client()
+    topic = Topic(client, partitions=12)
+    meta = cluster.primary_for(TopicGroupKeys(topic.name, "g").members)
+    victim = next(n for n in cluster.primaries_now() if n.port != meta.port)
+    healthy = [s for s in topic.streams if cluster.primary_for(s).port != victim.port]
+    assert healthy and len(healthy) < len(topic.streams)
+    config = MemberConfig(topic=topic.name, group="g", name="h1", batch_size=20,
+                          lease=LeaseConfig(ttl_ms=20_000), socket_timeout_ms=3000)
+    member = TopicMember(config, topic.handler("h1"), cluster.client())
+    writer = NodeMap(client)
+    sent: dict[str, float] = {}  # "<stream> <seq>" -> when written
+    member.start()
+    try:
+        wait_until(lambda: len(member.owned) == 12, 15)
+        topic.produce_steadily(rate=200)  # every partition busy (acks owed) when it stops
+        wait_until(lambda: len(topic.handled()) > 100, 10)
+        cluster.pause(victim)
+        paused_at = time.time()
+        topic._stop.set()  # (joined once the shard answers again: its writes there wait)
+        seq = 0
+        while time.time() < paused_at + 4.0:  # writes to the healthy shards only
+            seq += 1
+            stream = healthy[seq % len(healthy)]
+            _, own = writer.node_for(stream, "w", single=True)
+            own.xadd(stream, {"seq": 10_000 + seq, "key": "h", "kseq": seq})
+            own.close()
+            sent[f"{topic.streams.index(stream)} {10_000 + seq}"] = time.time()
+            time.sleep(0.02)
+        wait_until(lambda: {r["seq"] for r in topic.records} >= {int(k.split()[1])
+                                                                for k in sent}, 10,
+                   message="every entry written to a healthy shard handled")
+    finally:
+        cluster.resume(victim)
+        topic.stop_producing()
+        member.stop(timeout=10)
+    with topic.lock:
+        handled = {f"{r['p']} {r['seq']}": r["t"] for r in topic.records if r["seq"] > 10_000}
+    waits = sorted(handled[k] - t for k, t in sent.items())
+    assert waits[-1] < 1.0, f"longest wait {waits[-1]:.2f} s (median {waits[len(waits) // 2]:.3f})"
+
+
+@pytest.mark.slow
 def test_cluster_member_waits_out_a_cluster_with_no_node_up(own_cluster: Any) -> None:
     """Every node of the cluster gone at once: the member's driver waits it out (its
     partitions say ServerUnavailable) instead of dying when the slot map cannot be read from
