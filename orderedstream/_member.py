@@ -29,7 +29,9 @@ the number of partitions.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -38,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -139,6 +141,14 @@ class TopicMember(Background):
         self._conns: dict[str, str] = {}  # other members' connection records
         self._run_id = ""
         self._beats: dict[str, _Beat] = {}
+        self._beats_lock = threading.Lock()
+        # the control thread's I/O to the partitions' nodes (acquire, renew) runs on worker
+        # threads, one job per node at a time: a node that stops answering holds up its own
+        # partitions only; what a job found is applied on the control thread (``_inbox``)
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._node_jobs: dict[str, concurrent.futures.Future[None]] = {}
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._acquiring: set[int] = set()  # asked for by a job not applied yet
         self._retry_at: dict[int, float] = {}
         self._registry: _Beat | None = None
         self._waiter: redis.Redis | None = None
@@ -203,6 +213,7 @@ class TopicMember(Background):
                 try:
                     if self._registry is None:
                         self._connect()
+                    self._take_inbox()
                     now = time.monotonic()
                     self._watch_stalls(now)
                     if self._stalled is not None:  # out of the group until the handler returns
@@ -279,12 +290,16 @@ class TopicMember(Background):
     def _reset_connections(self) -> None:
         """After a fault: every connection of the control thread is opened again on next use
         (on the node that serves its key by then)."""
-        for beat in self._beats.values():
-            with contextlib.suppress(Exception):
-                beat.client.close()
-        self._beats.clear()
+        self._close_beats()
         self._close_registry()
         self._nodes.refresh()
+
+    def _close_beats(self) -> None:
+        with self._beats_lock:
+            beats, self._beats = list(self._beats.values()), {}
+        for beat in beats:
+            with contextlib.suppress(Exception):
+                beat.client.close()
 
     # -- liveness -------------------------------------------------------------------------------
 
@@ -362,7 +377,7 @@ class TopicMember(Background):
         assert waiter is not None
         if self._wait_id is None:
             self._wait_id = int(waiter.client_id())
-        if self._ended or self._stop.is_set():
+        if self._ended or self._inbox or self._stop.is_set():
             return
         try:
             got: Any = waiter.xread({self._keys.events: self._last_event}, count=100,
@@ -402,14 +417,61 @@ class TopicMember(Background):
     # -- partitions ---------------------------------------------------------------------------
 
     def _node_beat(self, stream: str) -> _Beat:
+        """The heartbeat connection to the node serving ``stream`` (made on first use; on a
+        node's worker thread, or the control thread before any worker runs)."""
         name = self._nodes.node_name(stream)
-        beat = self._beats.get(name)
+        with self._beats_lock:
+            beat = self._beats.get(name)
         if beat is None:
             _, client = self._nodes.node_for(stream, f"{self._base}:beat", single=True)
-            beat = self._beats[name] = _Beat(client, Scripts(client))
+            beat = _Beat(client, Scripts(client))
+            with self._beats_lock:
+                beat = self._beats.setdefault(name, beat)
+            if beat.client is not client:  # made meanwhile by another thread
+                client.close()
         if not beat.conn_id:
             beat.conn_id = int(beat.client.client_id())
         return beat
+
+    def _on_node(self, name: str, work: Callable[[], Callable[[], None]]) -> bool:
+        """Run ``work`` (I/O to node ``name``) on a worker thread; the function it returns
+        runs on the control thread, which it wakes.  One job per node at a time: False when
+        that node is still busy with an earlier one (slow, or not answering at all)."""
+        running = self._node_jobs.get(name)
+        if running is not None and not running.done():
+            return False
+        if self._workers is None:
+            self._workers = concurrent.futures.ThreadPoolExecutor(
+                max_workers=16, thread_name_prefix=f"{self._base}:node")
+
+        def job() -> None:
+            try:
+                then = work()
+            except Exception as err:
+                then = self._node_failed_later(name, err)
+            self._inbox.append(then)
+            self._poke()
+
+        self._node_jobs[name] = self._workers.submit(job)
+        return True
+
+    def _node_failed_later(self, name: str, err: BaseException) -> Callable[[], None]:
+        def failed() -> None:  # on the control thread
+            if isinstance(err, CONNECTION_ERRORS):  # asked again on the node serving it then
+                with self._beats_lock:
+                    beat = self._beats.pop(name, None)
+                if beat is not None:
+                    with contextlib.suppress(Exception):
+                        beat.client.close()
+                self._nodes.refresh()
+                return
+            raise err
+        return failed
+
+    def _take_inbox(self) -> None:
+        """Apply what the node jobs found (on the control thread)."""
+        while self._inbox:
+            self._inbox.popleft()()
 
     def _reconcile(self) -> None:
         """Hand over what is no longer ours; take what is."""
@@ -427,7 +489,7 @@ class TopicMember(Background):
                 self._mux.poke()
         now = time.monotonic()
         wanted = [p for p in sorted(target) if p not in self._served
-                  and self._retry_at.get(p, 0.0) <= now]
+                  and p not in self._acquiring and self._retry_at.get(p, 0.0) <= now]
         for partition in list(self._retry_at):
             if partition not in target or partition in self._served:
                 del self._retry_at[partition]
@@ -447,48 +509,87 @@ class TopicMember(Background):
         return self._target
 
     def _acquire(self, partitions: list[int], live: set[str]) -> None:
-        """Ask for the leases of ``partitions`` (pipelined per node), each with its term's
-        ``take_over`` script right behind (fenced by the new term's nonce: the takeover and
-        first page come in the same round trip); a lease held by a member that is not live is
-        ended and taken in the next round trip."""
-        cfg = self.config
+        """Ask for the leases of ``partitions``: one job per node (:meth:`_acquire_on`)."""
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         for partition in partitions:
             by_node[self._nodes.node_name(self._streams[partition])].append(partition)
-        fresh = False
-        for group in by_node.values():
-            beat = self._node_beat(self._streams[group[0]])
-            ends: list[tuple[Any, ...]] = []
-            retry: list[int] = []
-            for partition, got in self._ask(beat, group, []):
-                if isinstance(got, Lease):
-                    continue
-                holder = parse_token(got.holder)[0]
-                if holder not in live and holder != cfg.name and not fresh:
-                    # the target's members may be older than the holder's term (it joined,
-                    # and acquired, since): only the members live now say it is gone (it
-                    # joined before it acquired, so it is among them unless it is gone)
-                    assert self._topic is not None and self._registry is not None
-                    live = set(read_target(self._registry.client, self._topic,
-                                           cfg.group).live) | {cfg.name}
-                    fresh = True
-                if holder in live and holder != cfg.name:
-                    # the holder hands it over when it sees the same target; its 'released'
-                    # record wakes us; look again meanwhile now and then
+        for name, group in by_node.items():
+            if self._on_node(name, self._acquire_job(name, group, live)):
+                self._acquiring.update(group)
+            else:  # that node is still busy: ask again soon
+                for partition in group:
                     self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
-                    self._target_stale |= fresh  # derived for fewer members than live now
-                    continue
-                ends.append(self._end_command(beat, partition, got.holder, "ended",
-                                              f"member {holder} is gone"))
-                retry.append(partition)
-            for partition, got in self._ask(beat, retry, ends):
-                if not isinstance(got, Lease):
-                    self._retry_at[partition] = time.monotonic() + 0.05
+
+    def _acquire_job(self, name: str, group: list[int], live: set[str]
+                     ) -> Callable[[], Callable[[], None]]:
+        def work() -> Callable[[], None]:
+            try:
+                return self._acquire_on(group, live)
+            except Exception as err:
+                failed = self._node_failed_later(name, err)
+
+                def then() -> None:
+                    self._acquiring.difference_update(group)
+                    failed()
+                return then
+        return work
+
+    def _acquire_on(self, group: list[int], live: set[str]) -> Callable[[], None]:
+        """On a worker thread: ask for the leases of ``group`` (partitions on one node,
+        pipelined), each with its term's ``take_over`` script right behind (fenced by the new
+        term's nonce: the takeover and first page come in the same round trip); a lease
+        still held by a member that is not live is ended and taken in the next round trip.
+        Returns what the control thread then does: serve what was granted, and say when to
+        ask again for the rest."""
+        cfg = self.config
+        fresh = False
+        granted: list[tuple[int, Lease]] = []
+        again: dict[int, float] = {}
+        beat = self._node_beat(self._streams[group[0]])
+        ends: list[tuple[Any, ...]] = []
+        retry: list[int] = []
+        for partition, got in self._ask(beat, group, []):
+            if isinstance(got, Lease):
+                granted.append((partition, got))
+                continue
+            holder = parse_token(got.holder)[0]
+            if holder not in live and holder != cfg.name and not fresh:
+                # the target's members may be older than the holder's term (it joined,
+                # and acquired, since): only the members live now say it is gone (it
+                # joined before it acquired, so it is among them unless it is gone)
+                registry = self._registry
+                if registry is None or self._topic is None:  # reconnecting meanwhile
+                    raise redis.ConnectionError("the member's own connections are reset")
+                live = set(read_target(registry.client, self._topic, cfg.group).live) | {
+                    cfg.name}
+                fresh = True
+            if holder in live and holder != cfg.name:
+                # the holder hands it over when it sees the same target; its 'released'
+                # record wakes us; look again meanwhile now and then
+                again[partition] = time.monotonic() + RETRY_HELD_S
+                continue
+            ends.append(self._end_command(beat, partition, got.holder, "ended",
+                                          f"member {holder} is gone"))
+            retry.append(partition)
+        for partition, got in self._ask(beat, retry, ends):
+            if isinstance(got, Lease):
+                granted.append((partition, got))
+            else:
+                again[partition] = time.monotonic() + 0.05
+
+        def then() -> None:  # on the control thread
+            self._acquiring.difference_update(group)
+            for partition, lease in granted:
+                self._serve(partition, lease)
+            self._retry_at.update(again)
+            if fresh and again:
+                self._target_stale = True  # derived for fewer members than live now
+        return then
 
     def _ask(self, beat: _Beat, partitions: list[int], first: list[tuple[Any, ...]]
              ) -> list[tuple[int, Lease | AcquireReply]]:
-        """One round trip: ``first``, then ``acquire`` + ``take_over`` of each partition;
-        serves every partition granted.  (partition, its lease, or the refusal) each."""
+        """One round trip: ``first``, then ``acquire`` + ``take_over`` of each partition:
+        (partition, its lease, or the refusal) each (a granted one is not served yet)."""
         if not partitions:
             return []
         cfg = self.config
@@ -514,7 +615,6 @@ class TopicMember(Background):
             head = replies[2 * n + 1][1]
             if not isinstance(head, redis.ResponseError):
                 lease.head_start = head
-            self._serve(partition, lease)
             out.append((partition, lease))
         return out
 
@@ -657,53 +757,59 @@ class TopicMember(Background):
                           self.config.topic, error)
 
     def _renew(self) -> None:
-        """Renew every owned lease: one pipeline per node."""
-        cfg = self.config
-        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        """Renew every owned lease: one pipeline per node, each on its node's worker (a node
+        that does not answer holds up the renewals of its own partitions only)."""
+        by_node: dict[str, list[tuple[int, Lease]]] = collections.defaultdict(list)
         for partition, served in self._served.items():
             if served.lease.valid():
-                by_node[self._nodes.node_name(self._streams[partition])].append(partition)
+                by_node[self._nodes.node_name(self._streams[partition])].append(
+                    (partition, served.lease))
             elif not served.life.stop.is_set():  # lapsed on our clock: end that term now
                 served.life.halt()
                 assert self._mux is not None
                 self._mux.poke()
         for name, group in by_node.items():
-            beat = self._node_beat(self._streams[group[0]])
-            commands = []
-            for partition in group:
-                keys = GroupKeys(self._streams[partition], cfg.group)
-                commands.append(beat.scripts.command(
-                    "renew", [keys.lease, keys.owner],
-                    [self._served[partition].lease.token, cfg.lease.ttl_ms, beat.conn_id]))
-            try:
-                replies = self._pipeline(beat, commands)
-            except CONNECTION_ERRORS:  # the next round asks the node serving it by then
-                self._beats.pop(name, None)
-                with contextlib.suppress(Exception):
-                    beat.client.close()
-                self._nodes.refresh()
-                continue
-            for partition, (sent, reply) in zip(group, replies, strict=True):
-                owned = self._served.get(partition)
-                if owned is None:
-                    continue
-                if isinstance(reply, Exception):
-                    if isinstance(reply, redis.exceptions.AskError):  # MOVED too: resharded
-                        self._beats.pop(name, None)
-                        self._nodes.refresh()
-                    elif passing_fault(reply) is None:
-                        owned.lease.lose(f"renewal failed: {reply}")
-                elif int(reply) == 1:
-                    owned.lease.renewed(sent)
-                else:
-                    owned.lease.lose("the server refused the renewal: the lease expired or "
-                                      "another member took the partition over")
+            self._on_node(name, functools.partial(self._renew_on, name, group))
+
+    def _renew_on(self, name: str, group: list[tuple[int, Lease]]) -> Callable[[], None]:
+        """On a worker thread: renew the leases of ``group`` (one node's), in one round trip;
+        the leases take the replies at once (a lease is safe to touch from any thread)."""
+        cfg = self.config
+        beat = self._node_beat(self._streams[group[0][0]])
+        commands = []
+        for partition, lease in group:
+            keys = GroupKeys(self._streams[partition], cfg.group)
+            commands.append(beat.scripts.command(
+                "renew", [keys.lease, keys.owner], [lease.token, cfg.lease.ttl_ms, beat.conn_id]))
+        replies = self._pipeline(beat, commands)
+        moved = False
+        for (_, lease), (sent, reply) in zip(group, replies, strict=True):
+            if isinstance(reply, Exception):
+                if isinstance(reply, redis.exceptions.AskError):  # MOVED too: resharded
+                    moved = True
+                elif passing_fault(reply) is None:
+                    lease.lose(f"renewal failed: {reply}")
+            elif int(reply) == 1:
+                lease.renewed(sent)
+            else:
+                lease.lose("the server refused the renewal: the lease expired or another "
+                           "member took the partition over")
+        if moved:  # asked again on the node serving it then
+            return self._node_failed_later(name, redis.ConnectionError("the slot moved"))
+        return _nothing
 
     # -- the end --------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Hand every partition over (their terms release their leases), leave the group,
         close every connection."""
+        workers = self._workers
+        if workers is not None:  # leases granted meanwhile are served, then handed over
+            concurrent.futures.wait(list(self._node_jobs.values()),
+                                    timeout=self.config.socket_timeout_ms / 1000.0)
+            with contextlib.suppress(Exception):
+                self._take_inbox()
+            workers.shutdown(wait=False, cancel_futures=True)
         for served in self._served.values():
             served.life.halt()
         mux = self._mux
@@ -720,14 +826,17 @@ class TopicMember(Background):
                     "member_leave", [keys.members, keys.conns, keys.events],
                     [self.config.name, "left", self.config.name, "clean stop",
                      EVENTS_MAXLEN, ""])
-        for beat in self._beats.values():
-            with contextlib.suppress(Exception):
-                beat.client.close()
+        self._close_beats()
         self._close_registry()
+        self._nodes.close()
 
     def _event(self, cls: type[Event], **fields: Any) -> None:
         self._emitter(cls(stream=self.config.topic, group=self.config.group,
                           consumer=self.config.name, **fields))
+
+
+def _nothing() -> None:
+    """A node job's result when there is nothing left to do."""
 
 
 def _text(value: Any) -> str:

@@ -4,6 +4,7 @@ cannot run the protocol (Redis < 7.0; see DESIGN.md §2)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -321,10 +322,15 @@ class NodeMap:
     node that owns the key."""
 
     def __init__(self, client: Any, *, socket_timeout_s: float = 5.0) -> None:
-        self.client = client
         self.cluster = isinstance(client, redis.RedisCluster)
+        # a cluster client of our own, with our socket timeout, for the slot map: the caller's
+        # may have none, and a node that stops answering would hold a refresh for ever
+        self.client = (clone_cluster(client, socket_timeout_s=socket_timeout_s)
+                       if self.cluster else client)
+        self._own = self.client is not client
         self._timeout = socket_timeout_s
         self._refreshed = 0.0
+        self._refreshing = threading.Lock()  # held while a refresh runs
 
     def node_name(self, key: str) -> str:
         """``host:port`` of the node serving ``key`` ('' on a single server)."""
@@ -343,13 +349,33 @@ class NodeMap:
         except ConnectionFailed as err:
             raise redis.ConnectionError(str(err)) from err
 
-    def refresh(self) -> None:
-        """The slot map may be stale (MOVED, a node gone): read it again (at most every 100 ms)."""
+    def refresh(self, *, wait: bool = False) -> None:
+        """The slot map may be stale (MOVED, a node gone): read it again (at most every
+        100 ms), on a thread of its own unless ``wait``: a caller that drives other nodes'
+        work never waits on a node that does not answer (the next fault asks again)."""
         now = time.monotonic()
         if not self.cluster or now - self._refreshed < 0.1:
             return
+        if not self._refreshing.acquire(blocking=False):
+            return  # one is running
         self._refreshed = now
-        # no node answers (a whole cluster restarting): the next fault asks again
-        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException,
-                                 OSError):
-            self.client.nodes_manager.initialize()
+        if wait:
+            self._read_slots()
+        else:
+            threading.Thread(target=self._read_slots, name="orderedstream-slots",
+                             daemon=True).start()
+
+    def _read_slots(self) -> None:
+        try:
+            # no node answers (a whole cluster restarting): the next fault asks again
+            with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException,
+                                     OSError):
+                self.client.nodes_manager.initialize()
+        finally:
+            self._refreshing.release()
+
+    def close(self) -> None:
+        """Close the cluster client of our own (not the caller's)."""
+        if self._own:
+            with contextlib.suppress(Exception):
+                self.client.close()

@@ -142,6 +142,7 @@ class TopicFixer(Background):
             self._by_node.clear()
             with contextlib.suppress(Exception):
                 self._cmd.close()
+            self._nodes.close()
             self._stopped.set()
 
     def _prepare(self) -> None:
