@@ -18,7 +18,9 @@ import redis.asyncio
 from orderedstream import (
     AsyncTopicMember,
     ConfigError,
+    Defer,
     Event,
+    GroupKeys,
     HandlerStalled,
     LeaseConfig,
     LeaseLostEvent,
@@ -226,9 +228,10 @@ def test_partitions_run_concurrently_each_partition_serially(
 def test_raising_or_cancelled_handler_calls_are_never_acknowledged(
         cluster: ClusterServers) -> None:
     """A handler that raises is retried in place (``attempt`` 2) before anything after it in
-    its partition; a handler call whose task is cancelled ends its partition's term without
-    acknowledging the entry: the member takes the partition again and the entry comes back,
-    flagged ``redelivered``, before the entries behind it."""
+    its partition; one that raises ``Defer`` parks its entry (the park script acks it); a
+    handler call whose task is cancelled ends its partition's term without acknowledging the
+    entry: the member takes the partition again and the entry comes back, flagged
+    ``redelivered``, before the entries behind it.  Nothing stays pending."""
     client = connect_url(cluster.url)
     topic = Topic(client, partitions=4, keys=8)
     topic.produce(80)
@@ -243,6 +246,8 @@ def test_raising_or_cancelled_handler_calls_are_never_acknowledged(
             if seq == 10 and not raised:
                 raised.append(seq)
                 raise RuntimeError("a passing fault")
+            if seq == 30:
+                raise Defer("not now", delay_ms=60_000)
             if seq == 20 and not cancelled:
                 cancelled.append(seq)
                 task = asyncio.current_task()
@@ -254,10 +259,15 @@ def test_raising_or_cancelled_handler_calls_are_never_acknowledged(
         config = topic.config("a", retry=RetryPolicy(initial_backoff_ms=10))
         async with AsyncTopicMember(config, handle, cluster.client()) as member:
             (await hung).cancel()  # the application cancels the call's task
-            await until(topic.all_handled, 15, "every entry handled")
+            await until(lambda: len(topic.handled()) >= topic.seq - 1, 15,
+                        "every entry but the parked one handled")
             assert len(member.owned) == 4
 
     asyncio.run(main())
+    parked = topic.topic.stream_for(f"k{30 % topic.keys}")
+    assert client.zcard(GroupKeys(parked, "g").delay) == 1
+    for stream in topic.topic.streams:
+        assert client.xpending(stream, "g")["pending"] == 0
     client.close()
     by_seq = {r["seq"]: r for r in topic.records}
     assert by_seq[10]["attempt"] == 2
@@ -267,7 +277,44 @@ def test_raising_or_cancelled_handler_calls_are_never_acknowledged(
         later = [r["seq"] for r in topic.records if r["p"] == p]
         assert later.index(seq) == sorted(later).index(seq), (seq, later)
     result = topic_verdict(topic.records, topic.seq)
-    assert result.ok and result.duplicates == 0, result.as_dict()
+    assert result.lost == (30,), result.as_dict()  # parked
+    assert result.duplicates == 0 and not result.epochs_reused, result.as_dict()
+    key = f"k{30 % topic.keys}"  # its key's later entries went on past it (no hold key)
+    kseqs = [r["kseq"] for r in topic.records if r["key"] == key]
+    assert kseqs == sorted(kseqs) and len(kseqs) == topic.kseq[30 % topic.keys] - 1
+    assert topic_verdict([r for r in topic.records if r["key"] != key], 0).ok
+
+
+def test_hold_key_mode_holds_a_parked_entrys_key(server: ServerProcess | External) -> None:
+    """Hold-key mode works as in the sync member (its gate's scripts come between two handler
+    calls on the loop): an entry parked by ``Defer`` holds its key's later entries back (they
+    are moved behind it, never handed to the handler), every other key goes on, and nothing
+    stays pending."""
+    client = connect_url(server.url)
+    topic = Topic(client, partitions=4, keys=8)
+    topic.produce(160)
+    key = f"k{30 % topic.keys}"
+    held = {r for r in range(31, 161) if r % topic.keys == 30 % topic.keys}
+
+    async def main() -> None:
+        async def handle(message: Message) -> None:
+            if message.fields["seq"] == "30":
+                raise Defer("not now", delay_ms=60_000)
+            await asyncio.sleep(0)
+            topic.record("a", message)
+
+        config = topic.config("a", hold_key_field="key")
+        async with AsyncTopicMember(config, handle, client):
+            await until(lambda: len(topic.handled()) >= 160 - 1 - len(held), 10,
+                        "every entry of the other keys handled")
+            streams = topic.topic.streams
+            await until(lambda: all(client.xpending(s, "g")["pending"] == 0 for s in streams),
+                        10, "nothing pending")
+
+    asyncio.run(main())
+    client.close()
+    assert not topic.handled() & (held | {30})
+    assert topic_verdict([r for r in topic.records if r["key"] != key], 0).ok
 
 
 def test_stop_cancels_a_call_still_running_and_never_acknowledges_it(
