@@ -12,6 +12,7 @@ from ._aio import (
     AsyncProducer,
     MessageStream,
 )
+from ._aio_member import AsyncTopicMember
 from ._config import (
     ConsumerSettings,
     CoordinatorConfig,
@@ -95,6 +96,7 @@ __all__ = [
     "AsyncCoordinator",
     "AsyncHandler",
     "AsyncProducer",
+    "AsyncTopicMember",
     "AsyncTopicProducer",
     "BatchHandled",
     "BatchHandler",

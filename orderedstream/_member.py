@@ -54,7 +54,7 @@ from ._handling import Handler, Handling
 from ._holdkey import HoldGate
 from ._keys import GroupKeys, TopicGroupKeys
 from ._lease import Lease, parse_token
-from ._mux import Lane, Mux
+from ._mux import HandlerCalls, Lane, Mux
 from ._owner import Owner
 from ._recovery import CONNECTION_ERRORS, Outage, passing_fault
 from ._scripts import EVENTS_MAXLEN, AcquireReply, Scripts, take_over_command
@@ -160,6 +160,10 @@ class TopicMember(Background):
         self._stalled: int | None = None  # the partition whose handler is stuck
         self._next_poll = 0.0  # when to look at the other members' connections next
         self._next_expiry = math.inf  # when the first other membership runs out
+        self._calls: HandlerCalls | None = None
+        """Set before ``start()`` (:class:`~orderedstream.AsyncTopicMember`): the handler calls
+        are yielded by the steps and carried out there (on an event loop), not made by the
+        driver's thread."""
 
     @classmethod
     def from_url(cls, url: str, config: MemberConfig, handler: Handler,
@@ -261,7 +265,7 @@ class TopicMember(Background):
         self._wait_id = None
         if self._scripts is None:
             self._scripts = Scripts(client)
-            self._mux = Mux(self._nodes, self._scripts, self._base)
+            self._mux = Mux(self._nodes, self._scripts, self._base, self._calls)
 
     def _prepare(self, mux: Mux) -> None:
         """Before joining: the connections this member will serve partitions over, to every
@@ -657,6 +661,7 @@ class TopicMember(Background):
                 if cfg.hold_key_field is not None else None)
         handling = Handling(life, self._handler, pcfg, parker, gate, emit, self._emitter)
         handling.partition = partition
+        handling.is_async = self._calls is not None
         # the mux pipelines every partition's reads on one connection per node, where no
         # partition's WATCH could be kept: its reads are fenced by the deliver script
         owner = Owner(scripts, keys, pcfg, handling, gate, Outage(emit), life.stop, emit,
@@ -676,7 +681,10 @@ class TopicMember(Background):
             self._ended.append((partition, error))
             self._poke()
 
-        self._mux.add(Lane(stream, owner.serve(lease), life.stop, done))
+        step = owner.serve(lease)
+        calls = self._calls
+        self._mux.add(Lane(stream, step if calls is None else calls.relay(step), life.stop,
+                           done))
 
     def _announce_handed(self) -> None:
         """On the driver's thread, as its round ends: one ``released`` record for every

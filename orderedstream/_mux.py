@@ -16,7 +16,10 @@ partitions:
   written (one RESP3 connection per node with ``CLIENT TRACKING ON BCAST`` and every served
   partition's stream key as a prefix: the server pushes an invalidation at each write), or until
   ``block_ms`` passed, or its partition is asked to stop;
-* :class:`~orderedstream._engine.Pause`: sleeps until its deadline or its partition's stop.
+* :class:`~orderedstream._engine.Pause`: sleeps until its deadline or its partition's stop;
+* any other op (an async member's handler calls): given to the mux's ``calls``
+  (:class:`HandlerCalls`), which carries it out elsewhere (an event loop); the lane waits until
+  :meth:`Mux.resume` gives its outcome back, and the other lanes go on meanwhile.
 
 A plain handler is called by the step itself (no yield per entry), so handlers of different
 partitions run one batch at a time, in turn.  A fault on a node's command connection closes it
@@ -39,7 +42,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import redis.exceptions as rex
@@ -64,6 +67,19 @@ log = logging.getLogger("orderedstream")
 INVALIDATE = (b"invalidate", "invalidate")
 POLL_WITHOUT_PUSH_S = 0.05  # where the server will not push: look at an idle stream this often
 BLOCK_WITH_PUSH_S = 30.0  # where it pushes: a sleeping lane looks anyway this often
+
+
+class HandlerCalls(Protocol):
+    """Where a member's handler calls run when not on the mux's thread (the event loop of an
+    :class:`~orderedstream.AsyncTopicMember`)."""
+
+    def relay(self, step: Step[None]) -> Step[None]:
+        """The step a lane runs instead of ``step``: its handler calls come out as ops that the
+        mux does not carry out itself, but hands to :meth:`__call__`."""
+
+    def __call__(self, op: Any, lane: Lane, mux: Mux) -> None:
+        """Start carrying ``op`` out elsewhere and return at once; ``mux.resume(lane, ...)``
+        (from any thread) gives the step its outcome."""
 
 
 class Lane:
@@ -135,11 +151,14 @@ class _Node:
 class Mux(threading.Thread):
     """Drives the partition steps of one member; see the module's docstring."""
 
-    def __init__(self, nodes: NodeMap, scripts: Scripts, name: str) -> None:
+    def __init__(self, nodes: NodeMap, scripts: Scripts, name: str,
+                 calls: HandlerCalls | None = None) -> None:
         super().__init__(name="orderedstream-mux", daemon=True)
         self._nodes = nodes
         self._scripts = scripts
         self._name = name  # client name prefix of its connections
+        self._calls = calls
+        self._resumed: list[tuple[Lane, Any, BaseException | None]] = []  # calls returned
         self._by_name: dict[str, _Node] = {}
         self._lanes: set[Lane] = set()
         self._ready: collections.deque[Lane] = collections.deque()
@@ -208,6 +227,17 @@ class Mux(threading.Thread):
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
+    def resume(self, lane: Lane, value: Any, error: BaseException | None = None) -> None:
+        """The op ``lane`` gave to :class:`HandlerCalls` is done: its step goes on with
+        ``value`` (or ``error`` thrown into it).  From any thread; wakes the mux at once."""
+        with self._lock:
+            resumed = self._resumed
+            resumed.append((lane, value, error))
+            first = len(resumed) == 1  # else the mux was woken already and takes them all
+        if first:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"r")  # not a poke: no lane's stop to look for
+
     def halt(self, timeout: float = 5.0) -> None:
         """End the thread once every lane has ended (their stops must have been set)."""
         self._halt = True
@@ -249,9 +279,14 @@ class Mux(threading.Thread):
     def _take_added(self) -> None:
         with self._lock:
             added, self._added = self._added, collections.deque()
+            resumed, self._resumed = self._resumed, []
         for lane in added:
             self._lanes.add(lane)
             self._ready.append(lane)
+        for lane, value, error in resumed:
+            if lane in self._lanes:
+                lane.value, lane.error = value, error
+                self._ready.append(lane)
 
     def _route(self, lane: Lane) -> _Node:
         node = lane.node
@@ -360,7 +395,10 @@ class Mux(threading.Thread):
                         continue
                     self._doze(lane, op.seconds, None)
                     return
-                raise OrderedStreamError(f"the topic driver cannot carry out {op!r}")
+                if self._calls is None:
+                    raise OrderedStreamError(f"the topic driver cannot carry out {op!r}")
+                self._calls(op, lane, self)  # elsewhere: the lane waits for resume()
+                return
             except BaseException as err:  # thrown into the step where it yielded the op
                 lane.error = err
 
@@ -598,8 +636,8 @@ class Mux(threading.Thread):
             self._selector.select(max(deadline - now, 0.0))
         poked = False
         with contextlib.suppress(OSError):
-            while self._wake_r.recv(4096):
-                poked = True
+            while data := self._wake_r.recv(4096):
+                poked = poked or b"x" in data  # (b"r": a handler call returned)
         self._drain_wakes()
         self._woken(poked)
 
