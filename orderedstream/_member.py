@@ -133,7 +133,9 @@ class TopicMember(Background):
         self._base = f"os:{config.name}"
         # the command connection that wakes the control thread (CLIENT UNBLOCK), on the node
         # of the topic's slot
-        super().__init__(self._nodes.node_for(self._keys.members, f"{self._base}:poke")[1])
+        # (one connection: the driver and the node workers poke it from their threads)
+        super().__init__(self._nodes.node_for(self._keys.members, f"{self._base}:poke",
+                                              single=True)[1])
         self._served: dict[int, _Served] = {}
         self._ended: collections.deque[tuple[int, BaseException | None]] = collections.deque()
         self._handed: list[int] = []  # handed over in the driver's current round (its thread)
@@ -261,7 +263,7 @@ class TopicMember(Background):
         # the waiting connection's BLOCK is at most a renew interval: below its socket timeout
         _, self._waiter = self._nodes.node_for(registry_key, f"{self._base}:wait", single=True)
         if self._cmd is None:
-            self._cmd = self._nodes.node_for(registry_key, f"{self._base}:poke")[1]
+            self._cmd = self._nodes.node_for(registry_key, f"{self._base}:poke", single=True)[1]
         self._wait_id = None
         if self._scripts is None:
             self._scripts = Scripts(client)
@@ -453,8 +455,9 @@ class TopicMember(Background):
                 then = work()
             except Exception as err:
                 then = self._node_failed_later(name, err)
-            self._inbox.append(then)
-            self._poke()
+            if then is not _nothing:
+                self._inbox.append(then)
+                self._poke()
 
         self._node_jobs[name] = self._workers.submit(job)
         return True

@@ -148,6 +148,15 @@ class _Node:
         return self.conn
 
 
+class _CommandsOf:
+    """What the selector holds for a node's command connection."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+
+
 class Mux(threading.Thread):
     """Drives the partition steps of one member; see the module's docstring."""
 
@@ -557,6 +566,7 @@ class Mux(threading.Thread):
             if isinstance(reply, Exception):
                 raise reply
             node.prefixes |= set(new)
+            self._drain_wake(node)  # pushes read behind the reply (the selector cannot tell)
         except redis.ResponseError as err:
             log.info("topic member: no push from %s (%s); idle partitions are polled",
                      node.name, err)
@@ -569,16 +579,14 @@ class Mux(threading.Thread):
         self._dirty |= set(new)
 
     def _watch_conn(self, node: _Node) -> None:
-        """Have the selector watch ``node``'s command connection while it owes replies (they
-        wake the driver); not while it owes none (a connection the server closed would be
-        readable, at its end, for ever)."""
-        sock = (getattr(node.conn, "_sock", None) if node.conn is not None and node.owed
-                else None)
+        """Have the selector watch ``node``'s command connection, the one it has now: its
+        replies wake the driver (and, while it owes none, its end: the server closed it)."""
+        sock = getattr(node.conn, "_sock", None) if node.conn is not None else None
         fd = sock.fileno() if sock is not None else -1
         if fd != node.conn_fd:
             self._unwatch_conn(node)
             if fd >= 0:
-                self._selector.register(fd, selectors.EVENT_READ, None)
+                self._selector.register(fd, selectors.EVENT_READ, _CommandsOf(node))
                 node.conn_fd = fd
 
     def _unwatch_conn(self, node: _Node) -> None:
@@ -632,33 +640,36 @@ class Mux(threading.Thread):
             self._watch_conn(node)
             if node.heard is not None:  # replies owed: wake in time to give up on them
                 deadline = min(deadline, node.heard + node.timeout)
-        if not self._drain_wakes() and not self._woken(False):
-            self._selector.select(max(deadline - now, 0.0))
+        if self._woken(False):  # a deadline passed, or a push came while arming
+            return
         poked = False
-        with contextlib.suppress(OSError):
-            while data := self._wake_r.recv(4096):
-                poked = poked or b"x" in data  # (b"r": a handler call returned)
-        self._drain_wakes()
+        for key, _ in self._selector.select(max(deadline - now, 0.0)):
+            data = key.data
+            if data is None:  # the socketpair: poked, or a handler call returned
+                with contextlib.suppress(OSError):
+                    while chunk := self._wake_r.recv(4096):
+                        poked = poked or b"x" in chunk  # (b"r": a handler call returned)
+            elif type(data) is _CommandsOf:  # replies: read by the next round's _collect
+                node = data.node
+                if not node.owed and node.conn is not None:  # nothing it could say
+                    self._fail(node, redis.ConnectionError(f"{node.name} closed the connection"))
+            else:  # a wake-up connection: pushes
+                self._drain_wake(data)
         self._woken(poked)
 
-    def _drain_wakes(self) -> bool:
-        """Read the pushes waiting on the wake-up connections; True if any came."""
-        came = False
-        for node in self._by_name.values():
-            wake = node.wake
-            if wake is None:
-                continue
-            try:
-                while wake.can_read(0):
-                    message = wake.read_response(push_request=True)
-                    if _is_push(message):
-                        self._pushed(message)
-                        came = True
-            except BaseException:
-                self._close_wake(node)
-                node.wake_retry_at = time.monotonic() + 1.0
-                came = True
-        return came
+    def _drain_wake(self, node: _Node) -> None:
+        """Read the pushes waiting on ``node``'s wake-up connection."""
+        wake = node.wake
+        if wake is None:
+            return
+        try:
+            while wake.can_read(0):
+                message = wake.read_response(push_request=True)
+                if _is_push(message):
+                    self._pushed(message)
+        except BaseException:
+            self._close_wake(node)
+            node.wake_retry_at = time.monotonic() + 1.0
 
     def _doze(self, lane: Lane, seconds: float, key: str | None) -> None:
         """Put ``lane`` to sleep for ``seconds``, or (``key``) until that key is written."""
