@@ -21,9 +21,11 @@ Every member runs the same loop, with no leader:
    renewed from this member's control thread, pipelined per node.
 
 Partitions that do not move never pause during a rebalance.  Connections per node: the driver's
-command and wake-up connections, and the control thread's heartbeat connection (3), plus a
-waiting connection and a command connection on the node of the topic's slot: bounded, whatever
-the number of partitions.
+command and wake-up connections, and the control thread's heartbeat connection (3), plus the
+membership, waiting and wake-up (poke) connections on the node of the topic's slot: bounded,
+whatever the number of partitions.  The control thread's I/O to the partitions' nodes
+(acquisitions, renewals) runs on a worker per node and the driver reads each node's replies as
+they come: a node that stops answering stalls only the partitions it serves.
 """
 
 from __future__ import annotations
