@@ -653,7 +653,9 @@ def main() -> int:
     parser.add_argument("--ttl-ms", type=int, default=3000)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--detail", action="store_true", help="kill: each kill's timeline")
+    parser.add_argument("--detail", action="store_true",
+                        help="kill: each kill's timeline; rebalance: each window's longest "
+                             "waits (partition, process, when) and each process's CPU")
     args = parser.parse_args()
     parts = {"kill": part_kill, "rebalance": part_rebalance, "scale": part_scale,
              "churn": part_churn, "primary": part_primary}
