@@ -816,6 +816,19 @@ class TopicVerdict:
         return out
 
 
+def newest_terms(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``records`` (with ``p`` and ``epoch``, in the order handled) without those handled under
+    an older term than one already seen on their partition: a handler call that was stuck and
+    returned after its term ended (its entry is handled again by the next term)."""
+    newest: dict[int, int] = {}
+    accepted = []
+    for r in records:
+        if r["epoch"] >= newest.get(r["p"], 0):
+            newest[r["p"]] = r["epoch"]
+            accepted.append(r)
+    return accepted
+
+
 def topic_verdict(records: Iterable[Mapping[str, Any]], produced: int) -> TopicVerdict:
     """``records``: dicts with ``seq`` (global, 1..produced), ``key``, ``kseq`` (1, 2, ... per
     key), ``red`` (redelivered), ``p`` (partition), ``epoch`` and ``pid`` (who handled it), in

@@ -33,7 +33,12 @@ from orderedstream import (
     connect_url,
     create_topic,
 )
-from orderedstream.testing import ClusterServers, ServerProcess, topic_verdict
+from orderedstream.testing import (
+    ClusterServers,
+    ServerProcess,
+    newest_terms,
+    topic_verdict,
+)
 
 from .conftest import External
 
@@ -449,12 +454,7 @@ def test_a_stuck_call_steps_the_member_down_and_is_cancelled(
 
     asyncio.run(main())
     client.close()
-    newest: dict[int, int] = {}
-    accepted = []
-    for r in topic.records:
-        if r["epoch"] >= newest.get(r["p"], 0):
-            newest[r["p"]] = r["epoch"]
-            accepted.append(r)
+    accepted = newest_terms(topic.records)
     result = topic_verdict(accepted, topic.seq)
     assert result.ok, result.as_dict()
     assert {r["pid"] for r in topic.records if r["seq"] > 60} == {"a", "b"}

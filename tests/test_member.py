@@ -18,7 +18,7 @@ from orderedstream._keys import GroupKeys, TopicGroupKeys
 from orderedstream._member import TopicMember
 from orderedstream._server import NodeMap
 from orderedstream._topic import create_topic
-from orderedstream.testing import ServerProcess, topic_verdict, wait_until
+from orderedstream.testing import ServerProcess, newest_terms, topic_verdict, wait_until
 
 
 class Topic:
@@ -515,12 +515,7 @@ def test_a_stuck_handler_hands_every_partition_over(single: ServerProcess) -> No
         topic.stop_producing()
         a.stop()
         b.stop()
-    newest: dict[int, int] = {}
-    accepted = []
-    for r in topic.records:
-        if r["epoch"] >= newest.get(r["p"], 0):
-            newest[r["p"]] = r["epoch"]
-            accepted.append(r)
+    accepted = newest_terms(topic.records)
     assert len(topic.records) - len(accepted) <= 1  # the stuck call, finished late
     result = topic_verdict(accepted, topic.seq)
     assert result.ok, result.as_dict()
