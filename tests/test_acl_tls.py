@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from orderedstream import Coordinator, CoordinatorConfig, GroupKeys
-from orderedstream.testing import ServerProcess, free_port, wait_until
+from orderedstream.testing import ServerProcess, free_port, make_tls_files, wait_until
 
 from .conftest import EXTERNAL_URL
 
@@ -26,11 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 STREAM = "orders"  # the README's rules name this stream's keys
 
 
-def documented_rules() -> dict[str, list[str]]:
-    """role -> the arguments of its `ACL SETUSER` line in the README."""
+STREAM_ROLES = ("consumer", "fixer", "operator")
+
+
+def documented_rules(roles: tuple[str, ...] = STREAM_ROLES) -> dict[str, list[str]]:
+    """role -> the arguments of its `ACL SETUSER` line in the README, for ``roles`` (the
+    single-stream ones by default; the topic roles have lines of their own)."""
     text = (ROOT / "README.md").read_text()
-    lines = re.findall(r"^ACL SETUSER (\w+) (.*)$", text, re.M)
-    return {role: rules.split() for role, rules in lines}
+    lines = dict(re.findall(r"^ACL SETUSER ([\w-]+) (.*)$", text, re.M))
+    missing = set(roles) - set(lines)
+    assert not missing, f"the README has no ACL SETUSER line for {sorted(missing)}"
+    return {role: lines[role].split() for role in roles}
 
 
 def cli(url: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -54,7 +60,6 @@ def test_each_role_works_under_the_documented_acl(acl_server: ServerProcess,
     repairs what they parked, and every operator command all work; the consumer user's
     `dlq purge` is refused in one line (NOPERM)."""
     rules = documented_rules()
-    assert set(rules) == {"consumer", "fixer", "operator"}
     admin = acl_server.client()
     urls = {}
     for role, args in rules.items():
@@ -148,25 +153,6 @@ def test_a_consumer_without_transactions_fences_its_reads_by_script(
     user.close()
 
 
-def _make_certs(work: Path) -> bool:
-    """A self-signed CA and a server certificate for 127.0.0.1 it signed (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        return False
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=work)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=orderedstream test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1")
-    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
-    return True
-
-
 TLS_SERVER = "/usr/bin/redis-server"
 
 
@@ -175,12 +161,9 @@ TLS_SERVER = "/usr/bin/redis-server"
 def test_tls_rediss_url_works_and_mistakes_are_one_line(tmp_path: Path) -> None:
     """Over TLS (`rediss://...?ssl_ca_certs=ca.crt`): produce, consume and status work; a
     `rediss://` URL without the CA, and `redis://` to the TLS port, fail in one line (exit 2)."""
-    assert _make_certs(tmp_path)
+    tls = make_tls_files(tmp_path)
     tls_port = free_port()
-    with ServerProcess(TLS_SERVER, extra_args=[
-            "--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "server.crt"),
-            "--tls-key-file", str(tmp_path / "server.key"),
-            "--tls-ca-cert-file", str(tmp_path / "ca.crt"), "--tls-auth-clients", "no"]):
+    with ServerProcess(TLS_SERVER, extra_args=["--tls-port", str(tls_port), *tls.server_args()]):
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}"
         client = redis.Redis.from_url(url)
         assert client.ping()
