@@ -8,6 +8,7 @@ no TLS)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from orderedstream import (
+    AsyncTopicMember,
     Defer,
     MemberConfig,
     Message,
@@ -297,6 +300,39 @@ def test_a_member_without_the_optional_commands_still_consumes_everything(
         assert {d for d in denied if not d.startswith("command:client|")} == set(), denied
     finally:
         client.close()
+        admin.close()
+
+
+def test_an_async_member_works_under_the_member_acl(cluster: ClusterServers, users: Users,
+                                                   topic: str) -> None:
+    """An `AsyncTopicMember` given a `redis.asyncio.RedisCluster` of the member user handles
+    every entry of every partition in order, and is refused nothing."""
+    url = users.set("member", topic_rules(topic)["member"])
+    admin = cluster.client()
+    create_topic(admin, topic, 4)
+    streams = load_topic(admin, topic).streams
+    written = [(i % 4, admin.xadd(streams[i % 4], {"n": str(i)}).decode()) for i in range(40)]
+    seen: list[tuple[int | None, str]] = []
+
+    async def handle(message: Message) -> None:
+        seen.append((message.partition, message.id))
+
+    async def run() -> None:
+        client = redis.asyncio.RedisCluster.from_url(url)
+        try:
+            config = MemberConfig(topic=topic, group=GROUP, name="am1")
+            async with AsyncTopicMember(config, handle, client):
+                deadline = asyncio.get_running_loop().time() + 20
+                while len(seen) < 40 and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(run())
+        assert sorted(seen, key=lambda s: s[0] or 0) == sorted(written, key=lambda w: w[0])
+        assert users.denied("member") == set()
+    finally:
         admin.close()
 
 
