@@ -153,6 +153,29 @@ def test_a_consumer_without_transactions_fences_its_reads_by_script(
     user.close()
 
 
+def test_a_consumer_recreates_a_destroyed_group_under_the_documented_acl(
+        acl_server: ServerProcess) -> None:
+    """The group destroyed under a running consumer (XGROUP DESTROY, a restart that lost it):
+    under exactly the README's consumer rules the consumer creates it again after the last
+    entry it handed out (XLEN tells it the stream still has entries) and handles the next
+    entry; it stopped on a refused XLEN before."""
+    rules = [">c-pw" if r.startswith(">") else r for r in documented_rules()["consumer"]]
+    admin = acl_server.client()
+    admin.execute_command("ACL", "SETUSER", "consumer", "reset", *rules)
+    ids = [admin.xadd(STREAM, {"seq": i}) for i in range(10)]
+    seen: list[bytes] = []
+    user = redis.Redis(host="127.0.0.1", port=acl_server.port, username="consumer",
+                       password="c-pw")
+    config = CoordinatorConfig(stream=STREAM, group="workers", consumer="c1")
+    with Coordinator(config, lambda m: seen.append(m.id.encode()), user):
+        wait_until(lambda: len(seen) == 10, 20, message="every entry handled")
+        admin.execute_command("XGROUP", "DESTROY", STREAM, "workers")
+        ids.append(admin.xadd(STREAM, {"seq": 10}))
+        wait_until(lambda: len(seen) == 11, 20, message="the entry after the group's loss")
+    assert seen == ids
+    user.close()
+
+
 TLS_SERVER = "/usr/bin/redis-server"
 
 
