@@ -72,6 +72,9 @@ log = logging.getLogger("orderedstream")
 __all__ = ["TopicMember"]
 
 RETRY_HELD_S = 0.1  # a target partition its live holder has not handed over yet: ask again
+FAILED_RETRY_S = 0.5  # a term that ended on an error: ask again after this, doubled each time
+FAILED_RETRY_MAX_S = 30.0
+FAILED_RESET_S = 30.0  # ... counted from the start again once a term lived this long
 
 
 class _Life:
@@ -153,6 +156,7 @@ class TopicMember(Background):
         self._node_jobs: dict[str, concurrent.futures.Future[None]] = {}
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._acquiring: set[int] = set()  # asked for by a job not applied yet
+        self._failed: dict[int, int] = {}  # partition -> terms in a row that ended on an error
         self._retry_at: dict[int, float] = {}
         self._registry: _Beat | None = None
         self._waiter: redis.Redis | None = None
@@ -764,10 +768,20 @@ class TopicMember(Background):
         the term ended: ``released`` on the group's timeline wakes the target at once)."""
         while self._ended:
             partition, error = self._ended.popleft()
-            self._served.pop(partition, None)
-            if error is not None:
-                log.error("partition %s of topic %s: its term ended on error: %r", partition,
-                          self.config.topic, error)
+            served = self._served.pop(partition, None)
+            if error is None:
+                self._failed.pop(partition, None)
+                continue
+            # asked for again after 0.5 s, 1 s, 2 s ... 30 s (a refused command fails every
+            # term at once: not a new term, and a log line, hundreds of times a second)
+            lived = time.monotonic() - served.lease.sent_at if served is not None else 0.0
+            failed = self._failed.get(partition, 0) if lived < FAILED_RESET_S else 0
+            self._failed[partition] = failed + 1
+            delay = min(FAILED_RETRY_S * 2 ** failed, FAILED_RETRY_MAX_S)
+            self._retry_at[partition] = time.monotonic() + delay
+            log.error("partition %s of topic %s: its term ended on error (asking for it again "
+                      "in %.1f s): %s: %s", partition, self.config.topic, delay,
+                      type(error).__name__, error)
 
     def _renew(self) -> None:
         """Renew every owned lease: one pipeline per node, each on its node's worker (a node

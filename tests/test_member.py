@@ -240,6 +240,35 @@ def test_a_member_connects_before_it_joins_and_announces_a_handover_once(
     assert len(moved) == 6 and len(released) < len(moved), released
 
 
+def test_a_term_that_ends_on_an_error_is_asked_for_again_later_and_later(
+        single: ServerProcess) -> None:
+    """A partition whose every term fails at once (here the member's user may not run
+    XREADGROUP) is asked for again after 0.5 s, then 1 s, 2 s ...: not at once, hundreds of
+    times a second with a log line each (it once was)."""
+    admin = single.client()
+    admin.acl_setuser("noread", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@all", "-xreadgroup"])
+    topic = Topic(admin, partitions=1)
+    topic.produce(1)
+    client = redis.Redis(port=single.port, username="noread", password="pw")
+    member = topic.member(client, "m1")
+    timeline = GroupKeys(topic.streams[0], "g").events
+
+    def acquired() -> list[float]:
+        return [int(i.split(b"-")[0]) / 1000.0 for i, f in admin.xrange(timeline)
+                if f[b"type"] == b"acquired"]
+
+    member.start()
+    try:
+        wait_until(lambda: len(acquired()) >= 3, 10, message="three terms")
+        times = acquired()
+        assert times[2] - times[0] >= 1.4, times  # 0.5 s, then 1 s (less scheduling)
+        assert not topic.records
+    finally:
+        member.stop()
+        client.close()
+
+
 def test_a_member_whose_connection_is_gone_is_replaced_at_once(single: ServerProcess) -> None:
     """Killing a member's heartbeat connection (as a crash would) makes the others end its
     membership and take its partitions well within the lease TTL (fenced: its terms are ended
