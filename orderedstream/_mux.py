@@ -26,7 +26,9 @@ partitions run one batch at a time, in turn.  A fault on a node's command connec
 (the replies still owed are unknown: it is never reused) and is thrown into every step that
 awaited a reply on it: each waits it out and resyncs, as on a connection of its own.  A cluster
 redirection (``MOVED``, ``ASK``) or a node's connection fault makes the lane look its node up
-again, after the client refreshed its slot map.
+again, after the client refreshed its slot map.  Connections are opened on a thread of their own
+(a handshake with a node that does not answer would hold every lane for the socket timeout); the
+commands for that node wait meanwhile.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class _Node:
         self.timeout = float(client.connection_pool.connection_kwargs.get("socket_timeout")
                              or 5.0)
         self.conn_fd = -1  # the command connection's socket, as registered with the selector
+        self.opening: set[str] = set()  # "conn", "wake": being opened (:meth:`Mux._open`)
         self.lanes: set[Lane] = set()
         self.wake: Any = None  # RESP3 connection with CLIENT TRACKING BCAST
         self.wake_sock: Any = None  # its socket, as registered with the mux's selector
@@ -143,9 +146,27 @@ class _Node:
         self.wake_retry_at = 0.0
 
     def connection(self) -> Any:
+        """The command connection, opened here if it is not (blocking: not on the driver's
+        thread once it runs, see :meth:`Mux._open`)."""
         if self.conn is None:
             self.conn = self.client.connection_pool.get_connection()
         return self.conn
+
+    def new_wake(self, name: str, prefixes: list[str]) -> Any:
+        """A new wake-up connection (blocking), tracking ``prefixes``."""
+        wake = resp3_connection(self.client, name, socket_timeout_s=self.timeout)
+        try:
+            # redis-py swallows invalidation pushes unless a handler takes them
+            wake._parser.set_invalidation_push_handler(_same)
+            if prefixes:
+                wake.send_command(*_tracking(prefixes))
+                reply = wake.read_response(push_request=True)
+                while _is_push(reply):  # (none can come before tracking is on)
+                    reply = wake.read_response(push_request=True)
+        except BaseException:
+            wake.disconnect()
+            raise
+        return wake
 
 
 class _CommandsOf:
@@ -165,7 +186,8 @@ class Mux(threading.Thread):
         super().__init__(name="orderedstream-mux", daemon=True)
         self._nodes = nodes
         self._scripts = scripts
-        self._name = name  # client name prefix of its connections
+        self._prefix = name  # client name prefix of its connections (not ``_name``: the
+        # thread's own)
         self._calls = calls
         self._resumed: list[tuple[Lane, Any, BaseException | None]] = []  # calls returned
         self._by_name: dict[str, _Node] = {}
@@ -186,6 +208,9 @@ class Mux(threading.Thread):
         self._timers: list[tuple[float, int, Lane]] = []
         self._order = itertools.count()  # ties in the heap
         self._round_end: list[Callable[[], None]] = []
+        # connections opened on a thread (:meth:`_open`): (node, kind, connection, error)
+        self._opened: list[tuple[_Node, str, Any, BaseException | None]] = []
+        self._closed = False
         self.error: BaseException | None = None
 
     # -- the control thread's side --------------------------------------------------------
@@ -206,8 +231,7 @@ class Mux(threading.Thread):
                 node = self._node(key)
                 node.connection().connect()
                 if node.wake is None and node.wake_ok:
-                    node.wake = resp3_connection(node.client, f"{self._name}:wake")
-                    node.wake._parser.set_invalidation_push_handler(_same)
+                    node.wake = node.new_wake(f"{self._prefix}:wake", [])
             except (*CONNECTION_ERRORS, redis.RedisError):
                 continue  # made on first use instead
 
@@ -289,6 +313,9 @@ class Mux(threading.Thread):
         with self._lock:
             added, self._added = self._added, collections.deque()
             resumed, self._resumed = self._resumed, []
+            opened, self._opened = self._opened, []
+        for node, kind, conn, error in opened:
+            self._take_opened(node, kind, conn, error)
         for lane in added:
             self._lanes.add(lane)
             self._ready.append(lane)
@@ -311,7 +338,7 @@ class Mux(threading.Thread):
         name = self._nodes.node_name(key)
         node = self._by_name.get(name)
         if node is None:
-            name, client = self._nodes.node_for(key, self._name)
+            name, client = self._nodes.node_for(key, self._prefix)
             node = self._by_name[name] = _Node(name, client)
         return node
 
@@ -430,11 +457,14 @@ class Mux(threading.Thread):
     def _send(self, node: _Node) -> None:
         if not node.out:
             return
+        conn = node.conn
+        if conn is None:  # the commands go once it is open
+            self._open(node, "conn")
+            return
         commands, node.out = node.out, []
         if node.heard is None:
             node.heard = time.monotonic()
         try:
-            conn = node.connection()
             if pack_command is not None and all(" " not in str(c[0]) for c in commands):
                 conn.send_packed_command([pack_command(c) for c in commands])
             else:  # redis-py splits a command name like "XINFO CONSUMERS"
@@ -539,44 +569,85 @@ class Mux(threading.Thread):
     # -- sleeping and waking ------------------------------------------------------------------
 
     def _arm(self, node: _Node) -> None:
-        """Have ``node`` push at every write to a served partition's stream (best effort)."""
+        """Have ``node`` push at every write to a served partition's stream (best effort;
+        a new wake-up connection is opened on a thread: :meth:`_open`)."""
         wanted = {lane.key for lane in node.lanes}
         if not node.wake_ok or wanted <= node.prefixes:
             return
-        if node.wake is None and time.monotonic() < node.wake_retry_at:
+        if node.wake is None:
+            if time.monotonic() >= node.wake_retry_at:
+                self._open(node, "wake")
             return
         new = sorted(wanted - node.prefixes)
-        try:
-            if node.wake is None:
-                node.wake = resp3_connection(node.client, f"{self._name}:wake")
-                # redis-py swallows invalidation pushes unless a handler takes them
-                node.wake._parser.set_invalidation_push_handler(_same)
-                node.prefixes = set()
-                new = sorted(wanted)
-            args: list[Any] = ["CLIENT", "TRACKING", "ON", "BCAST"]
-            for prefix in new:
-                args += ["PREFIX", prefix]
-            node.wake.send_command(*args)
-            while True:
-                reply = node.wake.read_response(push_request=True)
-                if _is_push(reply):
-                    self._pushed(reply)
-                    continue
-                break
-            if isinstance(reply, Exception):
-                raise reply
+        try:  # its reply is read (and dropped) with the pushes
+            node.wake.send_command(*_tracking(new))
             node.prefixes |= set(new)
-            self._drain_wake(node)  # pushes read behind the reply (the selector cannot tell)
-        except redis.ResponseError as err:
-            log.info("topic member: no push from %s (%s); idle partitions are polled",
-                     node.name, err)
-            node.wake_ok = False
-            self._close_wake(node)
         except BaseException:
             self._close_wake(node)
             node.wake_retry_at = time.monotonic() + 1.0
         # every write since the lanes' reads may have gone unseen: look once more
         self._dirty |= set(new)
+
+    def _open(self, node: _Node, kind: str) -> None:
+        """Open ``node``'s command connection (``kind`` "conn") or its wake-up connection
+        ("wake", tracking the prefixes its lanes want now) on a thread of its own: a node that
+        does not answer holds that thread for its socket timeout, never the driver's.  The
+        outcome comes back through :meth:`_take_added` (:meth:`_take_opened`)."""
+        if kind in node.opening:
+            return
+        node.opening.add(kind)
+        prefixes = sorted({lane.key for lane in node.lanes})
+        name = f"{self._prefix}:wake"
+
+        def run() -> None:
+            conn: Any = None
+            error: BaseException | None = None
+            try:
+                conn = (node.client.connection_pool.get_connection() if kind == "conn"
+                        else node.new_wake(name, prefixes))
+            except BaseException as err:
+                error = err
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._opened.append((node, kind, (conn, prefixes), error))
+            if closed:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.disconnect()
+                return
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"o")
+
+        threading.Thread(target=run, name=f"{self._prefix}:open", daemon=True).start()
+
+    def _take_opened(self, node: _Node, kind: str, got: Any, error: BaseException | None
+                     ) -> None:
+        node.opening.discard(kind)
+        conn, prefixes = got
+        if kind == "conn":
+            if error is not None:
+                self._fail(node, error)  # its lanes wait it out and route again
+                return
+            node.conn = conn
+            node.heard = None  # it answered: its replies are waited for from now
+            self._send(node)
+            return
+        if isinstance(error, redis.ResponseError):  # CLIENT TRACKING refused
+            log.info("topic member: no push from %s (%s); idle partitions are polled",
+                     node.name, error)
+            node.wake_ok = False
+        elif error is not None:
+            node.wake_retry_at = time.monotonic() + 1.0
+        elif node.wake is None:
+            node.wake, node.prefixes = conn, set(prefixes)
+            self._drain_wake(node)  # pushes read behind the reply (the selector cannot tell)
+            self._arm(node)  # the prefixes of lanes routed there since
+        else:  # (cannot happen: one opening at a time, and none while it has one)
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        # every write since the lanes' reads may have gone unseen: look once more
+        self._dirty |= set(prefixes)
 
     def _watch_conn(self, node: _Node) -> None:
         """Have the selector watch ``node``'s command connection, the one it has now: its
@@ -638,7 +709,8 @@ class Mux(threading.Thread):
                     self._selector.register(sock, selectors.EVENT_READ, node)
                     node.wake_sock = sock
             self._watch_conn(node)
-            if node.heard is not None:  # replies owed: wake in time to give up on them
+            if node.heard is not None and node.conn is not None:  # replies owed: wake in
+                # time to give up on them (an opening connection has a deadline of its own)
                 deadline = min(deadline, node.heard + node.timeout)
         if self._woken(False):  # a deadline passed, or a push came while arming
             return
@@ -729,6 +801,13 @@ class Mux(threading.Thread):
         return woke
 
     def _close(self) -> None:
+        with self._lock:  # what is opened from now on is closed at once
+            self._closed = True
+            opened, self._opened = self._opened, []
+        for _, _, (conn, _), _ in opened:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
         for node in self._by_name.values():
             self._unwatch_conn(node)
             if node.conn is not None:
@@ -750,6 +829,14 @@ def _current(timer: tuple[float, int, Lane]) -> bool:
 
 def _same(message: Any) -> Any:
     return message
+
+
+def _tracking(prefixes: list[str]) -> list[Any]:
+    """``CLIENT TRACKING ON BCAST`` for ``prefixes``."""
+    args: list[Any] = ["CLIENT", "TRACKING", "ON", "BCAST"]
+    for prefix in prefixes:
+        args += ["PREFIX", prefix]
+    return args
 
 
 def _is_push(message: Any) -> bool:
