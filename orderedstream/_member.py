@@ -529,6 +529,9 @@ class TopicMember(Background):
         for name, group in by_node.items():
             if self._on_node(name, self._acquire_job(name, group, live)):
                 self._acquiring.update(group)
+                for partition in group:  # its time came: the job says when to ask again (a
+                    # time left past would wake the control thread at once until it is done)
+                    self._retry_at.pop(partition, None)
             else:  # that node is still busy: ask again soon
                 for partition in group:
                     self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
