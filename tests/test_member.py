@@ -12,13 +12,21 @@ from typing import Any
 import pytest
 import redis
 
+from orderedstream._assign import assign
 from orderedstream._config import LeaseConfig, MemberConfig
 from orderedstream._events import ServerUnavailable
 from orderedstream._keys import GroupKeys, TopicGroupKeys
 from orderedstream._member import TopicMember
+from orderedstream._scripts import EVENTS_MAXLEN, Scripts
 from orderedstream._server import NodeMap
 from orderedstream._topic import create_topic
-from orderedstream.testing import ServerProcess, newest_terms, topic_verdict, wait_until
+from orderedstream.testing import (
+    ClusterServers,
+    ServerProcess,
+    newest_terms,
+    topic_verdict,
+    wait_until,
+)
 
 
 class Topic:
@@ -427,6 +435,119 @@ def test_a_hung_primary_stalls_only_its_own_shards_partitions(own_cluster: Any) 
         handled = {f"{r['p']} {r['seq']}": r["t"] for r in topic.records if r["seq"] > 10_000}
     waits = sorted(handled[k] - t for k, t in sent.items())
     assert waits[-1] < 1.0, f"longest wait {waits[-1]:.2f} s (median {waits[len(waits) // 2]:.3f})"
+
+
+@pytest.mark.slow
+def test_a_primary_hung_past_the_socket_timeout_stalls_only_its_own_shard() -> None:
+    """A primary that stops answering for longer than the member's socket timeout, with no
+    failover meanwhile (a long ``cluster-node-timeout``): after the driver failed that node,
+    its partitions' retries open connections to it again, and those (the command connection's
+    handshake, the wake-up connection's ``CLIENT TRACKING``) wait on the hung node too.  They
+    must not hold the driver's thread: the other shards' entries are handled within 1 s all
+    along (each reconnection once held every partition of the member for the socket timeout,
+    the wake-up connection's for 5 s)."""
+    with ClusterServers(node_timeout_ms=30_000) as cluster:
+        client = cluster.client()
+        topic = Topic(client, partitions=12)
+        meta = cluster.primary_for(TopicGroupKeys(topic.name, "g").members)
+        victim = next(n for n in cluster.primaries_now() if n.port != meta.port)
+        healthy = [s for s in topic.streams if cluster.primary_for(s).port != victim.port]
+        assert healthy and len(healthy) < len(topic.streams)
+        config = MemberConfig(topic=topic.name, group="g", name="h1", batch_size=20,
+                              lease=LeaseConfig(ttl_ms=20_000), socket_timeout_ms=1000)
+        member = TopicMember(config, topic.handler("h1"), cluster.client())
+        writer = NodeMap(client)
+        clients = {s: writer.node_for(s, "w", single=True)[1] for s in healthy}
+        sent: dict[str, float] = {}  # "<partition> <seq>" -> when written
+        member.start()
+        try:
+            wait_until(lambda: len(member.owned) == 12, 15)
+            topic.produce(60)
+            wait_until(lambda: len(topic.handled()) == 60, 10)
+            cluster.pause(victim)
+            paused_at = time.time()
+            seq = 0
+            while time.time() < paused_at + 6.0:  # several socket timeouts
+                seq += 1
+                stream = healthy[seq % len(healthy)]
+                clients[stream].xadd(stream, {"seq": 10_000 + seq, "key": "h", "kseq": seq})
+                sent[f"{topic.streams.index(stream)} {10_000 + seq}"] = time.time()
+                time.sleep(0.02)
+            wait_until(lambda: {r["seq"] for r in topic.records} >= {
+                int(k.split()[1]) for k in sent}, 15,
+                message="every entry written to a healthy shard handled")
+        finally:
+            cluster.resume(victim)
+            member.stop(timeout=10)
+            for own in clients.values():
+                own.close()
+            writer.close()
+            topic.nodes.close()
+            client.close()
+    with topic.lock:
+        handled = {f"{r['p']} {r['seq']}": r["t"] for r in topic.records if r["seq"] > 10_000}
+    waits = sorted(handled[k] - t for k, t in sent.items())
+    assert waits[-1] < 1.0, f"longest wait {waits[-1]:.2f} s (median {waits[len(waits) // 2]:.3f})"
+
+
+@pytest.mark.slow
+def test_a_member_waiting_on_a_hung_node_does_not_spin() -> None:
+    """While a partition's acquisition waits on a node that does not answer, the control
+    thread sleeps until its next duty: it once woke at once, again and again until the job
+    ended (the partition's retry time, passed, was left in place while it was asked for),
+    each time with an ``XREAD BLOCK 1`` on the node of the topic's slot: hundreds a second
+    where that node is busy."""
+    with ClusterServers(node_timeout_ms=30_000) as cluster:
+        client = cluster.client()
+        topic = Topic(client, partitions=12)
+        keys = TopicGroupKeys(topic.name, "g")
+        meta = cluster.primary_for(keys.members)
+        victim = next(n for n in cluster.primaries_now() if n.port != meta.port)
+        # a live member that does not run holds one of h1's partitions on the hung node: h1
+        # asks for it again every RETRY_HELD_S
+        held = next(p for p in assign(12, ["ghost", "h1"])["h1"]
+                    if cluster.primary_for(topic.streams[p]).port == victim.port)
+        registry = cluster.server(meta).client()
+        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
+                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+        cluster.server(victim).client().set(GroupKeys(topic.streams[held], "g").lease,
+                                            "ghost:1:0", px=120_000)
+        config = MemberConfig(topic=topic.name, group="g", name="h1",
+                              lease=LeaseConfig(ttl_ms=1500, watch_connection=False),
+                              socket_timeout_ms=1000)
+        member = TopicMember(config, topic.handler("h1"), cluster.client())
+        stop = threading.Event()
+
+        def busy() -> None:  # other clients keep the node of the topic's slot busy
+            other = cluster.server(meta).client()
+            while not stop.is_set():
+                other.ping()
+            other.close()
+
+        def xreads() -> int:
+            stats: Any = registry.info("commandstats")
+            return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+        member.start()
+        pinger = threading.Thread(target=busy, daemon=True)
+        try:
+            wait_until(lambda: len(member.owned) == 5, 15)
+            cluster.pause(victim)
+            pinger.start()
+            time.sleep(0.5)
+            calls, since = xreads(), time.monotonic()
+            stop.wait(3.0)
+            rate = (xreads() - calls) / (time.monotonic() - since)
+        finally:
+            stop.set()
+            cluster.resume(victim)
+            if pinger.is_alive():
+                pinger.join()
+            member.stop(timeout=10)
+            registry.close()
+            topic.nodes.close()
+            client.close()
+    assert rate < 60, f"{rate:.0f} XREAD a second from the member's control thread"
 
 
 @pytest.mark.slow
