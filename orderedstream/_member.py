@@ -154,6 +154,8 @@ class TopicMember(Background):
         # partitions only; what a job found is applied on the control thread (``_inbox``)
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._node_jobs: dict[str, concurrent.futures.Future[None]] = {}
+        self._busy: set[str] = set()  # nodes whose job's result is not applied yet
+        self._renew_owed: set[str] = set()  # nodes whose renewal found them busy
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._acquiring: set[int] = set()  # asked for by a job not applied yet
         self._failed: dict[int, int] = {}  # partition -> terms in a row that ended on an error
@@ -448,9 +450,9 @@ class TopicMember(Background):
     def _on_node(self, name: str, work: Callable[[], Callable[[], None]]) -> bool:
         """Run ``work`` (I/O to node ``name``) on a worker thread; the function it returns
         runs on the control thread, which it wakes.  One job per node at a time: False when
-        that node is still busy with an earlier one (slow, or not answering at all)."""
-        running = self._node_jobs.get(name)
-        if running is not None and not running.done():
+        that node is still busy with an earlier one (slow, or not answering at all), until
+        that one's result is applied."""
+        if name in self._busy:
             return False
         if self._workers is None:
             self._workers = concurrent.futures.ThreadPoolExecutor(
@@ -461,12 +463,27 @@ class TopicMember(Background):
                 then = work()
             except Exception as err:
                 then = self._node_failed_later(name, err)
-            if then is not _nothing:
-                self._inbox.append(then)
+            # (the node is busy until this is applied; a renewal that found nothing to do
+            # wakes nobody, unless a renewal waits for the node: then it runs at once)
+            self._inbox.append(functools.partial(self._job_done, name, then))
+            if then is not _nothing or name in self._renew_owed:
                 self._poke()
 
+        self._busy.add(name)
         self._node_jobs[name] = self._workers.submit(job)
         return True
+
+    def _job_done(self, name: str, then: Callable[[], None]) -> None:
+        """On the control thread: apply what node ``name``'s job found; the node is free
+        again, and a renewal that found it busy runs now (not a renew interval later: two
+        skipped in a row let its leases lapse)."""
+        self._busy.discard(name)
+        try:
+            then()
+        finally:
+            if name in self._renew_owed:
+                self._renew_owed.discard(name)
+                self._renew(only=name)
 
     def _node_failed_later(self, name: str, err: BaseException) -> Callable[[], None]:
         def failed() -> None:  # on the control thread
@@ -786,20 +803,25 @@ class TopicMember(Background):
                       "in %.1f s): %s: %s", partition, self.config.topic, delay,
                       type(error).__name__, error)
 
-    def _renew(self) -> None:
-        """Renew every owned lease: one pipeline per node, each on its node's worker (a node
-        that does not answer holds up the renewals of its own partitions only)."""
+    def _renew(self, only: str | None = None) -> None:
+        """Renew every owned lease (``only``: those on that node): one pipeline per node,
+        each on its node's worker (a node that does not answer holds up the renewals of its
+        own partitions only); a node still busy with an earlier job is renewed once that job
+        is done (:meth:`_job_done`)."""
         by_node: dict[str, list[tuple[int, Lease]]] = collections.defaultdict(list)
         for partition, served in self._served.items():
+            name = self._nodes.node_name(self._streams[partition])
+            if only is not None and name != only:
+                continue
             if served.lease.valid():
-                by_node[self._nodes.node_name(self._streams[partition])].append(
-                    (partition, served.lease))
+                by_node[name].append((partition, served.lease))
             elif not served.life.stop.is_set():  # lapsed on our clock: end that term now
                 served.life.halt()
                 assert self._mux is not None
                 self._mux.poke()
         for name, group in by_node.items():
-            self._on_node(name, functools.partial(self._renew_on, name, group))
+            if not self._on_node(name, functools.partial(self._renew_on, name, group)):
+                self._renew_owed.add(name)
 
     def _renew_on(self, name: str, group: list[tuple[int, Lease]]) -> Callable[[], None]:
         """On a worker thread: renew the leases of ``group`` (one node's), in one round trip;

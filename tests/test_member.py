@@ -551,6 +551,61 @@ def test_a_member_waiting_on_a_hung_node_does_not_spin() -> None:
 
 
 @pytest.mark.slow
+def test_a_renewal_that_finds_its_node_busy_runs_when_the_node_is_free() -> None:
+    """A node's renewal due while that node's worker still waits on an acquisition (here a
+    shard that stops answering for 1.1 s, less than the lease TTL) runs as soon as that job is
+    done, not a whole renew interval later: two renewals skipped in a row once let the
+    partitions there lapse on the member's clock, their terms ended."""
+    with ClusterServers(node_timeout_ms=30_000) as cluster:
+        client = cluster.client()
+        topic = Topic(client, partitions=24)
+        keys = TopicGroupKeys(topic.name, "g")
+        meta = cluster.primary_for(keys.members)
+        mine = assign(24, ["ghost", "h1"])["h1"]
+        victim, on_victim = max(
+            ((n, [p for p in mine if cluster.primary_for(topic.streams[p]).port == n.port])
+             for n in cluster.primaries_now() if n.port != meta.port),
+            key=lambda pair: len(pair[1]))
+        # a live member that does not run holds one of h1's partitions there: h1 asks for it
+        # again every RETRY_HELD_S, each time a job on that node's worker
+        held, kept = on_victim[0], on_victim[1:]
+        assert kept, on_victim
+        registry = cluster.server(meta).client()
+        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
+                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+        node = cluster.server(victim).client()
+        node.set(GroupKeys(topic.streams[held], "g").lease, "ghost:1:0", px=120_000)
+        config = MemberConfig(topic=topic.name, group="g", name="h1",
+                              lease=LeaseConfig(ttl_ms=1500, watch_connection=False),
+                              socket_timeout_ms=3000)
+        member = TopicMember(config, topic.handler("h1"), cluster.client())
+        lease_key = GroupKeys(topic.streams[kept[0]], "g").lease
+        member.start()
+        try:
+            wait_until(lambda: len(member.owned) == len(mine) - 1, 15)
+            terms = {p: member.owned[p] for p in kept}
+            last = node.pttl(lease_key)
+            while True:  # right after a renewal: the next two fall in the pause
+                now = node.pttl(lease_key)
+                if now > last + 100:
+                    break
+                last = now
+                time.sleep(0.002)
+            cluster.pause(victim)
+            time.sleep(1.1)
+            cluster.resume(victim)
+            time.sleep(1.0)
+            assert {p: member.owned.get(p) for p in kept} == terms
+        finally:
+            cluster.resume(victim)
+            member.stop(timeout=10)
+            node.close()
+            registry.close()
+            topic.nodes.close()
+            client.close()
+
+
+@pytest.mark.slow
 def test_cluster_member_waits_out_a_cluster_with_no_node_up(own_cluster: Any) -> None:
     """Every node of the cluster gone at once: the member's driver waits it out (its
     partitions say ServerUnavailable) instead of dying when the slot map cannot be read from
