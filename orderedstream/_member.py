@@ -556,27 +556,31 @@ class TopicMember(Background):
     def _acquire_job(self, name: str, group: list[int], live: set[str]
                      ) -> Callable[[], Callable[[], None]]:
         def work() -> Callable[[], None]:
+            granted: list[tuple[int, Lease]] = []
             try:
-                return self._acquire_on(group, live)
+                return self._acquire_on(group, live, granted)
             except Exception as err:
                 failed = self._node_failed_later(name, err)
 
-                def then() -> None:
+                def then() -> None:  # what was granted before the fault is served all the
+                    # same (dropped, it stayed ours on the server with no term running)
                     self._acquiring.difference_update(group)
+                    for partition, lease in granted:
+                        self._serve(partition, lease)
                     failed()
                 return then
         return work
 
-    def _acquire_on(self, group: list[int], live: set[str]) -> Callable[[], None]:
+    def _acquire_on(self, group: list[int], live: set[str], granted: list[tuple[int, Lease]]
+                    ) -> Callable[[], None]:
         """On a worker thread: ask for the leases of ``group`` (partitions on one node,
         pipelined), each with its term's ``take_over`` script right behind (fenced by the new
         term's nonce: the takeover and first page come in the same round trip); a lease
         still held by a member that is not live is ended and taken in the next round trip.
-        Returns what the control thread then does: serve what was granted, and say when to
-        ask again for the rest."""
+        Returns what the control thread then does: serve what was granted (``granted``, as
+        it comes), and say when to ask again for the rest."""
         cfg = self.config
         fresh = False
-        granted: list[tuple[int, Lease]] = []
         again: dict[int, float] = {}
         beat = self._node_beat(self._streams[group[0]])
         ends: list[tuple[Any, ...]] = []

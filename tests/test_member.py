@@ -277,6 +277,41 @@ def test_a_term_that_ends_on_an_error_is_asked_for_again_later_and_later(
         client.close()
 
 
+def test_a_lease_granted_before_its_job_failed_is_served(
+        single: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's acquisition job that fails after part of its leases were granted (a connection
+    lost while it looks the live members up again, to end a gone member's term) still serves
+    those: they were once dropped, held by this member on the server with no term running,
+    until its next acquisition found them "held by ourselves", ended them as gone and took
+    them again (a new epoch; a new target member would have waited for the TTL)."""
+    import orderedstream._member as member_module
+
+    admin = single.client()
+    topic = Topic(admin, partitions=2)
+    # partition 1 is held by a member that is gone: taking it reads the live members again
+    admin.set(GroupKeys(topic.streams[1], "g").lease, "zombie:1:0", px=60_000)
+    real = member_module.read_target
+    failures: list[int] = []
+
+    def read_target(*args: Any, **kwargs: Any) -> Any:
+        if not failures:  # the first time only: its connection is lost
+            failures.append(1)
+            raise redis.ConnectionError("lost while reading the target")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(member_module, "read_target", read_target)
+    member = topic.member(single.client(), "a", ttl_ms=10_000)
+    member.start()
+    try:
+        wait_until(lambda: len(member.owned) == 2, 10)
+        assert failures
+        ended = [f for _, f in admin.xrange(GroupKeys(topic.streams[0], "g").events)
+                 if f.get(b"type") == b"ended"]
+        assert not ended, ended  # (once: "member a is gone", by a)
+    finally:
+        member.stop()
+
+
 def test_a_member_whose_connection_is_gone_is_replaced_at_once(single: ServerProcess) -> None:
     """Killing a member's heartbeat connection (as a crash would) makes the others end its
     membership and take its partitions well within the lease TTL (fenced: its terms are ended
