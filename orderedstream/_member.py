@@ -558,21 +558,39 @@ class TopicMember(Background):
         def work() -> Callable[[], None]:
             granted: list[tuple[int, Lease]] = []
             try:
-                return self._acquire_on(group, live, granted)
+                return self._acquire_on(name, group, live, granted)
             except Exception as err:
                 failed = self._node_failed_later(name, err)
 
                 def then() -> None:  # what was granted before the fault is served all the
                     # same (dropped, it stayed ours on the server with no term running)
                     self._acquiring.difference_update(group)
-                    for partition, lease in granted:
-                        self._serve(partition, lease)
+                    self._take_granted(name, granted)
                     failed()
                 return then
         return work
 
-    def _acquire_on(self, group: list[int], live: set[str], granted: list[tuple[int, Lease]]
-                    ) -> Callable[[], None]:
+    def _take_granted(self, name: str, granted: list[tuple[int, Lease]]) -> None:
+        """On the control thread: serve the leases a job on node ``name`` was granted; while
+        the member is stepped down (a handler call stuck), give them up at once instead, as
+        the step-down gave up the others (their terms could not run: the driver's thread is
+        the stuck one)."""
+        if self._stalled is None:
+            for partition, lease in granted:
+                self._serve(partition, lease)
+        elif granted:  # (that node's worker is free: its job's result is being applied)
+            self._on_node(name, functools.partial(self._give_up_on, granted))
+
+    def _give_up_on(self, granted: list[tuple[int, Lease]]) -> Callable[[], None]:
+        """On a worker thread: end the terms of ``granted`` (one node's), unserved."""
+        beat = self._node_beat(self._streams[granted[0][0]])
+        self._pipeline(beat, [self._end_command(
+            beat, partition, lease.token, "stalled", "granted while the member stepped down "
+            "(a handler call stuck past the handler timeout)") for partition, lease in granted])
+        return _nothing
+
+    def _acquire_on(self, name: str, group: list[int], live: set[str],
+                    granted: list[tuple[int, Lease]]) -> Callable[[], None]:
         """On a worker thread: ask for the leases of ``group`` (partitions on one node,
         pipelined), each with its term's ``take_over`` script right behind (fenced by the new
         term's nonce: the takeover and first page come in the same round trip); a lease
@@ -616,8 +634,7 @@ class TopicMember(Background):
 
         def then() -> None:  # on the control thread
             self._acquiring.difference_update(group)
-            for partition, lease in granted:
-                self._serve(partition, lease)
+            self._take_granted(name, granted)
             self._retry_at.update(again)
             if fresh and again:
                 self._target_stale = True  # derived for fewer members than live now

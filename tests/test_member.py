@@ -641,6 +641,68 @@ def test_a_renewal_that_finds_its_node_busy_runs_when_the_node_is_free() -> None
 
 
 @pytest.mark.slow
+def test_a_lease_granted_while_the_member_stepped_down_is_given_up() -> None:
+    """A lease granted to an acquisition that was under way when the member stepped down (a
+    handler call stuck past the handler timeout) is given up at once, as the step-down gave up
+    the others: it was once served, a term that could not run (the driver's thread is the
+    stuck one), holding the partition from every other member for the lease TTL."""
+    from orderedstream import HandlerStalled
+
+    with ClusterServers(node_timeout_ms=30_000) as cluster:
+        client = cluster.client()
+        topic = Topic(client, partitions=24)
+        keys = TopicGroupKeys(topic.name, "g")
+        meta = cluster.primary_for(keys.members)
+        mine = assign(24, ["ghost", "h1"])["h1"]
+        victim = next(n for n in cluster.primaries_now() if n.port != meta.port
+                      and any(cluster.primary_for(topic.streams[p]).port == n.port
+                              for p in mine))
+        held = next(p for p in mine
+                    if cluster.primary_for(topic.streams[p]).port == victim.port)
+        stuck_on = next(p for p in mine
+                        if cluster.primary_for(topic.streams[p]).port != victim.port)
+        registry = cluster.server(meta).client()
+        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
+                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+        node = cluster.server(victim).client()
+        lease_key = GroupKeys(topic.streams[held], "g").lease
+        node.set(lease_key, "ghost:1:0", px=120_000)  # h1 asks for it again and again
+        release = threading.Event()
+        events: list[Any] = []
+
+        def handle(message: Any) -> None:
+            if message.partition == stuck_on:
+                release.wait(30)
+
+        config = MemberConfig(topic=topic.name, group="g", name="h1", handler_timeout_ms=500,
+                              lease=LeaseConfig(ttl_ms=20_000, watch_connection=False),
+                              socket_timeout_ms=10_000)
+        member = TopicMember(config, handle, cluster.client(), hooks=[events.append])
+        member.start()
+        try:
+            wait_until(lambda: len(member.owned) == len(mine) - 1, 15)
+            node.set(lease_key, "ghost:1:0", px=1000)  # runs out while its node is stopped
+            cluster.pause(victim)  # the next acquisition there waits
+            _, writer = topic.nodes.node_for(topic.streams[stuck_on], "w", single=True)
+            writer.xadd(topic.streams[stuck_on], {"seq": 1, "key": "k", "kseq": 1})
+            writer.close()
+            wait_until(lambda: any(isinstance(e, HandlerStalled) for e in events), 10)
+            time.sleep(1.2)  # (the ghost's lease is gone by now)
+            cluster.resume(victim)  # the acquisition goes through: granted
+            wait_until(lambda: node.get(lease_key) is None, 5,
+                       message="the lease granted meanwhile given up")
+            assert not release.is_set()  # (still stuck, stepped down)
+        finally:
+            release.set()
+            cluster.resume(victim)
+            member.stop(timeout=10)
+            node.close()
+            registry.close()
+            topic.nodes.close()
+            client.close()
+
+
+@pytest.mark.slow
 def test_cluster_member_waits_out_a_cluster_with_no_node_up(own_cluster: Any) -> None:
     """Every node of the cluster gone at once: the member's driver waits it out (its
     partitions say ServerUnavailable) instead of dying when the slot map cannot be read from
