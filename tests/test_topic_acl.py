@@ -48,7 +48,7 @@ from orderedstream.testing import (
     wait_until,
 )
 
-from .test_acl_tls import TLS_SERVER, documented_rules
+from .test_acl_tls import TLS_SERVER, documented_rules, set_user
 
 TOPIC_ROLES = ("topic-admin", "producer", "member", "topic-fixer", "topic-operator")
 GROUP = "workers"
@@ -78,7 +78,7 @@ class Users:
         for server in self.cluster.servers:
             client = server.client(socket_timeout=5)
             try:
-                client.execute_command("ACL", "SETUSER", name, "reset", *args)
+                set_user(client, name, args)
                 client.execute_command("ACL", "LOG", "RESET")
             finally:
                 client.close()
