@@ -156,6 +156,7 @@ class TopicMember(Background):
         self._node_jobs: dict[str, concurrent.futures.Future[None]] = {}
         self._busy: set[str] = set()  # nodes whose job's result is not applied yet
         self._renew_owed: set[str] = set()  # nodes whose renewal found them busy
+        self._acquire_owed: set[str] = set()  # ... whose acquisition found them busy
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._acquiring: set[int] = set()  # asked for by a job not applied yet
         self._failed: dict[int, int] = {}  # partition -> terms in a row that ended on an error
@@ -466,7 +467,7 @@ class TopicMember(Background):
             # (the node is busy until this is applied; a renewal that found nothing to do
             # wakes nobody, unless a renewal waits for the node: then it runs at once)
             self._inbox.append(functools.partial(self._job_done, name, then))
-            if then is not _nothing or name in self._renew_owed:
+            if then is not _nothing or name in self._renew_owed or name in self._acquire_owed:
                 self._poke()
 
         self._busy.add(name)
@@ -478,6 +479,7 @@ class TopicMember(Background):
         again, and a renewal that found it busy runs now (not a renew interval later: two
         skipped in a row let its leases lapse)."""
         self._busy.discard(name)
+        self._acquire_owed.discard(name)  # (this round's reconcile asks)
         try:
             then()
         finally:
@@ -549,9 +551,8 @@ class TopicMember(Background):
                 for partition in group:  # its time came: the job says when to ask again (a
                     # time left past would wake the control thread at once until it is done)
                     self._retry_at.pop(partition, None)
-            else:  # that node is still busy: ask again soon
-                for partition in group:
-                    self._retry_at[partition] = time.monotonic() + RETRY_HELD_S
+            else:  # that node is still busy: asked for again as soon as its job is done
+                self._acquire_owed.add(name)
 
     def _acquire_job(self, name: str, group: list[int], live: set[str]
                      ) -> Callable[[], Callable[[], None]]:
