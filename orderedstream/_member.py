@@ -730,7 +730,12 @@ class TopicMember(Background):
                     self._mux.at_round_end(self._announce_handed)
                 self._handed.append(partition)
             self._ended.append((partition, error))
-            self._poke()
+            # wake the control thread with the driver's next write (the 'released' record
+            # does, where there is one), never by a round trip of the driver's own: that
+            # would hold every partition of the member meanwhile
+            wait_id = self._wait_id
+            if wait_id is not None and self._mux is not None:
+                self._mux.post(self._keys.members, ("CLIENT", "UNBLOCK", wait_id))
 
         step = owner.serve(lease)
         calls = self._calls
