@@ -63,31 +63,49 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else math.nan
 
 
-class Producer(threading.Thread):
-    """Writes ``seq``/``key``/``kseq`` entries at a steady rate, keys taking turns."""
+class Seq:
+    """The global ``seq``, shared by producers writing side by side."""
 
-    def __init__(self, client: Any, topic: str, rate: float) -> None:
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self.value += 1
+            return self.value
+
+
+class Producer(threading.Thread):
+    """Writes ``seq``/``key``/``kseq`` entries at a steady rate, its keys (all ``KEYS`` by
+    default) taking turns; producers given disjoint keys and one :class:`Seq` write side by
+    side (one per shard: a shard failing over holds up only its own)."""
+
+    def __init__(self, client: Any, topic: str, rate: float, keys: list[int] | None = None,
+                 seq: Seq | None = None) -> None:
         super().__init__(daemon=True)
         self.producer = TopicProducer(client, topic)
         self.topic = load_topic(client, topic)
         self.rate = rate
-        self.seq = 0
-        self.kseq = [0] * KEYS
+        self.keys = keys if keys is not None else list(range(KEYS))
+        self.seq = seq or Seq()
+        self.made = 0  # entries this producer made
+        self.kseq = dict.fromkeys(self.keys, 0)
         self.halt = threading.Event()
 
     def run(self) -> None:
         started = time.monotonic()
         while not self.halt.is_set():
-            due = started + self.seq / self.rate
+            due = started + self.made / self.rate
             wait = due - time.monotonic()
             if wait > 0 and self.halt.wait(wait):
                 break
             batch = []
             for _ in range(max(1, int((time.monotonic() - due) * self.rate) + 1)):
-                self.seq += 1
-                k = self.seq % KEYS
+                self.made += 1
+                k = self.keys[self.made % len(self.keys)]
                 self.kseq[k] += 1
-                batch.append((f"k{k}", {"seq": self.seq, "key": f"k{k}",
+                batch.append((f"k{k}", {"seq": self.seq.next(), "key": f"k{k}",
                                         "kseq": self.kseq[k]}))
             self._send(batch)
 
@@ -119,10 +137,11 @@ class Producer(threading.Thread):
                     return
 
     def stop(self) -> int:
+        """Stop; the number of entries made by every producer sharing its :class:`Seq`."""
         self.halt.set()
         self.join()
         self.producer.close()
-        return self.seq
+        return self.seq.value
 
 
 class Members:
@@ -606,15 +625,24 @@ def part_primary(cluster: ClusterServers, args: argparse.Namespace,
     url_port = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
     victim = next(n for n in cluster.primaries_now() if n.port != url_port)
     on_victim = {p for p, s in enumerate(streams) if cluster.primary_for(s) == victim}
-    producer = Producer(client, topic, args.rate)
-    producer.start()
+    # one producer per shard (a producer held up by the failed shard would write the others'
+    # entries late, then all at once: that burst, not the members, would set their latency)
+    layout = load_topic(client, topic)
+    by_shard: dict[int, list[int]] = collections.defaultdict(list)
+    for k in range(KEYS):
+        by_shard[cluster.primary_for(layout.stream_for(f"k{k}")).port].append(k)
+    seq = Seq()
+    producers = [Producer(client, topic, args.rate * len(keys) / KEYS, keys, seq)
+                 for keys in by_shard.values()]
+    for producer in producers:
+        producer.start()
     try:
         time.sleep(5.0)
         killed = time.time()
         cluster.kill(victim)
         time.sleep(10.0)
     finally:
-        produced = producer.stop()
+        produced = max(producer.stop() for producer in producers)
     wait_until(lambda: len({r["seq"] for r in members.record.read()}) >= produced, 120,
                message="everything handled")
     records = members.record.read()

@@ -95,11 +95,14 @@ class Background:
 
     def _unblock(self) -> None:
         """Wake the waiting connections (XREAD BLOCK) so stop() does not wait out the block."""
+        cmd = self._cmd  # (read once: another thread may close and clear it meanwhile)
+        if cmd is None:
+            return
         for wait_id in (self._wait_id, *(w.conn_id for w in self._waiters)):
             if wait_id is None:
                 continue
             with contextlib.suppress(redis.RedisError, OSError):
-                self._cmd.execute_command(  # type: ignore[no-untyped-call]
+                cmd.execute_command(  # type: ignore[no-untyped-call]
                     "CLIENT", "UNBLOCK", wait_id)
 
     def __enter__(self: _B) -> _B:

@@ -160,6 +160,7 @@ class TopicMember(Background):
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._acquiring: set[int] = set()  # asked for by a job not applied yet
         self._failed: dict[int, int] = {}  # partition -> terms in a row that ended on an error
+        self._next_renew = 0.0  # when the owned leases are renewed next
         self._retry_at: dict[int, float] = {}
         self._registry: _Beat | None = None
         self._waiter: redis.Redis | None = None
@@ -222,7 +223,7 @@ class TopicMember(Background):
             mux.start()
             self._last_event = self._tail_id()  # every record from here on wakes us
             self._beat("join")
-            next_beat = next_renew = 0.0
+            next_beat = 0.0
             stall_check = min(cfg.handler_timeout_ms / 4000.0, 1.0)
             while not self._stop.is_set():
                 try:
@@ -230,6 +231,7 @@ class TopicMember(Background):
                         self._connect()
                     self._take_inbox()
                     now = time.monotonic()
+                    self._renew_due(now)  # first: it needs nothing of the topic's node
                     self._watch_stalls(now)
                     if self._stalled is not None:  # out of the group until the handler returns
                         self._reap()
@@ -238,9 +240,6 @@ class TopicMember(Background):
                     if now >= min(next_beat, self._next_expiry):
                         self._beat("renew")
                         next_beat = now + cfg.lease.renew_interval_ms / 1000.0
-                    if now >= next_renew:
-                        self._renew()
-                        next_renew = now + cfg.lease.renew_interval_ms / 1000.0
                     if cfg.lease.watch_connection and now >= self._next_poll:
                         alone = not self._poll()  # alone: nobody to watch until the next beat
                         self._next_poll = (next_beat if alone else
@@ -248,7 +247,7 @@ class TopicMember(Background):
                     self._reap()
                     self._reconcile()
                     self._outage.ok()
-                    wake = min(next_beat, self._next_expiry, next_renew,
+                    wake = min(next_beat, self._next_expiry, self._next_renew,
                                *self._retry_at.values(),
                                self._next_poll if cfg.lease.watch_connection else next_beat,
                                now + stall_check if self._served else next_beat)
@@ -258,10 +257,34 @@ class TopicMember(Background):
                     if reason is None:
                         raise
                     self._reset_connections()
-                    self._stop.wait(self._outage.failed(reason))
+                    self._wait_out(self._outage.failed(reason))
         finally:
             self._shutdown()
             self._stopped.set()
+
+    def _renew_due(self, now: float) -> None:
+        if now >= self._next_renew:
+            self._renew()
+            self._next_renew = now + self.config.lease.renew_interval_ms / 1000.0
+
+    def _wait_out(self, seconds: float) -> None:
+        """The back-off after a fault on the node of the topic's slot (membership, target,
+        timeline): the leases of the partitions on the other nodes are renewed meanwhile, as
+        their terms need nothing of that node (a primary failing over there took every lease
+        of the member with it, through the TTL, when this was a plain wait)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            try:
+                self._take_inbox()
+                now = time.monotonic()
+                if now >= deadline:
+                    return
+                self._renew_due(now)
+            except Exception as err:
+                if passing_fault(err) is None:
+                    raise
+                now = time.monotonic()
+            self._stop.wait(max(min(deadline, self._next_renew) - now, 0.001))
 
     def _connect(self) -> None:
         """Connections to the node of the topic's slot (again after a fault: it may have
@@ -303,9 +326,9 @@ class TopicMember(Background):
         self._wait_id = None
 
     def _reset_connections(self) -> None:
-        """After a fault: every connection of the control thread is opened again on next use
-        (on the node that serves its key by then)."""
-        self._close_beats()
+        """After a fault of the control loop (the node of the topic's slot): its connections
+        there are opened again on next use (on the node that serves the slot by then).  The
+        partitions' nodes are the node jobs' business (:meth:`_node_failed_later`)."""
         self._close_registry()
         self._nodes.refresh()
 

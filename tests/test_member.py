@@ -420,17 +420,23 @@ def test_cluster_members_survive_a_primary_failover(own_cluster: Any) -> None:
 
 
 @pytest.mark.slow
-def test_a_hung_primary_stalls_only_its_own_shards_partitions(own_cluster: Any) -> None:
-    """A primary that stops answering (SIGSTOP: its connections stay open, as in a network
-    partition) stalls the partitions it serves, not the member's partitions on the other
-    shards: the driver reads each node's replies as they come, never waiting on one node's
-    socket while another node's replies are in (it once did, for the socket timeout, again
-    at each of the stalled partitions' retries)."""
+@pytest.mark.parametrize("fault", ["hung", "topic-node-killed"])
+def test_a_failing_primary_stalls_only_its_own_shards_partitions(own_cluster: Any,
+                                                                 fault: str) -> None:
+    """A primary that stops answering (``hung``: SIGSTOP, its connections stay open, as in a
+    network partition) stalls the partitions it serves, not the member's partitions on the
+    other shards: the driver reads each node's replies as they come, never waiting on one
+    node's socket while another node's replies are in (it once did, for the socket timeout,
+    again at each of the stalled partitions' retries).  The primary of the topic's own slot
+    (membership, target, timeline) SIGKILLed (``topic-node-killed``): the leases on the
+    other shards are renewed all along (the control loop's back-off once stopped every
+    renewal: the failover outlived the TTL and every term of the member ended)."""
     cluster = own_cluster
     client = cluster.client()
     topic = Topic(client, partitions=12)
     meta = cluster.primary_for(TopicGroupKeys(topic.name, "g").members)
-    victim = next(n for n in cluster.primaries_now() if n.port != meta.port)
+    victim = (meta if fault == "topic-node-killed"
+              else next(n for n in cluster.primaries_now() if n.port != meta.port))
     healthy = [s for s in topic.streams if cluster.primary_for(s).port != victim.port]
     assert healthy and len(healthy) < len(topic.streams)
     config = MemberConfig(topic=topic.name, group="g", name="h1", batch_size=20,
@@ -444,7 +450,10 @@ def test_a_hung_primary_stalls_only_its_own_shards_partitions(own_cluster: Any) 
         healthy_terms = {p: e for p, e in member.owned.items() if topic.streams[p] in healthy}
         topic.produce_steadily(rate=200)  # every partition busy (acks owed) when it stops
         wait_until(lambda: len(topic.handled()) > 100, 10)
-        cluster.pause(victim)
+        if fault == "hung":
+            cluster.pause(victim)
+        else:
+            cluster.kill(victim)
         paused_at = time.time()
         topic._stop.set()  # (joined once the shard answers again: its writes there wait)
         seq = 0
@@ -463,7 +472,10 @@ def test_a_hung_primary_stalls_only_its_own_shards_partitions(own_cluster: Any) 
         # one node do not wait for another node's replies): not one of those terms ended
         assert {p: member.owned.get(p) for p in healthy_terms} == healthy_terms
     finally:
-        cluster.resume(victim)
+        if fault == "hung":
+            cluster.resume(victim)
+        else:
+            cluster.restart(victim)
         topic.stop_producing()
         member.stop(timeout=10)
     with topic.lock:
