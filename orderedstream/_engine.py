@@ -58,12 +58,15 @@ class Block:
 
 
 class Pause:
-    """Wait ``seconds``; True when ``stop()`` was asked meanwhile."""
+    """Wait ``seconds``; True when ``stop()`` was asked meanwhile.  ``outage``: the wait of a
+    back-off from a server that did not answer; a driver may end it early once the server
+    that serves the key may have changed (a failover)."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("outage", "seconds")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, outage: bool = False) -> None:
         self.seconds = seconds
+        self.outage = outage
 
 
 class PipeSend:

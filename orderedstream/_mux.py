@@ -69,6 +69,7 @@ log = logging.getLogger("orderedstream")
 INVALIDATE = (b"invalidate", "invalidate")
 POLL_WITHOUT_PUSH_S = 0.05  # where the server will not push: look at an idle stream this often
 BLOCK_WITH_PUSH_S = 30.0  # where it pushes: a sleeping lane looks anyway this often
+OUTAGE_LOOK_S = 0.25  # lanes backing off from a failed node: read the slot map this often
 
 
 class HandlerCalls(Protocol):
@@ -88,7 +89,7 @@ class Lane:
     """One partition's step in the :class:`Mux`."""
 
     __slots__ = ("block_key", "deadline", "error", "key", "mailbox", "node", "on_done",
-                 "pipe_owed", "sleeping", "step", "stop", "value", "want")
+                 "outage", "pipe_owed", "sleeping", "step", "stop", "value", "want")
 
     def __init__(self, key: str, step: Step[None], stop: threading.Event,
                  on_done: Callable[[BaseException | None], None]) -> None:
@@ -104,6 +105,7 @@ class Lane:
         self.sleeping = False  # in Block or Pause
         self.deadline = math.inf
         self.block_key: str | None = None  # Block: wake on a write to this key
+        self.outage = False  # in an outage back-off's Pause
         self.node: _Node | None = None
 
 
@@ -208,6 +210,11 @@ class Mux(threading.Thread):
         self._timers: list[tuple[float, int, Lane]] = []
         self._order = itertools.count()  # ties in the heap
         self._round_end: list[Callable[[], None]] = []
+        # lanes backing off from a node that did not answer: while there are any, the slot
+        # map is read again now and then, and a change of primaries (a failover) wakes them
+        self._outages: set[Lane] = set()
+        self._next_look = 0.0
+        nodes.on_change.append(self._slots_changed)
         # connections opened on a thread (:meth:`_open`): (node, kind, connection, error)
         self._opened: list[tuple[_Node, str, Any, BaseException | None]] = []
         self._closed = False
@@ -430,6 +437,9 @@ class Mux(threading.Thread):
                         lane.value = True
                         continue
                     self._doze(lane, op.seconds, None)
+                    if op.outage:
+                        lane.outage = True
+                        self._outages.add(lane)
                     return
                 if self._calls is None:
                     raise OrderedStreamError(f"the topic driver cannot carry out {op!r}")
@@ -443,6 +453,7 @@ class Mux(threading.Thread):
         return [lane.mailbox.popleft() for _ in range(count)]
 
     def _finish(self, lane: Lane, error: BaseException | None) -> None:
+        self._outages.discard(lane)
         self._unroute(lane)
         self._lanes.discard(lane)
         with contextlib.suppress(ValueError):
@@ -712,6 +723,11 @@ class Mux(threading.Thread):
             if node.heard is not None and node.conn is not None:  # replies owed: wake in
                 # time to give up on them (an opening connection has a deadline of its own)
                 deadline = min(deadline, node.heard + node.timeout)
+        if self._outages:  # look at the slot map now and then meanwhile
+            if now >= self._next_look:
+                self._nodes.refresh()
+                self._next_look = now + OUTAGE_LOOK_S
+            deadline = min(deadline, self._next_look)
         if self._woken(False):  # a deadline passed, or a push came while arming
             return
         poked = False
@@ -721,6 +737,9 @@ class Mux(threading.Thread):
                 with contextlib.suppress(OSError):
                     while chunk := self._wake_r.recv(4096):
                         poked = poked or b"x" in chunk  # (b"r": a handler call returned)
+                        if b"m" in chunk:  # the primaries changed: try again now
+                            for lane in list(self._outages):
+                                self._wake(lane)
             elif type(data) is _CommandsOf:  # replies: read by the next round's _collect
                 node = data.node
                 if not node.owed and node.conn is not None:  # nothing it could say
@@ -761,7 +780,15 @@ class Mux(threading.Thread):
             heapq.heappop(timers)  # its lane woke before its time
         return timers[0][0] if timers else default
 
+    def _slots_changed(self) -> None:
+        """(The slot-map thread) the primaries changed: wake the driver."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"m")
+
     def _wake(self, lane: Lane) -> None:
+        if lane.outage:
+            lane.outage = False
+            self._outages.discard(lane)
         key = lane.block_key
         if key is not None:  # a Block: nothing read ([]); the step reads again
             self._dirty.discard(key)

@@ -249,7 +249,7 @@ class FencedReader:
         reason = passing_fault(err)
         if reason is None:
             raise err
-        if (yield Pause(self._outage.failed(reason))):
+        if (yield Pause(self._outage.failed(reason), outage=True)):
             raise StopRequested from None
 
     def close(self) -> Step[None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -336,6 +336,7 @@ class NodeMap:
         self._timeout = socket_timeout_s
         self._refreshed = 0.0
         self._refreshing = threading.Lock()  # held while a refresh runs
+        self.on_change: list[Callable[[], None]] = []  # called when the primaries changed
 
     def node_name(self, key: str) -> str:
         """``host:port`` of the node serving ``key`` ('' on a single server)."""
@@ -372,12 +373,22 @@ class NodeMap:
 
     def _read_slots(self) -> None:
         try:
+            before = self._primaries()
             # no node answers (a whole cluster restarting): the next fault asks again
             with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException,
                                      OSError):
                 self.client.nodes_manager.initialize()
+            if self._primaries() != before:
+                for call in list(self.on_change):
+                    with contextlib.suppress(Exception):
+                        call()
         finally:
             self._refreshing.release()
+
+    def _primaries(self) -> frozenset[str]:
+        with contextlib.suppress(Exception):
+            return frozenset(n.name for n in self.client.get_primaries())
+        return frozenset()
 
     def close(self) -> None:
         """Close the cluster client of our own (not the caller's)."""

@@ -14,9 +14,11 @@ import redis
 
 from orderedstream._assign import assign
 from orderedstream._config import LeaseConfig, MemberConfig
+from orderedstream._engine import Pause
 from orderedstream._events import ServerUnavailable
 from orderedstream._keys import GroupKeys, TopicGroupKeys
 from orderedstream._member import TopicMember
+from orderedstream._mux import Lane, Mux
 from orderedstream._scripts import EVENTS_MAXLEN, Scripts
 from orderedstream._server import NodeMap
 from orderedstream._topic import create_topic
@@ -712,6 +714,39 @@ def test_a_lease_granted_while_the_member_stepped_down_is_given_up() -> None:
             registry.close()
             topic.nodes.close()
             client.close()
+
+
+@pytest.mark.slow
+def test_a_lane_backing_off_from_a_failed_node_goes_on_when_the_primaries_change(
+        own_cluster: Any) -> None:
+    """A partition backing off from a node that did not answer (its outage back-off grows to
+    2 s) tries again as soon as the slot map names another primary (a failover), not at the
+    end of its back-off: the driver reads the slot map now and then while any lane backs off,
+    and a change of primaries wakes them."""
+    cluster = own_cluster
+    client = cluster.client()
+    nodes = NodeMap(client)
+    scripts = Scripts(nodes.node_for("{x}", "os:t:scripts")[1])
+    mux = Mux(nodes, scripts, "os:t")
+    woke: list[float] = []
+
+    def step() -> Any:
+        yield Pause(30.0, outage=True)
+        woke.append(time.monotonic())
+
+    mux.add(Lane("{x}", step(), threading.Event(), lambda error: None))
+    mux.start()
+    try:
+        primary = cluster.primary_for("{x}")
+        replica = cluster.replicas_of(primary)[0]
+        started = time.monotonic()
+        cluster.promote(replica)  # a coordinated failover: the primaries change
+        wait_until(lambda: bool(woke), 10, message="the lane woken by the new primary")
+        assert woke[0] - started < 5.0  # (its back-off: 30 s)
+    finally:
+        mux.halt(timeout=5)
+        nodes.close()
+        client.close()
 
 
 @pytest.mark.slow
