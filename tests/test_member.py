@@ -539,6 +539,34 @@ def test_a_primary_hung_past_the_socket_timeout_stalls_only_its_own_shard() -> N
     assert waits[-1] < 1.0, f"longest wait {waits[-1]:.2f} s (median {waits[len(waits) // 2]:.3f})"
 
 
+class Ghosted:
+    """A topic on a cluster of the test's own, in a group where a live member ('ghost') never
+    runs: ``h1`` shares the partitions with it (``mine``: h1's target), and a lease set in the
+    ghost's name is held for as long as the test says."""
+
+    def __init__(self, cluster: ClusterServers, partitions: int) -> None:
+        self.cluster = cluster
+        self.client = cluster.client()
+        self.topic = Topic(self.client, partitions=partitions)
+        self.keys = TopicGroupKeys(self.topic.name, "g")
+        self.meta = cluster.primary_for(self.keys.members)
+        self.mine = assign(partitions, ["ghost", "h1"])["h1"]
+        self.registry = cluster.server(self.meta).client()
+        Scripts(self.registry).run(
+            "member_beat", [self.keys.members, self.keys.conns, self.keys.events],
+            ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+
+    def on(self, node: Any) -> list[int]:
+        """h1's partitions served by ``node``."""
+        return [p for p in self.mine
+                if self.cluster.primary_for(self.topic.streams[p]).port == node.port]
+
+    def close(self) -> None:
+        self.registry.close()
+        self.topic.nodes.close()
+        self.client.close()
+
+
 @pytest.mark.slow
 def test_a_member_waiting_on_a_hung_node_does_not_spin() -> None:
     """While a partition's acquisition waits on a node that does not answer, the control
@@ -547,18 +575,12 @@ def test_a_member_waiting_on_a_hung_node_does_not_spin() -> None:
     each time with an ``XREAD BLOCK 1`` on the node of the topic's slot: hundreds a second
     where that node is busy."""
     with ClusterServers(node_timeout_ms=30_000) as cluster:
-        client = cluster.client()
-        topic = Topic(client, partitions=12)
-        keys = TopicGroupKeys(topic.name, "g")
-        meta = cluster.primary_for(keys.members)
+        group = Ghosted(cluster, 12)
+        topic, meta, registry = group.topic, group.meta, group.registry
         victim = next(n for n in cluster.primaries_now() if n.port != meta.port)
-        # a live member that does not run holds one of h1's partitions on the hung node: h1
-        # asks for it again every RETRY_HELD_S
-        held = next(p for p in assign(12, ["ghost", "h1"])["h1"]
-                    if cluster.primary_for(topic.streams[p]).port == victim.port)
-        registry = cluster.server(meta).client()
-        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
-                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+        # the ghost holds one of h1's partitions on the hung node: h1 asks for it again
+        # every RETRY_HELD_S
+        held = group.on(victim)[0]
         cluster.server(victim).client().set(GroupKeys(topic.streams[held], "g").lease,
                                             "ghost:1:0", px=120_000)
         config = MemberConfig(topic=topic.name, group="g", name="h1",
@@ -593,9 +615,7 @@ def test_a_member_waiting_on_a_hung_node_does_not_spin() -> None:
             if pinger.is_alive():
                 pinger.join()
             member.stop(timeout=10)
-            registry.close()
-            topic.nodes.close()
-            client.close()
+            group.close()
     assert rate < 60, f"{rate:.0f} XREAD a second from the member's control thread"
 
 
@@ -606,22 +626,14 @@ def test_a_renewal_that_finds_its_node_busy_runs_when_the_node_is_free() -> None
     done, not a whole renew interval later: two renewals skipped in a row once let the
     partitions there lapse on the member's clock, their terms ended."""
     with ClusterServers(node_timeout_ms=30_000) as cluster:
-        client = cluster.client()
-        topic = Topic(client, partitions=24)
-        keys = TopicGroupKeys(topic.name, "g")
-        meta = cluster.primary_for(keys.members)
-        mine = assign(24, ["ghost", "h1"])["h1"]
-        victim, on_victim = max(
-            ((n, [p for p in mine if cluster.primary_for(topic.streams[p]).port == n.port])
-             for n in cluster.primaries_now() if n.port != meta.port),
-            key=lambda pair: len(pair[1]))
-        # a live member that does not run holds one of h1's partitions there: h1 asks for it
-        # again every RETRY_HELD_S, each time a job on that node's worker
+        group = Ghosted(cluster, 24)
+        topic, mine = group.topic, group.mine
+        victim, on_victim = max(((n, group.on(n)) for n in cluster.primaries_now()
+                                 if n.port != group.meta.port), key=lambda pair: len(pair[1]))
+        # the ghost holds one of h1's partitions there: h1 asks for it again every
+        # RETRY_HELD_S, each time a job on that node's worker
         held, kept = on_victim[0], on_victim[1:]
         assert kept, on_victim
-        registry = cluster.server(meta).client()
-        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
-                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
         node = cluster.server(victim).client()
         node.set(GroupKeys(topic.streams[held], "g").lease, "ghost:1:0", px=120_000)
         config = MemberConfig(topic=topic.name, group="g", name="h1",
@@ -641,17 +653,16 @@ def test_a_renewal_that_finds_its_node_busy_runs_when_the_node_is_free() -> None
                 last = now
                 time.sleep(0.002)
             cluster.pause(victim)
-            time.sleep(1.1)
+            time.sleep(1.1)  # the fault: the node answers nothing for 1.1 s
             cluster.resume(victim)
-            time.sleep(1.0)
+            # renewed there again (1.5 s TTL: at most 0.4 s were left when it resumed)
+            wait_until(lambda: node.pttl(lease_key) > 1000, 5, message="renewed after it")
             assert {p: member.owned.get(p) for p in kept} == terms
         finally:
             cluster.resume(victim)
             member.stop(timeout=10)
             node.close()
-            registry.close()
-            topic.nodes.close()
-            client.close()
+            group.close()
 
 
 @pytest.mark.slow
@@ -663,21 +674,12 @@ def test_a_lease_granted_while_the_member_stepped_down_is_given_up() -> None:
     from orderedstream import HandlerStalled
 
     with ClusterServers(node_timeout_ms=30_000) as cluster:
-        client = cluster.client()
-        topic = Topic(client, partitions=24)
-        keys = TopicGroupKeys(topic.name, "g")
-        meta = cluster.primary_for(keys.members)
-        mine = assign(24, ["ghost", "h1"])["h1"]
-        victim = next(n for n in cluster.primaries_now() if n.port != meta.port
-                      and any(cluster.primary_for(topic.streams[p]).port == n.port
-                              for p in mine))
-        held = next(p for p in mine
-                    if cluster.primary_for(topic.streams[p]).port == victim.port)
-        stuck_on = next(p for p in mine
-                        if cluster.primary_for(topic.streams[p]).port != victim.port)
-        registry = cluster.server(meta).client()
-        Scripts(registry).run("member_beat", [keys.members, keys.conns, keys.events],
-                              ["ghost", 120_000, 0, "os:ghost:member", EVENTS_MAXLEN, "join"])
+        group = Ghosted(cluster, 24)
+        topic, mine = group.topic, group.mine
+        victim = next(n for n in cluster.primaries_now()
+                      if n.port != group.meta.port and group.on(n))
+        held = group.on(victim)[0]
+        stuck_on = next(p for p in mine if p not in group.on(victim))
         node = cluster.server(victim).client()
         lease_key = GroupKeys(topic.streams[held], "g").lease
         node.set(lease_key, "ghost:1:0", px=120_000)  # h1 asks for it again and again
@@ -711,9 +713,7 @@ def test_a_lease_granted_while_the_member_stepped_down_is_given_up() -> None:
             cluster.resume(victim)
             member.stop(timeout=10)
             node.close()
-            registry.close()
-            topic.nodes.close()
-            client.close()
+            group.close()
 
 
 @pytest.mark.slow
